@@ -56,7 +56,7 @@ def plugin_socket_path(driver_name: str) -> Path:
 class PrivateDockerd:
     """A dockerd with its own data root, exec root and socket under a short temp dir.
 
-    The exec root holds containerd's and the shims' Unix sockets, whose paths
+    The exec root contains containerd's and the shims' Unix sockets, whose paths
     are limited to 108 bytes, so the temp dir sits directly under /tmp.
     *extra_args* go to dockerd as they are, e.g. ``["--authorization-plugin=NAME"]``.
     """
@@ -84,7 +84,7 @@ class PrivateDockerd:
         return env
 
     def start(self, timeout: float = 60) -> None:
-        """Start dockerd and wait until it answers on its socket; raise RuntimeError if it does not."""
+        """Start dockerd and wait until it responds on its socket, or raise RuntimeError."""
         command = [
             "dockerd",
             "--data-root", str(self.root / "data"),
@@ -122,7 +122,7 @@ class PrivateDockerd:
                 return
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"dockerd did not answer on {self.socket} within {timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(f"dockerd did not respond on {self.socket} within {timeout} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         """Return the last *lines* lines of dockerd's log, for error messages."""
