@@ -1,0 +1,191 @@
+"""The local key provider: a master key file on the host is the KEK.
+
+The master key file holds exactly 32 random bytes, is owned by the daemon's
+user and readable by it alone (mode 0600 or stricter). Unless an explicit
+path is configured, it is created in the state directory on first start.
+
+A DEK is wrapped with AES-256-GCM under the master key, with a fresh random
+96-bit nonce per wrap. The associated data binds the record to its volume ID,
+so a ``dek.json`` copied into another volume's directory does not unwrap. The
+record carries a short key ID (a hash of the master key, which reveals
+nothing about it) so that a daemon started with the wrong master key says so
+instead of reporting a damaged record.
+
+Keeping the master key on the same disk as the ciphertext protects against
+copies of the backing store alone (backups that skip it), not against a
+thief of the whole disk; an external KMS (``transit``) covers that case.
+"""
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from securevol.crypto import DEK_LEN, DataKey
+from securevol.errors import KeyProviderError
+from securevol.keys import KeyProvider, check_record_provider
+
+log = logging.getLogger(__name__)
+
+MASTER_KEY_LEN = 32
+MASTER_KEY_FILE = "master.key"
+RECORD_VERSION = 1
+
+_NONCE_LEN = 12
+_TAG_LEN = 16
+_WRAP_AAD_PREFIX = b"securevol local wrap v1\0"
+_KEY_ID_PREFIX = b"securevol local KEK id v1\0"
+
+
+class LocalKeyProvider(KeyProvider):
+    """Wraps DEKs under a 32-byte master key."""
+
+    name = "local"
+
+    def __init__(self, master_key: bytes) -> None:
+        if len(master_key) != MASTER_KEY_LEN:
+            raise KeyProviderError(f"A master key has {MASTER_KEY_LEN} bytes, not {len(master_key)}.")
+        self._aead = AESGCM(master_key)
+        self.key_id = hashlib.sha256(_KEY_ID_PREFIX + master_key).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"LocalKeyProvider(key_id={self.key_id})"
+
+    def wrap(self, dek: DataKey, volume_id: bytes) -> dict[str, Any]:
+        nonce = os.urandom(_NONCE_LEN)
+        wrapped = self._aead.encrypt(nonce, dek.raw(), _WRAP_AAD_PREFIX + volume_id)
+        return {
+            "provider": self.name,
+            "version": RECORD_VERSION,
+            "key_id": self.key_id,
+            "nonce": base64.b64encode(nonce).decode("ascii"),
+            "wrapped_key": base64.b64encode(wrapped).decode("ascii"),
+        }
+
+    def unwrap(self, record: dict[str, Any], volume_id: bytes) -> DataKey:
+        check_record_provider(self, record)
+        if record.get("version") != RECORD_VERSION:
+            raise KeyProviderError(
+                f"The wrapped key record has version {record.get('version')!r}; "
+                f"this securevol reads version {RECORD_VERSION}."
+            )
+        if record.get("key_id") != self.key_id:
+            raise KeyProviderError(
+                f"The volume's key was wrapped with master key {record.get('key_id')!r}, but the daemon "
+                f"has master key {self.key_id!r}; start it with the master key file the volume was created with."
+            )
+
+        nonce = _decode_field(record, "nonce", _NONCE_LEN)
+        wrapped = _decode_field(record, "wrapped_key", DEK_LEN + _TAG_LEN)
+        try:
+            raw = self._aead.decrypt(nonce, wrapped, _WRAP_AAD_PREFIX + volume_id)
+        except InvalidTag:
+            raise KeyProviderError(
+                "The volume's wrapped key failed authentication: the record was modified or "
+                "belongs to another volume."
+            ) from None
+        return DataKey(raw)
+
+
+def create_provider(settings: Any) -> LocalKeyProvider:
+    """Build the provider from ``settings.master_key`` or, if unset, STATE/master.key."""
+    if settings.master_key is not None:
+        return LocalKeyProvider(load_master_key(Path(settings.master_key)))
+    path = Path(settings.state_dir) / MASTER_KEY_FILE
+    return LocalKeyProvider(load_or_create_master_key(path))
+
+
+def load_or_create_master_key(path: Path) -> bytes:
+    """Return the master key in *path*, creating the file with a new random key if it is missing."""
+    if not path.exists():
+        _create_master_key(path)
+    return load_master_key(path)
+
+
+def load_master_key(path: Path) -> bytes:
+    """Read the master key from *path* after checking its type, owner, mode and length."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyProviderError(f"The master key file {path} does not exist.") from None
+    except OSError as exc:
+        raise KeyProviderError(f"Cannot open the master key file {path}: {exc.strerror}.") from None
+
+    try:
+        _check_master_key_file(path, os.fstat(fd))
+        data = os.read(fd, MASTER_KEY_LEN + 1)
+    finally:
+        os.close(fd)
+
+    if len(data) != MASTER_KEY_LEN:
+        raise KeyProviderError(f"The master key file {path} changed while it was read; start the daemon again.")
+    return data
+
+
+def _check_master_key_file(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyProviderError(f"The master key file {path} is not a regular file.")
+    if st.st_uid != os.geteuid():
+        raise KeyProviderError(
+            f"The master key file {path} is owned by uid {st.st_uid}; it must belong to uid {os.geteuid()}."
+        )
+    if st.st_mode & 0o077:
+        raise KeyProviderError(
+            f"The master key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so other users "
+            f"can reach it; run 'chmod 600 {path}' after checking that it was not copied."
+        )
+    if st.st_size != MASTER_KEY_LEN:
+        raise KeyProviderError(
+            f"The master key file {path} is {st.st_size} bytes long, not {MASTER_KEY_LEN}; restore the right file."
+        )
+
+
+def _create_master_key(path: Path) -> None:
+    # Write a temporary file, then link(2) it into place: the link fails if
+    # another process created the key first, and no reader ever sees a
+    # partly written key.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, os.urandom(MASTER_KEY_LEN))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        log.info("master key created by another process path=%s", path)
+    else:
+        log.info("master key created path=%s", path)
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _decode_field(record: dict[str, Any], field: str, length: int) -> bytes:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise KeyProviderError(f"The wrapped key record has no {field!r} field.")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyProviderError(f"The wrapped key record's {field!r} field is not valid base64.") from None
+    if len(raw) != length:
+        raise KeyProviderError(f"The wrapped key record's {field!r} field has {len(raw)} bytes, not {length}.")
+    return raw
