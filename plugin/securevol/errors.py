@@ -43,6 +43,17 @@ class AccessDenied(SecurevolError):
     """A container is not on a volume's allowlist."""
 
 
+class InvalidName(SecurevolError):
+    """A file name or symlink target that the filesystem cannot store.
+
+    ``errno`` is the error number the FUSE layer returns for it (EINVAL or ENAMETOOLONG).
+    """
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class IntegrityError(SecurevolError):
     """Ciphertext failed authentication: it was modified, moved, truncated or read with the wrong key.
 
