@@ -1,0 +1,286 @@
+"""Volume records and mount reference counts, kept on disk so that every gunicorn worker agrees.
+
+Layout under the state directory (see docs/architecture.md)::
+
+    registry.lock             exclusive: a volume is created or removed;
+                              shared: one volume's mounts change
+    volumes/NAME/volume.json  the volume record; its presence means the volume exists
+    volumes/NAME/dek.json     the wrapped DEK
+    volumes/NAME/mounts.json  mount IDs with counts, FUSE process PID, mountpoint
+    volumes/NAME/volume.lock  exclusive while that volume's mounts change
+    volumes/NAME/data/        the backing store
+
+Writers hold the locks through ``creating_or_removing()`` or
+``changing_mounts(name)``; two volumes can then mount at the same time, and a
+volume directory is never deleted while anyone works inside it. Readers take
+no lock: every JSON file is replaced atomically, so a reader sees either the
+old or the new version.
+"""
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from securevol.errors import SecurevolError, VolumeNotFound
+from securevol.options import validate_name
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+VOLUME_FILE = "volume.json"
+DEK_FILE = "dek.json"
+MOUNTS_FILE = "mounts.json"
+VOLUME_LOCK_FILE = "volume.lock"
+DATA_DIR = "data"
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """What volume.json stores about one volume."""
+
+    name: str
+    volume_id: str  # hex of the 16-byte volume ID
+    created_at: str  # RFC 3339, UTC
+    options: dict[str, str]
+    key_provider: str
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "VolumeRecord":
+        return cls(
+            name=str(data["name"]),
+            volume_id=str(data["volume_id"]),
+            created_at=str(data["created_at"]),
+            options={str(k): str(v) for k, v in dict(data["options"]).items()},
+            key_provider=str(data["key_provider"]),
+            format_version=int(data["format_version"]),
+        )
+
+
+@dataclass
+class MountState:
+    """What mounts.json stores: Docker mount IDs as a multiset, and the FUSE process serving them.
+
+    Docker reuses a mount ID for ``docker cp`` into a running container, so
+    an ID can be mounted more than once and must be counted.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    pid: int | None = None
+    mountpoint: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MountState":
+        counts = {str(k): int(v) for k, v in dict(data.get("counts", {})).items() if int(v) > 0}
+        pid = data.get("pid")
+        return cls(counts=counts, pid=int(pid) if pid is not None else None, mountpoint=data.get("mountpoint"))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, mount_id: str) -> None:
+        self.counts[mount_id] = self.counts.get(mount_id, 0) + 1
+
+    def discard(self, mount_id: str) -> bool:
+        """Remove one occurrence of *mount_id*; return False if it was not mounted."""
+        count = self.counts.get(mount_id, 0)
+        if count == 0:
+            return False
+        if count == 1:
+            del self.counts[mount_id]
+        else:
+            self.counts[mount_id] = count - 1
+        return True
+
+
+class Registry:
+    """The volumes and mounts recorded under one state directory."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = Path(state_dir)
+        self.volumes_dir = self.state_dir / "volumes"
+        self._lock_path = self.state_dir / "registry.lock"
+
+    def ensure_layout(self) -> None:
+        """Create the volumes directory (mode 0700) if it is missing."""
+        self.volumes_dir.mkdir(mode=0o700, exist_ok=True)
+
+    # -- locks ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def creating_or_removing(self) -> Iterator[None]:
+        """Hold the registry lock exclusively, as creating or removing a volume needs."""
+        with _flock(self._lock_path, fcntl.LOCK_EX):
+            yield
+
+    @contextlib.contextmanager
+    def changing_mounts(self, name: str) -> Iterator[VolumeRecord]:
+        """Hold the lock of volume *name* and yield its record; raise VolumeNotFound if it does not exist."""
+        with _flock(self._lock_path, fcntl.LOCK_SH):
+            record = self.read_volume(name)
+            with _flock(self.volume_dir(name) / VOLUME_LOCK_FILE, fcntl.LOCK_EX):
+                yield record
+
+    # -- reading -------------------------------------------------------------
+
+    def volume_dir(self, name: str) -> Path:
+        return self.volumes_dir / validate_name(name)
+
+    def data_dir(self, name: str) -> Path:
+        return self.volume_dir(name) / DATA_DIR
+
+    def exists(self, name: str) -> bool:
+        return (self.volume_dir(name) / VOLUME_FILE).is_file()
+
+    def read_volume(self, name: str) -> VolumeRecord:
+        data = _read_json(self.volume_dir(name) / VOLUME_FILE)
+        if data is None:
+            raise VolumeNotFound(f"Volume {name!r} does not exist.")
+        return _parse(VolumeRecord.from_json, data, name, VOLUME_FILE)
+
+    def read_wrapped_dek(self, name: str) -> dict[str, Any]:
+        data = _read_json(self.volume_dir(name) / DEK_FILE)
+        if not isinstance(data, dict):
+            raise SecurevolError(f"Volume {name!r} has no wrapped key, so its data cannot be decrypted.")
+        return data
+
+    def read_mounts(self, name: str) -> MountState:
+        data = _read_json(self.volume_dir(name) / MOUNTS_FILE)
+        if data is None:
+            return MountState()
+        return _parse(MountState.from_json, data, name, MOUNTS_FILE)
+
+    def list_volumes(self) -> list[VolumeRecord]:
+        """Return every complete volume record, sorted by name, skipping damaged ones with a warning."""
+        try:
+            names = sorted(entry.name for entry in os.scandir(self.volumes_dir) if entry.is_dir())
+        except FileNotFoundError:
+            return []
+
+        records = []
+        for name in names:
+            try:
+                records.append(self.read_volume(name))
+            except VolumeNotFound:
+                continue  # a Create that did not finish
+            except SecurevolError as exc:
+                log.warning("volume record unreadable vol=%s error=%s", name, exc)
+        return records
+
+    # -- writing (callers hold the right lock) -------------------------------
+
+    def create(self, record: VolumeRecord, wrapped_dek: dict[str, Any], root_attributes: tuple[int, int, int]) -> None:
+        """Write a new volume's directories, wrapped DEK and record, the record last.
+
+        *root_attributes* are (uid, gid, mode) of the backing store's root
+        directory, which the FUSE process shows as the volume's root.
+        """
+        volume_dir = self.volume_dir(record.name)
+        if volume_dir.exists():
+            # Left by a Create that failed before volume.json was written.
+            log.warning("incomplete volume removed vol=%s", record.name)
+            shutil.rmtree(volume_dir)
+
+        volume_dir.mkdir(mode=0o700)
+        data_dir = volume_dir / DATA_DIR
+        data_dir.mkdir(mode=0o700)
+        uid, gid, mode = root_attributes
+        os.chown(data_dir, uid, gid)
+        os.chmod(data_dir, mode)
+
+        _write_json(volume_dir / DEK_FILE, wrapped_dek)
+        _write_json(volume_dir / MOUNTS_FILE, asdict(MountState()))
+        _write_json(volume_dir / VOLUME_FILE, asdict(record))
+        _fsync_dir(self.volumes_dir)
+
+    def write_mounts(self, name: str, state: MountState) -> None:
+        _write_json(self.volume_dir(name) / MOUNTS_FILE, asdict(state))
+
+    def destroy_wrapped_dek(self, name: str) -> None:
+        """Delete the wrapped DEK and make the deletion durable, so the ciphertext becomes unreadable."""
+        volume_dir = self.volume_dir(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(volume_dir / DEK_FILE)
+        _fsync_dir(volume_dir)
+
+    def remove(self, name: str) -> None:
+        """Delete what is left of the volume: the record first, then the ciphertext and the rest."""
+        volume_dir = self.volume_dir(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(volume_dir / VOLUME_FILE)
+        _fsync_dir(volume_dir)
+        shutil.rmtree(volume_dir)
+        _fsync_dir(self.volumes_dir)
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@contextlib.contextmanager
+def _flock(path: Path, operation: int) -> Iterator[None]:
+    # A fresh open file description per acquisition: flock(2) locks belong to
+    # it, so two threads or processes holding their own descriptors exclude
+    # each other.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SecurevolError(f"The registry file {path} cannot be read ({exc}); restore it from a backup.") from exc
+
+
+def _parse(parser, data: Any, name: str, file_name: str):
+    try:
+        return parser(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SecurevolError(
+            f"The registry file {file_name} of volume {name!r} is damaged ({exc!r}); restore it from a backup."
+        ) from exc
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Replace *path* atomically and durably: temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    payload = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
