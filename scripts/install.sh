@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Install securevol on the host as a systemd service, or remove it again.
+#
+# Installs a virtualenv in /opt/securevol, the unit securevol.service (ordered
+# before docker.service), its settings file /etc/default/securevol, and a
+# tmpfiles.d entry for /run/docker/plugins (0755) and /var/lib/securevol (0700).
+#
+# --root DIR installs the same layout under DIR, with the unit and the
+# settings file naming the paths under DIR, so tests can install and run it
+# without writing to /opt, /etc or /run.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+ROOT=
+PREFIX=/opt/securevol
+PYTHON=${PYTHON:-/usr/bin/python3}
+WHEELS=
+ACTION=install
+PURGE=0
+DRY_RUN=0
+SYSTEMCTL=auto
+
+usage() {
+    cat <<EOF
+Usage: $0 [options]            install securevol and start securevol.service
+       $0 --uninstall [--purge] remove it; --purge also deletes every volume and key
+
+  --root DIR      install under DIR instead of / (the unit and settings name paths under DIR)
+  --prefix DIR    virtualenv location, below --root (default: $PREFIX)
+  --python PATH   interpreter for the virtualenv (default: $PYTHON)
+  --wheels DIR    install offline from the wheels in DIR (pip --no-index)
+  --no-systemctl  do not call systemctl (default: call it when systemd runs and --root is not given)
+  --dry-run       print each action without doing it
+  --uninstall     stop and remove the service and the virtualenv; keep volumes, keys and settings
+  --purge         with --uninstall: also delete the state directory (all volumes and the master key)
+                  and the settings file. The data cannot be recovered afterwards.
+  -h, --help      show this help
+EOF
+}
+
+die() {
+    echo "install: $*" >&2
+    exit 1
+}
+
+step() {
+    echo "==> $*"
+}
+
+# Run a command, or only print it under --dry-run.
+run() {
+    if [ "$DRY_RUN" -eq 1 ]; then
+        printf '+'
+        printf ' %q' "$@"
+        printf '\n'
+        return
+    fi
+    "$@"
+}
+
+parse_args() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --root) ROOT=$(realpath -m "$2"); shift 2 ;;
+            --prefix) PREFIX=$2; shift 2 ;;
+            --python) PYTHON=$2; shift 2 ;;
+            --wheels) WHEELS=$(realpath "$2"); shift 2 ;;
+            --no-systemctl) SYSTEMCTL=no; shift ;;
+            --dry-run) DRY_RUN=1; shift ;;
+            --uninstall) ACTION=uninstall; shift ;;
+            --purge) PURGE=1; shift ;;
+            -h|--help) usage; exit 0 ;;
+            *) usage >&2; die "unknown argument '$1'" ;;
+        esac
+    done
+
+    if [ "$PURGE" -eq 1 ] && [ "$ACTION" != uninstall ]; then
+        die "--purge only makes sense with --uninstall"
+    fi
+    case "$PREFIX" in
+        /*) ;;
+        *) die "--prefix must be an absolute path, not '$PREFIX'" ;;
+    esac
+}
+
+set_paths() {
+    VENV=$ROOT$PREFIX
+    ETC=$ROOT/etc
+    SETTINGS=$ETC/default/securevol
+    UNIT_DIR=$ETC/systemd/system
+    UNIT=$UNIT_DIR/securevol.service
+    TMPFILES=$ETC/tmpfiles.d/securevol.conf
+    PLUGIN_DIR=$ROOT/run/docker/plugins
+    STATE_DIR=$ROOT/var/lib/securevol
+
+    if [ "$SYSTEMCTL" = auto ]; then
+        # /run/systemd/system exists only when systemd is the running init.
+        if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
+            SYSTEMCTL=yes
+        else
+            SYSTEMCTL=no
+        fi
+    fi
+}
+
+# Copy a packaged file to its place, pointing its paths at ROOT and PREFIX.
+install_file() {
+    local source=$1 target=$2 mode=$3
+
+    if [ "$DRY_RUN" -eq 1 ]; then
+        run install -m "$mode" "$source" "$target"
+        return
+    fi
+    install -d -m 0755 "$(dirname "$target")"
+    sed -e "s|/opt/securevol|$VENV|g" \
+        -e "s|/etc/default/securevol|$SETTINGS|g" \
+        -e "s|/run/docker/plugins|$PLUGIN_DIR|g" \
+        -e "s|/var/lib/securevol|$STATE_DIR|g" \
+        "$source" >"$target.tmp"
+    chmod "$mode" "$target.tmp"
+    mv "$target.tmp" "$target"
+}
+
+install_venv() {
+    step "virtualenv $VENV"
+    run "$PYTHON" -m venv "$VENV"
+
+    if [ -n "$WHEELS" ]; then
+        run "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+            --no-index --find-links "$WHEELS" "securevol[transit]"
+    else
+        run "$VENV/bin/pip" install --quiet --disable-pip-version-check "$REPO[transit]"
+    fi
+}
+
+do_install() {
+    step "directories $PLUGIN_DIR (0755) and $STATE_DIR (0700)"
+    run install -d -m 0755 "$PLUGIN_DIR"
+    run install -d -m 0700 "$STATE_DIR"
+    # install -d leaves the mode of an existing directory alone.
+    run chmod 0700 "$STATE_DIR"
+
+    install_venv
+
+    step "unit $UNIT and $TMPFILES"
+    install_file "$REPO/packaging/securevol.service" "$UNIT" 0644
+    install_file "$REPO/packaging/securevol.tmpfiles" "$TMPFILES" 0644
+
+    # The settings file is the administrator's: never overwrite an edited one.
+    if [ -e "$SETTINGS" ]; then
+        step "settings $SETTINGS exist; left as they are"
+    else
+        step "settings $SETTINGS"
+        install_file "$REPO/packaging/securevol.default" "$SETTINGS" 0600
+    fi
+
+    if [ "$SYSTEMCTL" = yes ]; then
+        step "enable and start securevol.service"
+        run systemctl daemon-reload
+        run systemctl enable --now securevol.service
+        echo "Restart Docker ('systemctl restart docker') if it was running, so that it finds the plugin."
+    else
+        echo "systemd is not managing it here; start it with: set -a; . $SETTINGS; set +a; $VENV/bin/securevol serve"
+    fi
+}
+
+# Mountpoints under the state directory mean containers still use volumes.
+mounted_volumes() {
+    awk -v dir="$STATE_DIR/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo
+}
+
+do_uninstall() {
+    if [ "$SYSTEMCTL" = yes ]; then
+        step "stop and disable securevol.service"
+        run systemctl disable --now securevol.service || true
+    fi
+
+    step "remove $UNIT, $TMPFILES and $VENV"
+    run rm -f "$UNIT" "$TMPFILES"
+    run rm -rf "$VENV"
+    if [ "$SYSTEMCTL" = yes ]; then
+        run systemctl daemon-reload
+    fi
+
+    if [ "$PURGE" -eq 0 ]; then
+        echo "Kept $STATE_DIR (volumes and keys) and $SETTINGS; --purge deletes them."
+        return
+    fi
+
+    local mounted
+    mounted=$(mounted_volumes)
+    if [ -n "$mounted" ]; then
+        die "volumes are still mounted, so $STATE_DIR was kept; stop the containers that use them: $mounted"
+    fi
+    step "purge $STATE_DIR and $SETTINGS: every volume and key is deleted"
+    run rm -rf "$STATE_DIR"
+    run rm -f "$SETTINGS"
+}
+
+main() {
+    parse_args "$@"
+    set_paths
+
+    if [ -z "$ROOT" ] && [ "$DRY_RUN" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
+        die "run as root (sudo $0), or use --root DIR or --dry-run"
+    fi
+
+    "do_$ACTION"
+}
+
+main "$@"
