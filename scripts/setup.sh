@@ -21,11 +21,14 @@ python=${PYTHON:-python3}
 #   gocryptfs securefs fio   reference filesystems and the I/O load generator of the benchmarks
 #   busybox-static       the offline test image (no image registry is reachable)
 #   debootstrap          the rootfs of the managed plugin and of the compose example's image
+#   docker-registry      a loopback registry for the managed plugin's push and upgrade test
+#   systemd              systemd-analyze verify of the packaged unit (systemd need not be running)
 #   sqlite3 attr acl     workloads and xattr/ACL checks on a mounted volume
 #   git                  the tests and CI work on a clone
 apt_packages=(
     docker.io fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-    gocryptfs securefs fio busybox-static debootstrap sqlite3 attr acl git
+    gocryptfs securefs fio busybox-static debootstrap docker-registry systemd
+    sqlite3 attr acl git
 )
 
 log() {
