@@ -35,7 +35,7 @@ What the FUSE layer does with this module:
   reserved names and logs and skips entries that fail authentication.
 - symlink / readlink: ``write_symlink`` and ``read_symlink``. A target whose encrypted form fits
   in 4095 bytes is a backing symlink. A longer one is a backing regular file with mode 0o1600
-  (sticky bit set) that holds the encrypted target. ``is_symlink(st)`` recognises both forms from
+  (sticky bit set) that contains the encrypted target. ``is_symlink(st)`` recognises both forms from
   an lstat result, and ``symlink_size(st)`` is the plaintext target length for ``st_size``.
   Linux ignores the sticky bit on regular files, so the FUSE layer must never set S_ISVTX on the
   backing file of a plaintext regular file: otherwise it would read back as a symlink.
@@ -84,7 +84,7 @@ LONG_NAME_PREFIX = "securevol.long."
 SIDE_RECORD_SUFFIX = ".name"
 TEMP_PREFIX = "securevol.tmp."
 
-# Mode of the backing regular file that holds a long symlink target (see is_symlink).
+# Mode of the backing regular file that contains a long symlink target (see is_symlink).
 LONG_SYMLINK_MODE = stat.S_ISVTX | 0o600
 
 # The first associated-data element of each kind of ciphertext. They separate names from
@@ -93,7 +93,7 @@ LONG_SYMLINK_MODE = stat.S_ISVTX | 0o600
 NAME_AD_LABEL = b"securevol v1 name"
 SYMLINK_AD_LABEL = b"securevol v1 symlink target"
 
-# The longest side record: the encrypted form of a 255-byte name.
+# Maximum side record length: the encrypted form of a 255-byte name.
 _MAX_SIDE_RECORD_LEN = len(base64.urlsafe_b64encode(bytes(MAX_NAME_BYTES + SIV_TAG_LEN)))
 
 
@@ -105,7 +105,7 @@ class BackingName(NamedTuple):
 
     @property
     def is_long(self) -> bool:
-        """True when the entry needs a side record that holds ``cipher_name``."""
+        """True when the entry needs a side record that contains ``cipher_name``."""
         return self.name != self.cipher_name
 
 
@@ -180,7 +180,7 @@ class NameCipher:
         cipher_name = read_side_record(dir_fd, backing_name)
         if len(cipher_name) <= MAX_NAME_BYTES:
             # A short encrypted name under a long backing name would show one entry twice.
-            raise IntegrityError(f"side record of {backing_name!r} holds a short name")
+            raise IntegrityError(f"side record of {backing_name!r} contains a short name")
         return self.decrypt_name(cipher_name, dir_iv)
 
     def list_dir(self, dir_fd: int, dir_iv: bytes) -> list[DirEntry]:
@@ -272,12 +272,12 @@ def validate_name(plain: bytes) -> None:
         raise TypeError(f"a file name is bytes, not {type(plain).__name__}")
     if len(plain) > MAX_NAME_BYTES:
         raise InvalidName(
-            f"file name is {len(plain)} bytes long; the maximum is {MAX_NAME_BYTES}", errno.ENAMETOOLONG
+            f"file name is {len(plain)} bytes long, but the maximum is {MAX_NAME_BYTES}", errno.ENAMETOOLONG
         )
     if plain in (b"", b".", b".."):
-        raise InvalidName("file name is empty, '.' or '..'; choose another name", errno.EINVAL)
+        raise InvalidName("file name is empty, '.' or '..', so choose another name", errno.EINVAL)
     if b"/" in plain or b"\0" in plain:
-        raise InvalidName("file name contains '/' or a NUL byte; remove it", errno.EINVAL)
+        raise InvalidName("file name contains '/' or a NUL byte, which are invalid in a name", errno.EINVAL)
 
 
 def validate_symlink_target(target: bytes) -> None:
@@ -286,13 +286,13 @@ def validate_symlink_target(target: bytes) -> None:
         raise TypeError(f"a symlink target is bytes, not {type(target).__name__}")
     if len(target) > MAX_SYMLINK_TARGET_BYTES:
         raise InvalidName(
-            f"symlink target is {len(target)} bytes long; the maximum is {MAX_SYMLINK_TARGET_BYTES}",
+            f"symlink target is {len(target)} bytes long, but the maximum is {MAX_SYMLINK_TARGET_BYTES}",
             errno.ENAMETOOLONG,
         )
     if not target:
-        raise InvalidName("symlink target is empty; give a target", errno.ENOENT)
+        raise InvalidName("symlink target is empty, so give a non-empty target", errno.ENOENT)
     if b"\0" in target:
-        raise InvalidName("symlink target contains a NUL byte; remove it", errno.EINVAL)
+        raise InvalidName("symlink target contains a NUL byte, which is invalid in a path", errno.EINVAL)
 
 
 # Reserved names
@@ -339,7 +339,7 @@ def read_dir_iv(dir_fd: int) -> bytes:
         raise IntegrityError(f"backing directory has no {DIR_IV_NAME} file") from None
 
     if len(dir_iv) != DIR_IV_LEN:
-        raise IntegrityError(f"{DIR_IV_NAME} has the wrong length; want {DIR_IV_LEN} bytes")
+        raise IntegrityError(f"{DIR_IV_NAME} has the wrong length, expected {DIR_IV_LEN} bytes")
     return dir_iv
 
 
@@ -364,7 +364,7 @@ def make_dir(parent_fd: int, backing_name: str, mode: int = 0o700) -> bytes:
 def remove_dir(parent_fd: int, backing_name: str) -> None:
     """Remove the empty backing directory *backing_name* in *parent_fd* and its reserved files.
 
-    Raises OSError(ENOTEMPTY) when it holds any entry other than reserved files; nothing is
+    Raises OSError(ENOTEMPTY) when it contains any entry other than reserved files; nothing is
     removed then. The caller must keep other operations out of the directory meanwhile (the
     kernel does so for an rmdir through FUSE).
     """
@@ -396,7 +396,7 @@ def write_side_record(dir_fd: int, backing: BackingName) -> None:
 
 
 def read_side_record(dir_fd: int, backing_name: str) -> str:
-    """Return the encrypted name that the side record of the long name *backing_name* holds.
+    """Return the encrypted name stored in the side record of the long name *backing_name*.
 
     Raises IntegrityError when it is missing, malformed or belongs to another long name.
     """
@@ -421,7 +421,7 @@ def read_side_record(dir_fd: int, backing_name: str) -> str:
 
 
 def remove_side_record(dir_fd: int, backing_name: str) -> None:
-    """Remove the side record of *backing_name* if it is a long name; a missing one is fine."""
+    """Remove the side record of *backing_name* if it is a long name. A missing record is no error."""
     if not is_long_name(backing_name):
         return
     try:
@@ -457,7 +457,7 @@ def _encode(data: bytes) -> str:
 
 
 def _decode(text: str) -> bytes | None:
-    """Decode unpadded base64url; None unless *text* is the one canonical encoding of its bytes.
+    """Decode unpadded base64url, or return None unless *text* is the canonical encoding of its bytes.
 
     Refusing non-canonical forms (stray characters, padding, non-zero trailing bits) keeps two
     backing names from decrypting to one plaintext name.
@@ -548,7 +548,7 @@ def _create_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
 
 
 def _replace_file(dir_fd: int, name: str, data: bytes) -> None:
-    """Replace *name* with a file holding *data* atomically."""
+    """Replace *name* atomically with a file that contains *data*."""
     temp_name = _write_temp_file(dir_fd, data, 0o600)
     try:
         os.replace(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
