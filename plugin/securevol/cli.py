@@ -1,0 +1,128 @@
+"""The ``securevol`` command.
+
+``securevol serve`` runs the plugin daemon: the Flask app of ``api.py`` under
+gunicorn, bound to a Unix socket that dockerd discovers in
+/run/docker/plugins. Settings come from flags or ``SECUREVOL_*`` environment
+variables (see ``config.py`` and ``securevol serve --help``).
+"""
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from gunicorn.app.base import BaseApplication
+
+from securevol import config
+from securevol.api import create_app
+from securevol.driver import VolumeDriver
+from securevol.errors import SecurevolError
+from securevol.log import setup_logging
+
+log = logging.getLogger(__name__)
+
+# The socket must be reachable by root (dockerd) only. gunicorn binds it under
+# this umask, so it is never world-accessible, not even for a moment.
+SOCKET_MODE = 0o660
+_SOCKET_UMASK = 0o777 & ~SOCKET_MODE
+
+# A worker that handles one request longer than this is killed by gunicorn.
+# Mount waits up to --mount-timeout for the FUSE process, and Unmount up to
+# about 30 seconds for a FUSE process to exit, so leave room for both.
+_WORKER_TIMEOUT_MARGIN = 60
+
+
+class PluginServer(BaseApplication):
+    """gunicorn running the plugin app, configured in code rather than from a gunicorn.conf.py."""
+
+    def __init__(self, app, settings: config.Settings) -> None:
+        self._app = app
+        self._settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings = self._settings
+        values = {
+            "bind": [f"unix:{settings.socket}"],
+            "umask": _SOCKET_UMASK,
+            "workers": settings.workers,
+            "worker_class": "sync",
+            "timeout": int(settings.mount_timeout) + _WORKER_TIMEOUT_MARGIN,
+            "preload_app": True,
+            "proc_name": "securevol",
+            # gunicorn 25+ opens a control socket at a path shared by every
+            # gunicorn of the user; the plugin needs none.
+            "control_socket_disable": True,
+            "errorlog": "-",
+            "accesslog": "-" if settings.log_level == "DEBUG" else None,
+            "loglevel": settings.log_level.lower(),
+            "when_ready": _check_socket_mode,
+        }
+        for key, value in values.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self._app
+
+
+def _check_socket_mode(server) -> None:
+    # Set the mode again in case the socket existed before or the umask was
+    # ignored: only root (dockerd) may talk to the plugin.
+    for listener in server.LISTENERS:
+        path = listener.cfg_addr
+        os.chmod(path, SOCKET_MODE)
+        os.chown(path, os.geteuid(), os.getegid())
+        log.info("plugin listening socket=%s workers=%d", path, server.cfg.workers)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the plugin daemon until it receives SIGTERM or SIGINT."""
+    try:
+        settings = config.resolve(vars(args))
+    except config.ConfigError as exc:
+        print(f"securevol: {exc}", file=sys.stderr)
+        return 2
+
+    setup_logging(settings.log_level)
+    try:
+        driver = VolumeDriver.from_settings(settings)
+        settings.socket.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except (SecurevolError, OSError) as exc:
+        log.error("daemon start failed error=%s", exc)
+        print(f"securevol: {exc}", file=sys.stderr)
+        return 1
+
+    log.info(
+        "daemon starting state_dir=%s mount_root=%s key_provider=%s",
+        settings.state_dir, settings.mount_root, settings.key_provider,
+    )
+    PluginServer(create_app(settings, driver), settings).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="securevol",
+        description="Docker volume plugin that keeps each volume encrypted at rest.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the volume plugin daemon",
+        description="Run the volume plugin daemon on a Unix socket for dockerd. Each option can also be "
+        "set by the environment variable named in its help; a flag wins over its variable.",
+    )
+    config.add_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

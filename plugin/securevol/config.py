@@ -1,0 +1,151 @@
+"""Settings of the plugin daemon, from command-line flags, environment variables and defaults.
+
+A flag wins over its environment variable, which wins over the default.
+``SETTINGS`` describes each setting once; ``cli.py`` builds the ``serve``
+flags and their help text from it.
+"""
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SOCKET = "/run/docker/plugins/securevol.sock"
+DEFAULT_STATE_DIR = "/var/lib/securevol"
+
+# sun_path in struct sockaddr_un is 108 bytes on Linux, including the final NUL.
+MAX_SOCKET_PATH_LEN = 107
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved daemon settings; paths are absolute."""
+
+    socket: Path
+    state_dir: Path
+    mount_root: Path
+    log_level: str
+    workers: int
+    key_provider: str
+    master_key: Path | None  # None: STATE/master.key, created on first start
+    mount_timeout: float
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: its flag, environment variable, default and help text."""
+
+    name: str
+    flag: str
+    env: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+SETTINGS = (
+    SettingSpec("socket", "--socket", "SECUREVOL_SOCKET", DEFAULT_SOCKET,
+                "Unix socket that dockerd connects to; its base name is the driver name", metavar="PATH"),
+    SettingSpec("state_dir", "--state-dir", "SECUREVOL_STATE_DIR", DEFAULT_STATE_DIR,
+                "directory of volume records, wrapped keys and ciphertext (made mode 0700)", metavar="DIR"),
+    SettingSpec("mount_root", "--mount-root", "SECUREVOL_MOUNT_ROOT", None,
+                "directory under which each volume's plaintext is mounted (default: STATE_DIR/mnt)",
+                metavar="DIR"),
+    SettingSpec("log_level", "--log-level", "SECUREVOL_LOG_LEVEL", "INFO",
+                "log level of the daemon and of each volume's FUSE process", _log_level, "LEVEL"),
+    SettingSpec("workers", "--workers", "SECUREVOL_WORKERS", 4,
+                "number of gunicorn worker processes answering dockerd", _positive_int, "N"),
+    SettingSpec("key_provider", "--key-provider", "SECUREVOL_KEY_PROVIDER", "local",
+                "key provider that wraps each volume's DEK: local (master key file) or transit "
+                "(OpenBao/Vault Transit)", metavar="NAME"),
+    SettingSpec("master_key", "--master-key", "SECUREVOL_MASTER_KEY", None,
+                "path of the local provider's master key file, which must exist "
+                "(default: STATE_DIR/master.key, created on first start)", metavar="PATH"),
+    SettingSpec("mount_timeout", "--mount-timeout", "SECUREVOL_MOUNT_TIMEOUT", 20.0,
+                "seconds to wait for a volume's FUSE process to report that it is mounted",
+                _positive_float, "SECONDS"),
+)
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the flag and the environment variable."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting to *parser*; an unset flag stays None."""
+    for spec in SETTINGS:
+        default_text = "" if spec.default is None else f" [default: {spec.default}]"
+        parser.add_argument(
+            spec.flag,
+            dest=spec.name,
+            default=None,
+            metavar=spec.metavar,
+            help=f"{spec.help}; environment: {spec.env}{default_text}",
+        )
+
+
+def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
+    """Combine flag values (None when unset), *environ* and the defaults into Settings."""
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        raw = flags.get(spec.name)
+        source = spec.flag
+        if raw is None:
+            raw = environ.get(spec.env) or None
+            source = spec.env
+        if raw is None:
+            values[spec.name] = spec.default
+            continue
+        try:
+            values[spec.name] = spec.parse(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"Invalid value {raw!r} for {source}: {exc}.") from None
+
+    return _finish(values)
+
+
+def _finish(values: dict[str, Any]) -> Settings:
+    state_dir = Path(values["state_dir"]).absolute()
+    mount_root = values["mount_root"]
+    master_key = values["master_key"]
+    values.update(
+        socket=Path(values["socket"]).absolute(),
+        state_dir=state_dir,
+        mount_root=Path(mount_root).absolute() if mount_root else state_dir / "mnt",
+        master_key=Path(master_key).absolute() if master_key else None,
+    )
+    socket_len = len(os.fsencode(values["socket"]))
+    if socket_len > MAX_SOCKET_PATH_LEN:
+        raise ConfigError(
+            f"The socket path {values['socket']} is {socket_len} bytes long; Unix sockets allow at most "
+            f"{MAX_SOCKET_PATH_LEN}, so choose a shorter --socket."
+        )
+    return Settings(**values)

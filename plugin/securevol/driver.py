@@ -1,0 +1,256 @@
+"""The volume lifecycle: create, remove, mount, unmount, path, get and list.
+
+Every change goes through the registry's locks, because several gunicorn
+workers serve dockerd at once and keep nothing in memory between requests.
+Path, Get and List only read, without taking a lock, because dockerd calls
+them often and they must not wait for a mount in progress.
+"""
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from securevol.config import Settings
+from securevol.crypto import VOLUME_ID_LEN, DataKey
+from securevol.errors import KeyProviderError, SecurevolError, VolumeExists, VolumeInUse
+from securevol.keys import KeyProvider, check_record_provider, create_provider
+from securevol.mounter import FuseLaunch, Mounter, is_mounted
+from securevol.options import parse_options, root_attributes, validate_name
+from securevol.registry import MountState, Registry, VolumeRecord, now_rfc3339
+
+log = logging.getLogger(__name__)
+
+
+class VolumeDriver:
+    """The eight operations of the Docker volume plugin protocol, on volumes kept in the state directory."""
+
+    def __init__(self, settings: Settings, registry: Registry, key_provider: KeyProvider, mounter: Mounter) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.key_provider = key_provider
+        self.mounter = mounter
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "VolumeDriver":
+        """Prepare the state directory, load the key provider and return a driver."""
+        prepare_state_dir(settings)
+        registry = Registry(settings.state_dir)
+        registry.ensure_layout()
+        return cls(settings, registry, create_provider(settings), Mounter(settings.mount_timeout))
+
+    # -- changes -------------------------------------------------------------
+
+    def create(self, name: str, opts: Any) -> None:
+        """Create volume *name*; succeed without change if it exists with the same options."""
+        validate_name(name)
+        options = parse_options(opts)
+
+        with self.registry.creating_or_removing():
+            if self.registry.exists(name):
+                self._check_same_options(name, options)
+                return
+
+            volume_id = os.urandom(VOLUME_ID_LEN)
+            wrapped_dek = self.key_provider.wrap(DataKey.generate(), volume_id)
+            record = VolumeRecord(
+                name=name,
+                volume_id=volume_id.hex(),
+                created_at=now_rfc3339(),
+                options=options,
+                key_provider=self.key_provider.name,
+            )
+            self.registry.create(record, wrapped_dek, root_attributes(options))
+
+        log.info("volume created vol=%s provider=%s", name, self.key_provider.name)
+
+    def _check_same_options(self, name: str, options: dict[str, str]) -> None:
+        existing = self.registry.read_volume(name)
+        if existing.options != options:
+            raise VolumeExists(
+                f"Volume {name!r} exists already with other options; "
+                "create it with the same options or remove it first."
+            )
+        log.debug("volume exists with the same options vol=%s", name)
+
+    def remove(self, name: str) -> None:
+        """Remove volume *name*: destroy its wrapped DEK first, then its ciphertext."""
+        validate_name(name)
+
+        with self.registry.creating_or_removing():
+            self.registry.read_volume(name)  # raises VolumeNotFound
+            state = self.registry.read_mounts(name)
+            mountpoint = self._mountpoint(name)
+            self._check_not_in_use(name, state, mountpoint)
+            self.mounter.clear_stale(state.pid, mountpoint)
+
+            # Once the wrapped DEK is gone, leftover ciphertext (and any backup
+            # of it) cannot be decrypted, even if the removal stops half way.
+            self.registry.destroy_wrapped_dek(name)
+            self.registry.remove(name)
+            _remove_if_empty(mountpoint)
+            _remove_file(self._log_file(name))
+
+        log.info("volume removed vol=%s", name)
+
+    def _check_not_in_use(self, name: str, state: MountState, mountpoint: Path) -> None:
+        if state.total == 0:
+            return
+        if self.mounter.is_serving(state.pid, mountpoint) or is_mounted(mountpoint):
+            raise VolumeInUse(
+                f"Volume {name!r} is still mounted ({state.total} mount(s)); "
+                "stop the containers that use it, then remove it."
+            )
+        # Docker only removes volumes that no container uses, and nothing is
+        # mounted: the counts are left over from a lost Unmount.
+        log.warning("stale mount counts dropped vol=%s count=%d", name, state.total)
+
+    def mount(self, name: str, mount_id: str) -> str:
+        """Count one more mount of *name* under *mount_id*, starting its FUSE process if needed."""
+        validate_name(name)
+
+        with self.registry.changing_mounts(name) as record:
+            state = self.registry.read_mounts(name)
+            mountpoint = self._mountpoint(name)
+            if not self.mounter.is_serving(state.pid, mountpoint):
+                self._start_fuse(record, state, mountpoint)
+            state.add(mount_id)
+            self.registry.write_mounts(name, state)
+
+        log.info("volume mounted vol=%s id=%s count=%d pid=%d", name, mount_id, state.total, state.pid)
+        return str(mountpoint)
+
+    def _start_fuse(self, record: VolumeRecord, state: MountState, mountpoint: Path) -> None:
+        name = record.name
+        if state.pid is not None or state.total:
+            log.warning("fuse process not serving, replacing it vol=%s pid=%s count=%d", name, state.pid, state.total)
+        self.mounter.clear_stale(state.pid, mountpoint)
+        state.pid = None
+        state.mountpoint = None
+        self.registry.write_mounts(name, state)
+
+        dek = self._unwrap_dek(record)
+        launch = FuseLaunch(
+            volume=name,
+            volume_id=record.volume_id,
+            backing=self.registry.data_dir(name),
+            mountpoint=mountpoint,
+            log_file=self._log_file(name),
+            log_level=self.settings.log_level,
+        )
+        state.pid = self.mounter.start(launch, dek)
+        state.mountpoint = str(mountpoint)
+        log.info("fuse process started vol=%s pid=%d", name, state.pid)
+
+    def _unwrap_dek(self, record: VolumeRecord) -> DataKey:
+        try:
+            wrapped = self.registry.read_wrapped_dek(record.name)
+            check_record_provider(self.key_provider, wrapped)
+            return self.key_provider.unwrap(wrapped, bytes.fromhex(record.volume_id))
+        except KeyProviderError as exc:
+            log.error("volume key unwrap failed vol=%s error=%s", record.name, exc)
+            raise KeyProviderError(f"Volume {record.name!r} cannot be unlocked: {exc}") from exc
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        """Count one mount of *name* under *mount_id* less, stopping its FUSE process at zero."""
+        validate_name(name)
+
+        with self.registry.changing_mounts(name):
+            state = self.registry.read_mounts(name)
+            if not state.discard(mount_id):
+                # A repeated Unmount, or one for counts dropped earlier, must
+                # not take away the mount of another container.
+                log.warning("unmount of unknown mount id ignored vol=%s id=%s", name, mount_id)
+                return
+            if state.total == 0:
+                self.mounter.stop(state.pid, self._mountpoint(name))
+                log.info("fuse process stopped vol=%s pid=%s", name, state.pid)
+                state.pid = None
+                state.mountpoint = None
+            self.registry.write_mounts(name, state)
+
+        log.info("volume unmounted vol=%s id=%s count=%d", name, mount_id, state.total)
+
+    # -- reads, without the lock -----------------------------------------------
+
+    def path(self, name: str) -> str:
+        """Return the mountpoint of *name* if it is mounted, else ""."""
+        validate_name(name)
+        self.registry.read_volume(name)  # raises VolumeNotFound
+        return self._mounted_path(self.registry.read_mounts(name))
+
+    def get(self, name: str) -> dict[str, Any]:
+        """Return the protocol's description of volume *name*."""
+        validate_name(name)
+        return self._describe(self.registry.read_volume(name))
+
+    def list(self) -> list[dict[str, Any]]:
+        """Return the protocol's description of every volume."""
+        return [self._describe(record) for record in self.registry.list_volumes()]
+
+    @staticmethod
+    def capabilities() -> dict[str, str]:
+        # Volumes live on this host's disk, so Docker must not assume that
+        # another node of a swarm sees them.
+        return {"Scope": "local"}
+
+    def _describe(self, record: VolumeRecord) -> dict[str, Any]:
+        state = self.registry.read_mounts(record.name)
+        description: dict[str, Any] = {"Name": record.name, "CreatedAt": record.created_at}
+        mountpoint = self._mounted_path(state)
+        if mountpoint:
+            description["Mountpoint"] = mountpoint
+        description["Status"] = {
+            "volume_id": record.volume_id,
+            "key_provider": record.key_provider,
+            "format_version": record.format_version,
+            "mounted": bool(mountpoint),
+            "mount_count": state.total,
+        }
+        return description
+
+    @staticmethod
+    def _mounted_path(state: MountState) -> str:
+        if state.total > 0 and state.mountpoint:
+            return state.mountpoint
+        return ""
+
+    def _mountpoint(self, name: str) -> Path:
+        return self.settings.mount_root / name
+
+    def _log_file(self, name: str) -> Path:
+        return self.settings.log_dir / f"{name}.log"
+
+
+def prepare_state_dir(settings: Settings) -> None:
+    """Create the state, mount root and log directories with mode 0700 and check who owns them.
+
+    A directory that exists with a looser mode is tightened, with a warning;
+    one owned by another user is rejected, since that user could read the
+    wrapped keys or the plaintext mounts.
+    """
+    for path in (settings.state_dir, settings.mount_root, settings.log_dir):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if st.st_uid != os.geteuid():
+            raise SecurevolError(f"The directory {path} is owned by uid {st.st_uid}; it must belong to uid {os.geteuid()}.")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            log.warning("directory mode tightened path=%s mode=%04o", path, stat.S_IMODE(st.st_mode))
+            os.chmod(path, 0o700)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("mountpoint not removed path=%s error=%s", path, exc.strerror)
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
