@@ -1,0 +1,447 @@
+"""The transit key provider: an OpenBao or HashiCorp Vault Transit key is the KEK.
+
+The KEK never leaves the Transit server. ``wrap`` sends the DEK to the server's encrypt
+endpoint and stores the returned ciphertext (``vault:vN:...``) in the record; ``unwrap``
+sends it back to the decrypt endpoint. So the server sees each DEK while it wraps or unwraps it,
+and whoever holds a token with decrypt permission on the key can unwrap every volume's DEK.
+
+Binding to the volume: the plaintext sent to Transit is an envelope
+``b"securevol transit v1\\0" || volume ID (16 bytes) || DEK (32 bytes)``, and ``unwrap``
+checks the volume ID inside it. Every request also carries the Transit ``context``
+``b"securevol v1 volume " || volume ID``. A key created with ``derived=true`` derives a separate
+key from that context on the server, so a record of another volume fails authentication there
+already; a key without derivation ignores the context, and the envelope check catches it.
+
+Rotation: ``rotate_key`` adds a new version of the Transit key, and ``rewrap`` re-encrypts a
+record under the newest version on the server, without the DEK ever reaching securevol. Records
+of older versions unwrap as long as the key's ``min_decryption_version`` allows them.
+
+Settings, all from environment variables:
+
+========================================  =====================================================
+``SECUREVOL_TRANSIT_ADDR``                server URL, e.g. ``https://bao.example:8200`` (required)
+``SECUREVOL_TRANSIT_TOKEN_FILE``          file that contains the token, read on every request
+                                          so that an agent can renew it (preferred)
+``SECUREVOL_TRANSIT_TOKEN``               the token itself, if no token file is set
+``SECUREVOL_TRANSIT_MOUNT``               mount path of the Transit engine (default ``transit``)
+``SECUREVOL_TRANSIT_KEY``                 name of the Transit key (default ``securevol``)
+``SECUREVOL_TRANSIT_CA_FILE``             CA certificate that signed the server's certificate
+                                          (default: the system's CA bundle)
+``SECUREVOL_TRANSIT_NAMESPACE``           namespace, on servers that have namespaces
+``SECUREVOL_TRANSIT_TIMEOUT``             seconds to wait for each request (default 10)
+========================================  =====================================================
+
+The token needs this policy, with MOUNT and KEY replaced (``rotate_key`` also needs ``update``
+on ``MOUNT/keys/KEY/rotate``)::
+
+    path "MOUNT/encrypt/KEY" { capabilities = ["update"] }
+    path "MOUNT/decrypt/KEY" { capabilities = ["update"] }
+    path "MOUNT/rewrap/KEY"  { capabilities = ["update"] }
+
+Create the key once, as an administrator: ``bao write -f MOUNT/keys/KEY derived=true``.
+
+The token never appears in a log line, a repr or an error. Errors name the HTTP method and URL
+of the failed request, never a request or response body.
+"""
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import requests
+
+from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey
+from securevol.errors import KeyProviderError
+from securevol.keys import KeyProvider, check_record_provider
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+DEFAULT_MOUNT = "transit"
+DEFAULT_KEY_NAME = "securevol"
+DEFAULT_TIMEOUT = 10.0
+
+# Both are part of the record format: changing one makes every wrapped DEK unreadable.
+ENVELOPE_MAGIC = b"securevol transit v1\0"
+CONTEXT_PREFIX = b"securevol v1 volume "
+
+_ENVELOPE_LEN = len(ENVELOPE_MAGIC) + VOLUME_ID_LEN + DEK_LEN
+_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
+_MOUNT_PATTERN = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
+_KEY_NAME_PATTERN = re.compile(_SEGMENT)
+
+# HTTP status of each hvac exception, for error messages.
+_HTTP_STATUS = {
+    hvac.exceptions.InvalidRequest: 400,
+    hvac.exceptions.Unauthorized: 401,
+    hvac.exceptions.Forbidden: 403,
+    hvac.exceptions.InvalidPath: 404,
+    hvac.exceptions.RateLimitExceeded: 429,
+    hvac.exceptions.InternalServerError: 500,
+    hvac.exceptions.VaultNotInitialized: 501,
+    hvac.exceptions.BadGateway: 502,
+    hvac.exceptions.VaultDown: 503,
+}
+
+
+@dataclass(frozen=True, repr=False)
+class TransitSettings:
+    """Where the Transit server is and how to authenticate to it."""
+
+    address: str
+    mount: str = DEFAULT_MOUNT
+    key_name: str = DEFAULT_KEY_NAME
+    token: str | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    namespace: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __repr__(self) -> str:
+        return (
+            f"TransitSettings(address={self.address!r}, mount={self.mount!r}, key_name={self.key_name!r}, "
+            f"token_file={self.token_file}, ca_file={self.ca_file})"
+        )
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "TransitSettings":
+        """Read the ``SECUREVOL_TRANSIT_*`` variables; raise KeyProviderError on a missing or bad one."""
+
+        def get(name: str) -> str | None:
+            return environ.get(name) or None
+
+        timeout_text = get("SECUREVOL_TRANSIT_TIMEOUT")
+        settings = cls(
+            address=get("SECUREVOL_TRANSIT_ADDR") or "",
+            mount=(get("SECUREVOL_TRANSIT_MOUNT") or DEFAULT_MOUNT).strip("/"),
+            key_name=get("SECUREVOL_TRANSIT_KEY") or DEFAULT_KEY_NAME,
+            token=get("SECUREVOL_TRANSIT_TOKEN"),
+            token_file=_optional_path(get("SECUREVOL_TRANSIT_TOKEN_FILE")),
+            ca_file=_optional_path(get("SECUREVOL_TRANSIT_CA_FILE")),
+            namespace=get("SECUREVOL_TRANSIT_NAMESPACE"),
+            timeout=_parse_timeout(timeout_text) if timeout_text else DEFAULT_TIMEOUT,
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise KeyProviderError, naming the environment variable, for an invalid setting."""
+        if not self.address.startswith(("http://", "https://")):
+            raise KeyProviderError(
+                "SECUREVOL_TRANSIT_ADDR must be the Transit server's http:// or https:// URL."
+            )
+        if not _MOUNT_PATTERN.fullmatch(self.mount):
+            raise KeyProviderError(
+                f"SECUREVOL_TRANSIT_MOUNT {self.mount!r} is invalid; use letters, digits, '_', '-', '.' and '/'."
+            )
+        if not _KEY_NAME_PATTERN.fullmatch(self.key_name):
+            raise KeyProviderError(
+                f"SECUREVOL_TRANSIT_KEY {self.key_name!r} is invalid; use letters, digits, '_', '-' and '.'."
+            )
+        if (self.token is None) == (self.token_file is None):
+            raise KeyProviderError(
+                "Set exactly one of SECUREVOL_TRANSIT_TOKEN_FILE and SECUREVOL_TRANSIT_TOKEN."
+            )
+        if not self.timeout > 0:
+            raise KeyProviderError("SECUREVOL_TRANSIT_TIMEOUT must be a number of seconds greater than 0.")
+
+
+class TransitKeyProvider(KeyProvider):
+    """Wraps DEKs with a key of an OpenBao or Vault Transit engine."""
+
+    name = "transit"
+
+    def __init__(self, settings: TransitSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        verify: bool | str = str(settings.ca_file) if settings.ca_file else True
+        # An explicit empty token keeps hvac from reading VAULT_TOKEN or ~/.vault-token;
+        # _client() sets the real token before each request.
+        self._hvac = hvac.Client(
+            url=settings.address.rstrip("/"),
+            token="",
+            verify=verify,
+            timeout=settings.timeout,
+            namespace=settings.namespace,
+        )
+
+    def __repr__(self) -> str:
+        return f"TransitKeyProvider(address={self.settings.address!r}, key={self.key_id!r})"
+
+    @property
+    def key_id(self) -> str:
+        """The Transit key as MOUNT/keys/NAME: the identifier stored in every record."""
+        return f"{self.settings.mount}/keys/{self.settings.key_name}"
+
+    def wrap(self, dek: DataKey, volume_id: bytes) -> dict[str, Any]:
+        _check_volume_id(volume_id)
+        envelope = ENVELOPE_MAGIC + volume_id + dek.raw()
+
+        data = self._request(
+            "encrypt",
+            "encrypt",
+            lambda transit: transit.encrypt_data(
+                self.settings.key_name,
+                _b64(envelope),
+                context=_context(volume_id),
+                mount_point=self.settings.mount,
+            ),
+        )
+        record = self._record(data)
+        log.info("dek wrapped key=%s key_version=%s volume_id=%s", self.key_id, record["key_version"],
+                 volume_id.hex())
+        return record
+
+    def unwrap(self, record: dict[str, Any], volume_id: bytes) -> DataKey:
+        _check_volume_id(volume_id)
+        ciphertext = self._check_record(record)
+
+        data = self._request(
+            "decrypt",
+            "decrypt",
+            lambda transit: transit.decrypt_data(
+                self.settings.key_name,
+                ciphertext,
+                context=_context(volume_id),
+                mount_point=self.settings.mount,
+            ),
+        )
+        envelope = _unb64(data.get("plaintext"), "decrypt")
+        return _open_envelope(envelope, volume_id)
+
+    def rewrap(self, record: dict[str, Any], volume_id: bytes) -> dict[str, Any]:
+        """Return *record* re-encrypted under the newest version of the Transit key.
+
+        The DEK stays on the server. Call it for every volume after ``rotate_key``; then the
+        old key versions can be retired with ``min_decryption_version``.
+        """
+        _check_volume_id(volume_id)
+        ciphertext = self._check_record(record)
+
+        data = self._request(
+            "rewrap",
+            "rewrap",
+            lambda transit: transit.rewrap_data(
+                self.settings.key_name,
+                ciphertext,
+                context=_context(volume_id),
+                mount_point=self.settings.mount,
+            ),
+        )
+        new_record = self._record(data)
+        log.info("dek rewrapped key=%s key_version=%s old_key_version=%s volume_id=%s", self.key_id,
+                 new_record["key_version"], record.get("key_version"), volume_id.hex())
+        return new_record
+
+    def rotate_key(self) -> int | None:
+        """Add a new version of the Transit key; return its number if the server reports it.
+
+        New wraps use the new version at once. Existing records keep unwrapping until they are
+        rewrapped and the old versions are retired.
+        """
+        response = self._request(
+            "rotate",
+            "keys",
+            lambda transit: transit.rotate_key(self.settings.key_name, mount_point=self.settings.mount),
+            suffix="/rotate",
+        )
+        latest_version = response.get("latest_version") if isinstance(response, dict) else None
+        log.info("transit key rotated key=%s key_version=%s", self.key_id, latest_version)
+        return latest_version
+
+    # Records
+
+    def _record(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        ciphertext = data.get("ciphertext")
+        key_version = data.get("key_version")
+        if not isinstance(ciphertext, str) or not isinstance(key_version, int):
+            raise KeyProviderError(
+                f"The Transit server at {self.settings.address} returned no ciphertext; check that "
+                f"{self.key_id} is an encryption key."
+            )
+        return {
+            "provider": self.name,
+            "version": RECORD_VERSION,
+            "key": self.key_id,
+            "key_version": key_version,
+            "ciphertext": ciphertext,
+        }
+
+    def _check_record(self, record: dict[str, Any]) -> str:
+        """Return the ciphertext of *record* after checking that this provider can unwrap it."""
+        check_record_provider(self, record)
+        if record.get("version") != RECORD_VERSION:
+            raise KeyProviderError(
+                f"The wrapped key record has version {record.get('version')!r}; "
+                f"this securevol reads version {RECORD_VERSION}."
+            )
+        if record.get("key") != self.key_id:
+            raise KeyProviderError(
+                f"The volume's key was wrapped with Transit key {record.get('key')!r}, but the daemon uses "
+                f"{self.key_id!r}; set SECUREVOL_TRANSIT_MOUNT and SECUREVOL_TRANSIT_KEY to match."
+            )
+
+        ciphertext = record.get("ciphertext")
+        if not isinstance(ciphertext, str) or not ciphertext.startswith("vault:v"):
+            raise KeyProviderError("The wrapped key record has no valid 'ciphertext' field.")
+        return ciphertext
+
+    # Requests
+
+    def _request(self, action: str, endpoint: str, call: Callable[[Any], Any], suffix: str = "") -> Any:
+        """Run *call* with the Transit API and return the response's ``data``.
+
+        *endpoint* and *suffix* rebuild the URL that *call* requests, for error messages. Every
+        failure becomes a KeyProviderError that names the method and URL, never a body.
+        """
+        base = self.settings.address.rstrip("/")
+        url = f"{base}/v1/{self.settings.mount}/{endpoint}/{self.settings.key_name}{suffix}"
+        self._hvac.token = self._read_token()
+        try:
+            response = call(self._hvac.secrets.transit)
+        except hvac.exceptions.VaultError as exc:
+            raise self._server_error(action, url, exc) from None
+        except requests.exceptions.SSLError:
+            raise KeyProviderError(
+                f"TLS verification failed for POST {url}; set SECUREVOL_TRANSIT_CA_FILE to the CA "
+                "certificate that signed the server's certificate."
+            ) from None
+        except requests.exceptions.Timeout:
+            raise KeyProviderError(
+                f"POST {url} timed out after {self.settings.timeout:g} s; check that the Transit server "
+                "is up, or raise SECUREVOL_TRANSIT_TIMEOUT."
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise KeyProviderError(
+                f"POST {url} failed ({type(exc).__name__}): the Transit server is unreachable; check "
+                "SECUREVOL_TRANSIT_ADDR and that the server is running."
+            ) from None
+
+        if not isinstance(response, dict):
+            return response
+        data = response.get("data")
+        if not isinstance(data, dict):
+            raise KeyProviderError(f"POST {url} returned a response without data; check the Transit server.")
+        return data
+
+    def _server_error(self, action: str, url: str, exc: hvac.exceptions.VaultError) -> KeyProviderError:
+        status = _HTTP_STATUS.get(type(exc))
+        where = f"POST {url} failed with HTTP {status}" if status else f"POST {url} failed"
+        if status in (401, 403):
+            return KeyProviderError(
+                f"{where}: the token is invalid, expired or lacks permission to {action} with {self.key_id}."
+            )
+        if status == 404:
+            return KeyProviderError(
+                f"{where}: no Transit engine is mounted at {self.settings.mount!r} or the key does not exist."
+            )
+        if status == 400 and action in ("decrypt", "rewrap"):
+            return KeyProviderError(
+                f"{where}: the wrapped key failed authentication, so the record was modified, belongs "
+                "to another volume or was wrapped with another key."
+            )
+        if status == 503:
+            return KeyProviderError(f"{where}: the Transit server is sealed or in standby; unseal it.")
+        return KeyProviderError(f"{where}; check the Transit server's log for the reason.")
+
+    def _read_token(self) -> str:
+        if self.settings.token is not None:
+            return self.settings.token
+        return read_token_file(self.settings.token_file)
+
+
+def create_provider(settings: Any) -> TransitKeyProvider:
+    """Build the provider from the ``SECUREVOL_TRANSIT_*`` environment variables.
+
+    *settings* (the daemon's settings) carries nothing for this provider.
+    """
+    return TransitKeyProvider(TransitSettings.from_environ())
+
+
+def read_token_file(path: Path) -> str:
+    """Return the token in *path*, which must be a regular file that other users cannot read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyProviderError(f"The Transit token file {path} does not exist; write the token there.") from None
+    except OSError as exc:
+        raise KeyProviderError(f"Cannot open the Transit token file {path}: {exc.strerror}.") from None
+
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyProviderError(f"The Transit token file {path} is not a regular file.")
+        # Group access is allowed because token agents commonly write 0640 files.
+        if st.st_mode & 0o007:
+            raise KeyProviderError(
+                f"The Transit token file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so every user can "
+                f"reach it; run 'chmod o-rwx {path}' and revoke the token if it may have been read."
+            )
+        content = os.read(fd, 64 * 1024)
+    finally:
+        os.close(fd)
+
+    token = content.decode("utf-8", "replace").strip()
+    if not token:
+        raise KeyProviderError(f"The Transit token file {path} is empty; write the token there.")
+    return token
+
+
+def _open_envelope(envelope: bytes, volume_id: bytes) -> DataKey:
+    """Return the DEK in *envelope* after checking its format and its volume ID."""
+    magic_len = len(ENVELOPE_MAGIC)
+    if len(envelope) != _ENVELOPE_LEN or not hmac.compare_digest(envelope[:magic_len], ENVELOPE_MAGIC):
+        raise KeyProviderError("The Transit key decrypted data that is not a securevol wrapped key.")
+
+    wrapped_for = envelope[magic_len : magic_len + VOLUME_ID_LEN]
+    if not hmac.compare_digest(wrapped_for, volume_id):
+        raise KeyProviderError(
+            "The wrapped key belongs to another volume, so the record was copied or swapped; "
+            "restore the volume's own dek.json."
+        )
+    return DataKey(envelope[magic_len + VOLUME_ID_LEN :])
+
+
+def _check_volume_id(volume_id: bytes) -> None:
+    if len(volume_id) != VOLUME_ID_LEN:
+        raise ValueError(f"a volume ID has {VOLUME_ID_LEN} bytes, not {len(volume_id)}")
+
+
+def _context(volume_id: bytes) -> str:
+    return _b64(CONTEXT_PREFIX + volume_id)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: Any, operation: str) -> bytes:
+    if not isinstance(value, str):
+        raise KeyProviderError(f"The Transit {operation} response has no plaintext; check the Transit server.")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise KeyProviderError(f"The Transit {operation} response is not valid base64.") from None
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _parse_timeout(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise KeyProviderError(
+            f"SECUREVOL_TRANSIT_TIMEOUT {text!r} is not a number; give the timeout in seconds."
+        ) from None
