@@ -88,7 +88,14 @@ class VolumeDriver:
             # Once the wrapped DEK is gone, leftover ciphertext (and any backup
             # of it) cannot be decrypted, even if the removal stops half way.
             self.registry.destroy_wrapped_dek(name)
-            self.registry.remove(name)
+            try:
+                self.registry.remove(name)
+            except OSError as exc:
+                log.error("volume ciphertext not deleted vol=%s error=%s", name, exc)
+                raise SecurevolError(
+                    f"The key of volume {name!r} was destroyed, so its data is unreadable, but deleting its "
+                    f"ciphertext failed ({exc.strerror}); delete {self.registry.volume_dir(name)} by hand."
+                ) from exc
             _remove_if_empty(mountpoint)
             _remove_file(self._log_file(name))
 

@@ -1,0 +1,726 @@
+"""Tests of the plugin daemon through its real gunicorn socket: every endpoint, bad requests, mounts.
+
+Each test talks to ``securevol serve`` started by tests/plugin_server.py with
+two workers on private directories. Mount tests start real FUSE processes
+and check the ciphertext on disk.
+"""
+
+import base64
+import importlib.util
+import json
+import os
+import re
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from securevol import config
+from securevol.keys.local import LocalKeyProvider, load_master_key
+from tests.plugin_server import PluginServer, mounts_under, plugin_request
+
+MEDIA_TYPE = "application/vnd.docker.plugins.v1.1+json"
+
+needs_fuse = pytest.mark.skipif(
+    importlib.util.find_spec("securevol.mount") is None or not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="mounting needs securevol.mount, /dev/fuse and root",
+)
+
+PLAINTEXT = b"protocol test plaintext marker 0123456789abcdef " * 300
+SECRET_FILE_NAME = "plaintext-name-marker.txt"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with PluginServer(workers=2) as plugin:
+        yield plugin
+
+
+@pytest.fixture
+def fresh_server():
+    with PluginServer(workers=2) as plugin:
+        yield plugin
+
+
+def new_name() -> str:
+    return f"vol-{secrets.token_hex(4)}"
+
+
+def create(server, name=None, **opts) -> str:
+    name = name or new_name()
+    response = server.call("Create", {"Name": name, "Opts": opts})
+    assert (response.status, response.err) == (200, ""), response.body
+    return name
+
+
+def mount(server, name, mount_id) -> str:
+    response = server.call("Mount", {"Name": name, "ID": mount_id})
+    assert (response.status, response.err) == (200, ""), response.body
+    return response.json["Mountpoint"]
+
+
+def unmount(server, name, mount_id) -> None:
+    response = server.call("Unmount", {"Name": name, "ID": mount_id})
+    assert (response.status, response.err) == (200, ""), response.body
+
+
+def get(server, name) -> dict:
+    response = server.call("Get", {"Name": name})
+    assert (response.status, response.err) == (200, ""), response.body
+    return response.json["Volume"]
+
+
+def assert_one_sentence_error(response, *fragments: str) -> None:
+    """Check that *response* is a JSON plugin error of one line that contains every fragment."""
+    assert response.content_type == MEDIA_TYPE
+    assert response.status >= 400
+    err = response.json["Err"]
+    assert set(response.json) == {"Err"}
+    assert err and "\n" not in err
+    assert "Traceback" not in err and "<html" not in response.body.decode(errors="replace").lower()
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def fuse_pid(server, name) -> int:
+    return json.loads((server.volume_dir(name) / "mounts.json").read_text())["pid"]
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def wait_for_exit(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_running(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs after {timeout} s"
+        time.sleep(0.05)
+
+
+def key_material(server, name) -> list[bytes]:
+    master_key = load_master_key(server.state_dir / "master.key")
+    volume_dir = server.volume_dir(name)
+    record = json.loads((volume_dir / "dek.json").read_text())
+    volume_id = bytes.fromhex(json.loads((volume_dir / "volume.json").read_text())["volume_id"])
+    return [master_key, LocalKeyProvider(master_key).unwrap(record, volume_id).raw()]
+
+
+def encodings(secret: bytes) -> list[str]:
+    return [secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(), base64.urlsafe_b64encode(secret).decode()]
+
+
+def backing_bytes(server, name) -> bytes:
+    chunks = []
+    for root, dirs, files in os.walk(server.volume_dir(name) / "data"):
+        chunks += [entry.encode() for entry in dirs + files]
+        chunks += [Path(root, entry).read_bytes() for entry in files]
+    return b"\n".join(chunks)
+
+
+# -- endpoints without a mount -------------------------------------------------
+
+
+def test_activate_announces_volume_driver(server):
+    response = server.request("/Plugin.Activate")
+
+    assert response.status == 200
+    assert response.content_type == MEDIA_TYPE
+    assert response.json == {"Implements": ["VolumeDriver"]}
+
+
+def test_capabilities_scope_local(server):
+    response = server.call("Capabilities")
+
+    assert response.content_type == MEDIA_TYPE
+    assert response.json == {"Capabilities": {"Scope": "local"}}
+
+
+def test_list_with_empty_and_null_body(server):
+    name = create(server)
+
+    for body in (None, b"", b"null", b"{}"):
+        response = server.request("/VolumeDriver.List", body)
+        assert (response.status, response.err) == (200, ""), body
+        assert name in [volume["Name"] for volume in response.json["Volumes"]]
+
+
+def test_create_get_list_path_remove(server):
+    name = create(server, mode="750", uid="1000", gid="1000")
+
+    volume = get(server, name)
+    assert set(volume) == {"Name", "CreatedAt", "Status"}
+    assert volume["Name"] == name
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", volume["CreatedAt"])
+    assert volume["Status"]["mounted"] is False
+    assert volume["Status"]["key_provider"] == "local"
+    listed = {v["Name"]: v for v in server.call("List").json["Volumes"]}
+    assert listed[name] == volume
+    assert server.call("Path", {"Name": name}).json == {"Mountpoint": "", "Err": ""}
+
+    assert server.call("Remove", {"Name": name}).json == {"Err": ""}
+
+    assert name not in [v["Name"] for v in server.call("List").json["Volumes"]]
+    assert not server.volume_dir(name).exists()
+    assert_one_sentence_error(server.call("Get", {"Name": name}), "does not exist")
+
+
+def test_responses_carry_no_key_material(server):
+    name = create(server)
+    texts = [
+        server.call("Get", {"Name": name}).body.decode(),
+        server.call("List").body.decode(),
+        server.call("Path", {"Name": name}).body.decode(),
+        server.log_text(),
+    ]
+
+    for secret in key_material(server, name):
+        for encoded in encodings(secret):
+            for text in texts:
+                assert encoded not in text
+
+
+def test_create_again_with_same_options_succeeds(server):
+    name = create(server, mode="0750")
+    created_at = get(server, name)["CreatedAt"]
+    dek_before = (server.volume_dir(name) / "dek.json").read_bytes()
+
+    create(server, name, mode="750")
+
+    assert get(server, name)["CreatedAt"] == created_at
+    assert (server.volume_dir(name) / "dek.json").read_bytes() == dek_before
+
+
+def test_create_again_with_other_options_fails(server):
+    name = create(server, mode="0750")
+
+    response = server.call("Create", {"Name": name, "Opts": {"mode": "0700"}})
+
+    assert_one_sentence_error(response, name, "exists already with other options")
+
+
+def test_concurrent_creates_of_one_name_make_one_volume(server):
+    name = new_name()
+    responses = []
+
+    def create_once():
+        responses.append(server.call("Create", {"Name": name, "Opts": {"uid": "7"}}))
+
+    threads = [threading.Thread(target=create_once) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [(r.status, r.err) for r in responses] == [(200, "")] * 8
+    assert [v["Name"] for v in server.call("List").json["Volumes"]].count(name) == 1
+    assert len(json.loads((server.volume_dir(name) / "dek.json").read_text())) > 0
+
+
+def test_concurrent_creates_of_many_names(server):
+    names = [new_name() for _ in range(12)]
+    responses = []
+    threads = [
+        threading.Thread(target=lambda n=n: responses.append(server.call("Create", {"Name": n}))) for n in names
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(r.err == "" for r in responses)
+    listed = {v["Name"] for v in server.call("List").json["Volumes"]}
+    assert set(names) <= listed
+
+
+# -- malformed requests ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["Create", "Remove", "Mount", "Unmount", "Path", "Get"])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"Name": "x"', "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[]", "must be a JSON object"),
+        (b'"Name"', "must be a JSON object"),
+        (b"42", "must be a JSON object"),
+        (b"{}", "no 'Name' field"),
+        (b"null", "no 'Name' field"),
+        (b"", "no 'Name' field"),
+        (b'{"Name": 42}', "'Name' field must be a string"),
+        (b'{"Name": ["a"]}', "'Name' field must be a string"),
+        (b'{"Name": {"a": 1}}', "'Name' field must be a string"),
+    ],
+)
+def test_malformed_body_rejected(server, endpoint, body, fragment):
+    response = server.request(f"/VolumeDriver.{endpoint}", body)
+
+    assert_one_sentence_error(response, fragment)
+    assert response.status == 400
+
+
+@pytest.mark.parametrize("endpoint", ["List", "Capabilities"])
+@pytest.mark.parametrize("body", [b"{oops", b"[1, 2]", b"7"])
+def test_malformed_body_rejected_without_fields(server, endpoint, body):
+    assert_one_sentence_error(server.request(f"/VolumeDriver.{endpoint}", body))
+
+
+@pytest.mark.parametrize("endpoint", ["Mount", "Unmount"])
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [({}, "no 'ID' field"), ({"ID": 5}, "'ID' field must be a string"), ({"ID": None}, "no 'ID' field")],
+)
+def test_mount_id_required(server, endpoint, payload, fragment):
+    name = create(server)
+
+    response = server.call(endpoint, {"Name": name, **payload})
+
+    assert_one_sentence_error(response, fragment)
+
+
+@pytest.mark.parametrize(
+    ("opts", "fragment"),
+    [
+        ("mode=0750", "'Opts' field must be a JSON object"),
+        (["mode", "0750"], "'Opts' field must be a JSON object"),
+        ({"mode": 750}, "'mode' must have a string value"),
+        ({"uid": None}, "'uid' must have a string value"),
+    ],
+)
+def test_create_with_wrongly_typed_opts_rejected(server, opts, fragment):
+    name = new_name()
+
+    response = server.call("Create", {"Name": name, "Opts": opts})
+
+    assert_one_sentence_error(response, fragment)
+    assert not server.volume_dir(name).exists()
+
+
+def test_create_with_null_opts_accepted(server):
+    name = new_name()
+
+    assert server.call("Create", {"Name": name, "Opts": None}).err == ""
+    assert get(server, name)["Name"] == name
+
+
+def test_unknown_endpoint_and_method(server):
+    assert_one_sentence_error(server.request("/VolumeDriver.Explode", b"{}"), "Unknown endpoint")
+    assert server.request("/VolumeDriver.Explode", b"{}").status == 404
+    assert_one_sentence_error(server.request("/VolumeDriver.List", method="GET"), "use POST")
+    assert_one_sentence_error(server.request("/", method="GET"), "Unknown endpoint")
+
+
+def test_oversized_body_rejected(server):
+    # Announce a body over the limit: the daemon must answer before reading it.
+    headers = {"Content-Length": str(2 * 1024 * 1024)}
+
+    response = plugin_request(server.socket, "/VolumeDriver.Create", b'{"Name": "x"}', headers=headers)
+
+    assert_one_sentence_error(response, "larger than")
+    assert response.status == 413
+
+
+def test_content_type_header_ignored(server):
+    names = []
+
+    for content_type in ("text/plain", "application/json", "application/x-www-form-urlencoded"):
+        names.append(new_name())
+        body = json.dumps({"Name": names[-1]}).encode()
+        response = plugin_request(server.socket, "/VolumeDriver.Create", body, headers={"Content-Type": content_type})
+        assert response.err == "", content_type
+
+    assert [get(server, name)["Name"] for name in names] == names
+
+
+# -- names and options -------------------------------------------------------------
+
+HOSTILE_NAMES = ["", ".", "..", "../x", "a/b", "/abs", "a\0b", "x" * 300, "-lead", "_lead", "a\nb", "a b", "ümlaut",
+                 "a\tb", "..."]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("endpoint", ["Create", "Get", "Path", "Remove", "Mount", "Unmount"])
+def test_hostile_name_rejected(server, endpoint, name):
+    before = sorted(os.listdir(server.state_dir / "volumes"))
+
+    response = server.call(endpoint, {"Name": name, "ID": "abc"})
+
+    assert_one_sentence_error(response, "name")
+    assert sorted(os.listdir(server.state_dir / "volumes")) == before
+    assert not (server.state_dir / "x").exists()
+
+
+def test_name_length_limit(server):
+    assert create(server, "n" * 128) == "n" * 128
+    assert_one_sentence_error(server.call("Create", {"Name": "n" * 129}), "129 characters", "maximum is 128")
+
+
+@pytest.mark.parametrize("endpoint", ["Get", "Path", "Remove", "Mount", "Unmount"])
+def test_unknown_volume(server, endpoint):
+    response = server.call(endpoint, {"Name": "never-created", "ID": "abc"})
+
+    assert_one_sentence_error(response, "'never-created' does not exist")
+
+
+@pytest.mark.parametrize("option", ["colour", "size", "Mode", "allowed", "encrypted"])
+def test_unknown_option_rejected(server, option):
+    name = new_name()
+
+    response = server.call("Create", {"Name": name, "Opts": {option: "x"}})
+
+    assert_one_sentence_error(response, f"Unknown volume option {option!r}", "mode")
+    assert not server.volume_dir(name).exists()
+
+
+@pytest.mark.parametrize(
+    "option", ["key", "passphrase", "password", "encryption_key", "secret", "dek", "KEK", "api-token", "master-key"]
+)
+def test_key_like_option_rejected(server, option):
+    name = new_name()
+
+    response = server.call("Create", {"Name": name, "Opts": {option: "hunter2"}})
+
+    assert_one_sentence_error(response, repr(option), "key provider")
+    assert "hunter2" not in response.body.decode()
+    assert "hunter2" not in server.log_text()
+    assert not server.volume_dir(name).exists()
+
+
+@pytest.mark.parametrize(
+    ("opts", "fragment"),
+    [
+        ({"uid": "-1"}, "decimal ID"),
+        ({"uid": "abc"}, "decimal ID"),
+        ({"gid": "4294967295"}, "decimal ID"),
+        ({"gid": "１２"}, "decimal ID"),
+        ({"mode": "999"}, "octal permission bits"),
+        ({"mode": "rwx"}, "octal permission bits"),
+        ({"mode": "07777"}, "octal permission bits"),
+        ({"mode": "4755"}, "setuid"),
+    ],
+)
+def test_bad_option_value_rejected(server, opts, fragment):
+    response = server.call("Create", {"Name": new_name(), "Opts": opts})
+
+    assert_one_sentence_error(response, next(iter(opts)), fragment)
+
+
+def test_options_set_root_directory(server):
+    name = create(server, uid="1234", gid="2345", mode="2750")
+
+    st = (server.volume_dir(name) / "data").stat()
+
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 2345, 0o2750)
+
+
+# -- files, modes and the gunicorn set-up ------------------------------------------
+
+
+def test_socket_and_state_modes(server):
+    name = create(server)
+
+    socket_stat = server.socket.stat()
+    assert stat.S_ISSOCK(socket_stat.st_mode)
+    assert stat.S_IMODE(socket_stat.st_mode) == 0o660
+    assert (socket_stat.st_uid, socket_stat.st_gid) == (0, 0)
+    for directory in (server.state_dir, server.state_dir / "volumes", server.mount_root, server.state_dir / "log",
+                      server.volume_dir(name)):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    for path in (server.state_dir / "master.key", server.volume_dir(name) / "volume.json",
+                 server.volume_dir(name) / "dek.json", server.volume_dir(name) / "mounts.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_loose_state_dir_tightened(fresh_server):
+    fresh_server.stop()
+    os.chmod(fresh_server.state_dir, 0o755)
+
+    fresh_server.start()
+
+    assert stat.S_IMODE(fresh_server.state_dir.stat().st_mode) == 0o700
+    assert "directory mode tightened" in fresh_server.log_text()
+
+
+def test_bad_master_key_stops_start(fresh_server):
+    fresh_server.stop()
+    os.chmod(fresh_server.state_dir / "master.key", 0o644)
+
+    with pytest.raises(RuntimeError, match="exited with status 1"):
+        fresh_server.start()
+
+    assert "mode 0644" in fresh_server.log_text()
+
+
+def _unix_socket_paths(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    paths = set()
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[6] in inodes and len(fields) > 7:
+                paths.add(fields[7])
+    return paths
+
+
+def test_no_control_socket_and_workers(server):
+    master = server.process.pid
+
+    assert _unix_socket_paths(master) == {str(server.socket)}
+    assert len(server.wait_for_workers(2)) == 2
+
+
+def test_serve_help_names_settings():
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "serve", "--help"], capture_output=True, text=True, check=True
+    )
+
+    for flag, env in [("--socket", "SECUREVOL_SOCKET"), ("--state-dir", "SECUREVOL_STATE_DIR"),
+                      ("--mount-root", "SECUREVOL_MOUNT_ROOT"), ("--log-level", "SECUREVOL_LOG_LEVEL"),
+                      ("--workers", "SECUREVOL_WORKERS"), ("--master-key", "SECUREVOL_MASTER_KEY"),
+                      ("--key-provider", "SECUREVOL_KEY_PROVIDER"), ("--mount-timeout", "SECUREVOL_MOUNT_TIMEOUT")]:
+        assert flag in result.stdout
+        assert env in result.stdout
+
+
+def test_settings_from_environment():
+    plugin = PluginServer(workers=None)
+    mount_root = plugin.base_dir / "mounts"
+    plugin.env = {"SECUREVOL_WORKERS": "3", "SECUREVOL_MOUNT_ROOT": str(mount_root)}
+    try:
+        plugin.start()
+
+        assert len(plugin.wait_for_workers(3)) == 3
+        assert stat.S_IMODE(mount_root.stat().st_mode) == 0o700
+    finally:
+        plugin.cleanup()
+
+
+def test_flag_wins_over_environment():
+    environ = {"SECUREVOL_WORKERS": "3", "SECUREVOL_STATE_DIR": "/srv/env-state", "SECUREVOL_LOG_LEVEL": "debug"}
+
+    settings = config.resolve({"workers": "5", "log_level": None}, environ)
+
+    assert settings.workers == 5
+    assert settings.log_level == "DEBUG"
+    assert settings.state_dir == Path("/srv/env-state")
+    assert settings.mount_root == Path("/srv/env-state/mnt")
+    assert settings.socket == Path(config.DEFAULT_SOCKET)
+    assert settings.master_key is None
+
+
+def test_socket_path_too_long_rejected():
+    with pytest.raises(config.ConfigError, match="Unix sockets allow at most 107"):
+        config.resolve({"socket": "/tmp/" + "s" * 120}, {})
+
+
+def test_invalid_setting_reported():
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "serve", "--workers", "0"], capture_output=True, text=True,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == "securevol: Invalid value '0' for --workers: must be at least 1."
+
+
+# -- mounts --------------------------------------------------------------------------
+
+
+@needs_fuse
+def test_mount_write_unmount_remove(server):
+    name = create(server)
+
+    mountpoint = Path(mount(server, name, "m1"))
+    (mountpoint / SECRET_FILE_NAME).write_bytes(PLAINTEXT)
+    pid = fuse_pid(server, name)
+
+    assert mountpoint == server.mount_root / name
+    assert get(server, name)["Mountpoint"] == str(mountpoint)
+    assert get(server, name)["Status"]["mounted"] is True
+    assert server.call("Path", {"Name": name}).json["Mountpoint"] == str(mountpoint)
+    assert str(mountpoint) in mounts_under(mountpoint)
+
+    unmount(server, name, "m1")
+
+    wait_for_exit(pid)
+    assert not mounts_under(mountpoint)
+    assert "Mountpoint" not in get(server, name)
+    assert server.call("Path", {"Name": name}).json["Mountpoint"] == ""
+    on_disk = backing_bytes(server, name)
+    assert len(on_disk) > len(PLAINTEXT)
+    for start in range(0, len(PLAINTEXT) - 16, 16):
+        assert PLAINTEXT[start:start + 16] not in on_disk
+    assert SECRET_FILE_NAME.encode() not in on_disk
+    assert b"plaintext-name-marker" not in on_disk
+
+    remounted = Path(mount(server, name, "m2"))
+    assert (remounted / SECRET_FILE_NAME).read_bytes() == PLAINTEXT
+    unmount(server, name, "m2")
+
+    assert server.call("Remove", {"Name": name}).err == ""
+    assert not server.volume_dir(name).exists()
+    assert not mountpoint.exists()
+
+
+@needs_fuse
+def test_mount_counts_are_a_multiset(server):
+    name = create(server)
+    mountpoint = Path(mount(server, name, "container"))
+    pid = fuse_pid(server, name)
+    (mountpoint / "f").write_text("kept")
+
+    # docker cp into a running container repeats the container's mount ID.
+    assert mount(server, name, "container") == str(mountpoint)
+    assert mount(server, name, "other") == str(mountpoint)
+    assert fuse_pid(server, name) == pid
+    assert get(server, name)["Status"]["mount_count"] == 3
+
+    unmount(server, name, "container")
+    unmount(server, name, "container")
+    assert (mountpoint / "f").read_text() == "kept"
+    assert pid_running(pid)
+    unmount(server, name, "container")  # not counted any more: ignored
+    assert (mountpoint / "f").read_text() == "kept"
+
+    unmount(server, name, "other")
+
+    wait_for_exit(pid)
+    assert not mounts_under(mountpoint)
+    assert "unmount of unknown mount id ignored" in server.log_text()
+
+
+@needs_fuse
+def test_remove_refused_while_mounted(server):
+    name = create(server)
+    mount(server, name, "busy")
+
+    response = server.call("Remove", {"Name": name})
+
+    assert_one_sentence_error(response, name, "still mounted")
+    assert (server.volume_dir(name) / "dek.json").exists()
+    unmount(server, name, "busy")
+    assert server.call("Remove", {"Name": name}).err == ""
+
+
+def test_remove_destroys_wrapped_key_before_data(server):
+    name = create(server)
+    data = server.volume_dir(name) / "data"
+    (data / "ciphertext").write_bytes(b"c" * 4096)
+    pinned = data / "pinned"
+    pinned.mkdir()
+    # A mount inside the backing store makes deleting the ciphertext fail half way.
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(pinned)], check=True)
+    try:
+        response = server.call("Remove", {"Name": name})
+
+        assert_one_sentence_error(response, name, "was destroyed", "by hand")
+        assert not (server.volume_dir(name) / "dek.json").exists()
+        assert pinned.exists()
+        assert name not in [v["Name"] for v in server.call("List").json["Volumes"]]
+    finally:
+        subprocess.run(["umount", str(pinned)], check=True)
+
+    create(server, name)
+    assert sorted(os.listdir(server.volume_dir(name) / "data")) == []
+
+
+@needs_fuse
+def test_restart_keeps_volumes_and_mounts(fresh_server):
+    server = fresh_server
+    names = [create(server) for _ in range(3)]
+    mountpoint = Path(mount(server, names[0], "running"))
+    (mountpoint / "before").write_text("before restart")
+    pid = fuse_pid(server, names[0])
+
+    server.kill()
+    (mountpoint / "down").write_text("while down")
+    server.start()
+
+    assert (mountpoint / "before").read_text() == "before restart"
+    assert {v["Name"] for v in server.call("List").json["Volumes"]} == set(names)
+    assert get(server, names[0])["Mountpoint"] == str(mountpoint)
+    assert mount(server, names[0], "new") == str(mountpoint)
+    assert fuse_pid(server, names[0]) == pid
+    unmount(server, names[0], "running")
+    unmount(server, names[0], "new")
+    wait_for_exit(pid)
+
+    assert (Path(mount(server, names[0], "again")) / "down").read_text() == "while down"
+    unmount(server, names[0], "again")
+
+
+@needs_fuse
+def test_killed_fuse_process_replaced_on_next_mount(server):
+    name = create(server)
+    mountpoint = Path(mount(server, name, "first"))
+    (mountpoint / "kept").write_bytes(PLAINTEXT)
+    old_pid = fuse_pid(server, name)
+
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for_exit(old_pid)
+    with pytest.raises(OSError):
+        (mountpoint / "kept").read_bytes()
+
+    assert mount(server, name, "second") == str(mountpoint)
+
+    new_pid = fuse_pid(server, name)
+    assert new_pid != old_pid
+    assert (mountpoint / "kept").read_bytes() == PLAINTEXT
+    assert f"pid={old_pid}" in server.log_text()
+    assert "fuse process not serving, replacing it" in server.log_text()
+    unmount(server, name, "first")
+    assert (mountpoint / "kept").read_bytes() == PLAINTEXT
+    unmount(server, name, "second")
+    wait_for_exit(new_pid)
+    assert not mounts_under(mountpoint)
+
+
+@needs_fuse
+def test_mounts_of_many_volumes_in_parallel(server):
+    names = [create(server) for _ in range(4)]
+    results = {}
+
+    def mount_one(name):
+        results[name] = server.call("Mount", {"Name": name, "ID": "parallel"})
+
+    threads = [threading.Thread(target=mount_one, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    for name in names:
+        assert results[name].err == ""
+        Path(results[name].json["Mountpoint"], "x").write_text(name)
+    for name in names:
+        assert Path(server.mount_root, name, "x").read_text() == name
+        unmount(server, name, "parallel")
+
+
+def test_mount_with_wrong_master_key_fails_clearly(fresh_server):
+    server = fresh_server
+    name = create(server)
+    server.stop()
+    key_file = server.state_dir / "master.key"
+    key_file.write_bytes(os.urandom(32))
+
+    server.start()
+    response = server.call("Mount", {"Name": name, "ID": "x"})
+
+    assert_one_sentence_error(response, name, "cannot be unlocked", "master key")
+    assert not mounts_under(server.mount_root)
