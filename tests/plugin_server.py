@@ -82,9 +82,9 @@ def plugin_request(
 class PluginServer:
     """One ``securevol serve`` daemon on private directories.
 
-    *socket_path* defaults to a socket in the private directory; end-to-end
-    tests pass a unique path in /run/docker/plugins so that dockerd finds
-    the plugin under the driver name ``driver``.
+    *socket_path* defaults to a socket in the private directory. End-to-end
+    tests pass a unique path in /run/docker/plugins, where dockerd finds the
+    plugin under the driver name ``driver``.
     """
 
     def __init__(
@@ -134,7 +134,7 @@ class PluginServer:
         return args + list(self.extra_args)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start the daemon and wait until it answers /Plugin.Activate."""
+        """Start the daemon and wait until /Plugin.Activate returns 200."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"securevol serve already runs as PID {self.process.pid}")
         env = {**os.environ, **(self.env or {})}

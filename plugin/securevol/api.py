@@ -1,8 +1,8 @@
 """The Flask app that speaks the Docker volume plugin protocol.
 
 dockerd POSTs JSON to ``/Plugin.Activate`` and ``/VolumeDriver.*`` without a
-JSON content type, so bodies are parsed whatever the header says. Every
-answer is JSON of type ``application/vnd.docker.plugins.v1.1+json``; a
+JSON content type, so bodies are parsed whatever the Content-Type header.
+Every response is JSON of type ``application/vnd.docker.plugins.v1.1+json``; a
 failure is ``{"Err": "one sentence"}``, never a traceback or an HTML page.
 This module decodes requests and encodes answers; the work is done by
 ``driver.VolumeDriver``.
@@ -50,7 +50,7 @@ def create_app(settings: Settings, driver: VolumeDriver | None = None) -> Flask:
 
 
 def plugin_response(payload: dict[str, Any], status: int = 200) -> Response:
-    """Encode *payload* as a plugin protocol answer."""
+    """Encode *payload* as a plugin protocol response."""
     return Response(json.dumps(payload), status=status, mimetype=MEDIA_TYPE)
 
 

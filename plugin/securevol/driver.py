@@ -198,8 +198,8 @@ class VolumeDriver:
 
     @staticmethod
     def capabilities() -> dict[str, str]:
-        # Volumes live on this host's disk, so Docker must not assume that
-        # another node of a swarm sees them.
+        # Volumes live on this host's disk, so Docker must not expect another
+        # node of a swarm to have them.
         return {"Scope": "local"}
 
     def _describe(self, record: VolumeRecord) -> dict[str, Any]:
@@ -233,8 +233,8 @@ class VolumeDriver:
 def prepare_state_dir(settings: Settings) -> None:
     """Create the state, mount root and log directories with mode 0700 and check who owns them.
 
-    A directory that exists with a looser mode is tightened, with a warning;
-    one owned by another user is rejected, since that user could read the
+    A directory that exists with a looser mode is tightened, with a warning.
+    One owned by another user is rejected, because that user could read the
     wrapped keys or the plaintext mounts.
     """
     for path in (settings.state_dir, settings.mount_root, settings.log_dir):

@@ -44,7 +44,7 @@ class FuseLaunch:
 
 
 class Mounter:
-    """Starts and stops FUSE processes; holds no state of its own."""
+    """Starts, checks and stops FUSE processes, keeping no state between calls."""
 
     def __init__(self, mount_timeout: float, stop_timeout: float = 10.0) -> None:
         self.mount_timeout = mount_timeout

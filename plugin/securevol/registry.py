@@ -11,8 +11,8 @@ Layout under the state directory (see docs/architecture.md)::
     volumes/NAME/data/        the backing store
 
 Writers hold the locks through ``creating_or_removing()`` or
-``changing_mounts(name)``; two volumes can then mount at the same time, and a
-volume directory is never deleted while anyone works inside it. Readers take
+``changing_mounts(name)``. Two volumes can then mount at the same time, and
+a volume directory is deleted only while nobody else holds a lock. Readers take
 no lock: every JSON file is replaced atomically, so a reader sees either the
 old or the new version.
 """
@@ -45,7 +45,7 @@ DATA_DIR = "data"
 
 @dataclass(frozen=True)
 class VolumeRecord:
-    """What volume.json stores about one volume."""
+    """The record of one volume, stored in volume.json."""
 
     name: str
     volume_id: str  # hex of the 16-byte volume ID
@@ -68,7 +68,7 @@ class VolumeRecord:
 
 @dataclass
 class MountState:
-    """What mounts.json stores: Docker mount IDs as a multiset, and the FUSE process serving them.
+    """The mount state of one volume, stored in mounts.json: Docker mount IDs as a multiset and the FUSE process.
 
     Docker reuses a mount ID for ``docker cp`` into a running container, so
     an ID can be mounted more than once and must be counted.

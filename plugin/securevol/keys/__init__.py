@@ -7,9 +7,9 @@ the volume ID to the wrapped DEK, so a record copied to another volume does
 not unwrap there.
 
 Providers are looked up by name in ``PROVIDERS``. Each entry names a module
-that defines ``create_provider(settings) -> KeyProvider``; the module is
-imported only when its provider is configured, so that an optional
-dependency (hvac for ``transit``) is needed only by those who use it.
+that defines ``create_provider(settings) -> KeyProvider``. The module is
+imported only when its provider is configured, so an optional dependency
+(hvac for ``transit``) is needed only by those who use it.
 """
 
 import abc

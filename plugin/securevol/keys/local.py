@@ -1,6 +1,6 @@
 """The local key provider: a master key file on the host is the KEK.
 
-The master key file holds exactly 32 random bytes, is owned by the daemon's
+The master key file contains exactly 32 random bytes, is owned by the daemon's
 user and readable by it alone (mode 0600 or stricter). Unless an explicit
 path is configured, it is created in the state directory on first start.
 
