@@ -671,3 +671,42 @@ def test_hostile_symlink_target_rejected(cipher, target, expected_errno):
 
 def test_repr_hides_key(cipher):
     assert repr(cipher) == "NameCipher(<redacted>)"
+
+
+@pytest.mark.parametrize("target", [b"/", b"t" * MAX_SHORT_TARGET, b"t" * 4095], ids=["1", "max-short", "4095"])
+def test_read_symlink_fd_both_forms(cipher, backing_dir, target):
+    dir_fd, _, dir_iv = backing_dir
+    backing = cipher.backing_name_for(b"link", dir_iv)
+    cipher.write_symlink(dir_fd, backing.name, target)
+
+    link_fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        assert cipher.read_symlink_fd(link_fd) == target
+    finally:
+        os.close(link_fd)
+
+
+@pytest.mark.parametrize("target", [b"/", b"t" * 4095], ids=["short", "long"])
+def test_read_symlink_fd_detects_tamper(cipher, other_cipher, backing_dir, target):
+    dir_fd, _, dir_iv = backing_dir
+    backing = cipher.backing_name_for(b"link", dir_iv)
+    cipher.write_symlink(dir_fd, backing.name, target)
+
+    link_fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        with pytest.raises(IntegrityError, match="failed authentication"):
+            other_cipher.read_symlink_fd(link_fd)
+    finally:
+        os.close(link_fd)
+
+
+def test_read_symlink_fd_of_regular_file_rejected(cipher, backing_dir):
+    _, path, _ = backing_dir
+    (path / "file").write_bytes(b"data")
+
+    file_fd = os.open(path / "file", os.O_PATH | os.O_NOFOLLOW)
+    try:
+        with pytest.raises(IntegrityError, match="not a symlink"):
+            cipher.read_symlink_fd(file_fd)
+    finally:
+        os.close(file_fd)

@@ -261,6 +261,30 @@ class NameCipher:
         sealed = _read_file(dir_fd, backing_name, _sealed_target_len(MAX_SYMLINK_TARGET_BYTES))
         return self.decrypt_symlink_target(sealed, backing_name)
 
+    def read_symlink_fd(self, fd: int) -> bytes:
+        """Like ``read_symlink``, for an O_PATH descriptor of the backing symlink entry itself.
+
+        The FUSE layer holds such a descriptor for each inode, and a hard-linked symlink has no
+        single parent directory to name it from.
+        """
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            # readlinkat(2) with an empty path reads the symlink an O_PATH descriptor refers to.
+            sealed = _decode(os.readlink("", dir_fd=fd))
+            if sealed is None:
+                raise IntegrityError("symlink target is not base64url")
+            return self.decrypt_symlink_target(sealed)
+
+        if not is_symlink(st):
+            raise IntegrityError("backing entry is not a symlink")
+        # O_NOFOLLOW would refuse the /proc magic link, so this reopen cannot use _read_file.
+        read_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sealed = os.pread(read_fd, _sealed_target_len(MAX_SYMLINK_TARGET_BYTES) + 1, 0)
+        finally:
+            os.close(read_fd)
+        return self.decrypt_symlink_target(sealed)
+
 
 # Validation of plaintext
 
