@@ -1,0 +1,593 @@
+"""The pyfuse3 Operations of a securevol volume: POSIX semantics over the encrypted backing store.
+
+Names go through securevol.names, file contents through securevol.contents
+(the format of securevol.format). Each inode the kernel knows is an O_PATH
+descriptor in an InodeTable (securevol.inodes), and every operation works
+relative to descriptors, never with paths built from names.
+
+Concurrency: no handler awaits anything, so trio runs each request to
+completion before the next starts. Reads never see a half-written block or a
+stale size, and a read-modify-write of a block cannot interleave with another.
+
+The backing store is changed by this process only, so the kernel may cache
+entries, attributes and pages for a long time (writeback cache, long timeouts,
+cached negative lookups), and every reply carries fresh attributes.
+
+Caveats:
+- pyfuse3 3.5 has no fallocate, lseek or lock handlers. The kernel answers
+  fallocate(2) with EOPNOTSUPP (posix_fallocate(3) then writes zeros itself),
+  SEEK_DATA/SEEK_HOLE treat the whole file as data, and POSIX and flock locks
+  are kept by the kernel, so they work between processes using this mount.
+"""
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from securevol import format as fmt
+from securevol import names, syscalls
+from securevol.contents import EncryptedContents
+from securevol.crypto import VolumeKeys
+from securevol.errors import IntegrityError, InvalidName
+from securevol.inodes import Inode, InodeTable
+
+log = logging.getLogger(__name__)
+
+# Only this process changes the backing store, so cached entries and
+# attributes can only go stale if someone edits the backing store directly.
+CACHE_TIMEOUT = 3600.0
+
+# Open flags that change how the data reaches the disk; the rest describe the
+# caller's view (O_APPEND is resolved by the kernel's writeback cache, and
+# O_DIRECT would require aligned backing I/O that 4128-byte blocks never are).
+_BACKING_OPEN_FLAGS = os.O_SYNC | os.O_DSYNC
+
+
+def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn errors of a request handler into FUSEError, the only exception pyfuse3 accepts.
+
+    Integrity failures are logged where the backing file is known; here they
+    become EIO like any unexpected error, which is logged with its traceback.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: "SecurevolOperations", *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except FUSEError:
+            raise
+        except InvalidName as exc:
+            raise FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except IntegrityError as exc:
+            log.error("integrity check failed vol=%s op=%s error=%s", self.volume, method.__name__, exc)
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("request failed vol=%s op=%s", self.volume, method.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class OpenFile:
+    """An open regular file: its inode and a read-write descriptor of its backing file."""
+
+    __slots__ = ("inode", "fd")
+
+    def __init__(self, inode: Inode, fd: int) -> None:
+        self.inode = inode
+        self.fd = fd
+
+
+class OpenDir:
+    """An open directory and the listing taken when reading it started."""
+
+    __slots__ = ("inode", "entries")
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+        self.entries: list[names.DirEntry] | None = None
+
+
+class SecurevolOperations(pyfuse3.Operations):
+    """Serves one volume: *backing_root* holds its ciphertext, *keys* are its sub-keys."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, volume: str, backing_root: str, keys: VolumeKeys) -> None:
+        super().__init__()
+        self.volume = volume
+        self._backing_root = os.path.realpath(backing_root)
+        root_fd = os.open(self._backing_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._inodes = InodeTable(root_fd)
+        self._names = names.NameCipher(keys.name_key)
+        self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key))
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_fh = itertools.count(1)
+        # (inode, block) pairs logged as damaged; repeats log at DEBUG until the file changes.
+        self._reported_damage: dict[int, set[object]] = {}
+
+    def close(self) -> None:
+        """Close every descriptor; call once the filesystem is unmounted."""
+        for handle in self._files.values():
+            os.close(handle.fd)
+        self._files.clear()
+        self._dirs.clear()
+        self._inodes.close_all()
+
+    # --- lookup and attributes -------------------------------------------------------------------
+
+    @_handler
+    def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_ino)
+        if name == b".":
+            return self._remember(os.open(".", os.O_PATH | os.O_CLOEXEC, dir_fd=parent.fd))
+        if name == b"..":
+            if parent is self._inodes.root:
+                return self._remember(os.open(".", os.O_PATH | os.O_CLOEXEC, dir_fd=parent.fd))
+            return self._remember(os.open("..", os.O_PATH | os.O_CLOEXEC, dir_fd=parent.fd))
+
+        backing = self._backing_name(parent, name)
+        try:
+            fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        except FileNotFoundError:
+            return self._negative_entry()
+        return self._remember(fd)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self._inodes.forget(ino, count)
+            except OSError:
+                log.exception("forget failed vol=%s ino=%d", self.volume, ino)
+
+    @_handler
+    def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self._inode(ino)
+        return self._attributes(inode.ino, os.fstat(inode.fd))
+
+    @_handler
+    def setattr(
+        self,
+        ino: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        inode = self._inode(ino)
+
+        if fields.update_size:
+            self._truncate(inode, fh, attr.st_size)
+        # Owner before mode: chown(2) clears the set-user-ID bit, and a mode
+        # sent in the same request must win.
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            syscalls.fchown_path_fd(inode.fd, uid, gid)
+        if fields.update_mode:
+            self._chmod(inode, attr.st_mode)
+        if fields.update_atime or fields.update_mtime:
+            atime = attr.st_atime_ns if fields.update_atime else None
+            mtime = attr.st_mtime_ns if fields.update_mtime else None
+            syscalls.set_times_path_fd(inode.fd, atime, mtime)
+
+        return self._attributes(inode.ino, os.fstat(inode.fd))
+
+    @_handler
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        backing = os.fstatvfs(self._inodes.root.fd)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = backing.f_bsize
+        data.f_frsize = backing.f_frsize
+        data.f_blocks = backing.f_blocks
+        data.f_bfree = backing.f_bfree
+        data.f_bavail = backing.f_bavail
+        data.f_files = backing.f_files
+        data.f_ffree = backing.f_ffree
+        data.f_favail = backing.f_favail
+        data.f_namemax = names.MAX_NAME_BYTES
+        return data
+
+    # --- directory entries -----------------------------------------------------------------------
+
+    @_handler
+    def mkdir(
+        self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_ino)
+        backing = self._backing_name(parent, name)
+        uid, gid, inherit_gid = self._new_owner(parent, ctx)
+
+        self._write_side_record(parent, backing)
+        names.make_dir(parent.fd, backing.name, 0o700)
+        fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        syscalls.fchown_path_fd(fd, uid, gid)
+        os.chmod(f"/proc/self/fd/{fd}", (mode & 0o7777) | (stat.S_ISGID if inherit_gid else 0))
+        return self._remember(fd)
+
+    @_handler
+    def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_ino)
+        backing = self._backing_name(parent, name)
+        uid, gid, _ = self._new_owner(parent, ctx)
+
+        self._write_side_record(parent, backing)
+        if stat.S_ISREG(mode):
+            # A regular file from mknod(2) is an empty file, and must not carry the
+            # sticky bit that marks the backing file of a long symlink.
+            os.close(os.open(backing.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=parent.fd))
+            mode &= ~stat.S_ISVTX
+        else:
+            os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
+        fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        syscalls.fchown_path_fd(fd, uid, gid)
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))
+        return self._remember(fd)
+
+    @_handler
+    def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_ino)
+        backing = self._backing_name(parent, name)
+        uid, gid, _ = self._new_owner(parent, ctx)
+
+        self._write_side_record(parent, backing)
+        self._names.write_symlink(parent.fd, backing.name, target)
+        fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        syscalls.fchown_path_fd(fd, uid, gid)
+        return self._remember(fd)
+
+    @_handler
+    def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self._inode(ino)
+        try:
+            return self._names.read_symlink_fd(inode.fd)
+        except IntegrityError as exc:
+            self._report_damage(inode, exc)
+            raise FUSEError(errno.EIO) from None
+
+    @_handler
+    def link(
+        self, ino: int, new_parent_ino: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = self._inode(ino)
+        parent = self._inode(new_parent_ino)
+        backing = self._backing_name(parent, new_name)
+
+        self._write_side_record(parent, backing)
+        # linkat(2) through the /proc magic link links the inode itself, even an unlinked-but-open one.
+        os.link(inode.proc_path, backing.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        inode.lookups += 1
+        return self._attributes(inode.ino, os.fstat(inode.fd))
+
+    @_handler
+    def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_ino)
+        backing = self._backing_name(parent, name)
+        os.unlink(backing.name, dir_fd=parent.fd)
+        names.remove_side_record(parent.fd, backing.name)
+
+    @_handler
+    def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_ino)
+        backing = self._backing_name(parent, name)
+        names.remove_dir(parent.fd, backing.name)
+        names.remove_side_record(parent.fd, backing.name)
+
+    @_handler
+    def rename(
+        self,
+        old_parent_ino: int,
+        old_name: bytes,
+        new_parent_ino: int,
+        new_name: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent = self._inode(old_parent_ino)
+        new_parent = self._inode(new_parent_ino)
+        old = self._backing_name(old_parent, old_name)
+        new = self._backing_name(new_parent, new_name)
+        if old_parent is new_parent and old.name == new.name:
+            return
+
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_EXCHANGE)
+            return
+
+        self._write_side_record(new_parent, new)
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_NOREPLACE)
+        else:
+            self._rename_replacing(old_parent, old, new_parent, new)
+        names.remove_side_record(old_parent.fd, old.name)
+
+    # --- directories -----------------------------------------------------------------------------
+
+    @_handler
+    def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+        inode = self._inode(ino)
+        fh = next(self._next_fh)
+        self._dirs[fh] = OpenDir(inode)
+        self._inodes.opened(inode)
+        return fh
+
+    @_handler
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        directory = handle.inode
+        if start_id == 0 or handle.entries is None:
+            handle.entries = self._names.list_dir(directory.fd, self._dir_iv(directory))
+
+        for index in range(start_id, len(handle.entries)):
+            entry = handle.entries[index]
+            try:
+                fd = os.open(entry.backing_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+            except FileNotFoundError:
+                continue  # removed since the listing was taken
+
+            st = os.fstat(fd)
+            attributes = self._attributes(self._inodes.fuse_ino(st.st_ino), st)
+            if not pyfuse3.readdir_reply(token, entry.plain_name, attributes, index + 1):
+                os.close(fd)
+                return
+            self._inodes.remember(fd, st)
+
+    @_handler
+    def releasedir(self, fh: int) -> None:
+        handle = self._dirs.pop(fh)
+        self._inodes.closed(handle.inode)
+
+    @_handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._dirs[fh]
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=handle.inode.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- regular files ---------------------------------------------------------------------------
+
+    @_handler
+    def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._inode(parent_ino)
+        backing = self._backing_name(parent, name)
+        uid, gid, _ = self._new_owner(parent, ctx)
+
+        self._write_side_record(parent, backing)
+        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(backing.name, open_flags | (flags & _BACKING_OPEN_FLAGS), 0o600, dir_fd=parent.fd)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISVTX)
+            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
+
+        attributes = self._remember(path_fd)
+        return self._open_handle(self._inodes.get(attributes.st_ino), fd), attributes
+
+    @_handler
+    def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inode = self._inode(ino)
+        # Always read-write: the writeback cache reads pages of write-only files,
+        # and every partial block write is a read-modify-write.
+        fd = os.open(inode.proc_path, os.O_RDWR | os.O_CLOEXEC | (flags & _BACKING_OPEN_FLAGS))
+        return self._open_handle(inode, fd)
+
+    @_handler
+    def read(self, fh: int, offset: int, size: int) -> memoryview:
+        handle = self._files[fh]
+        try:
+            return self._contents.read(handle.fd, offset, size)
+        except IntegrityError as exc:
+            self._report_damage(handle.inode, exc, handle.fd)
+            raise FUSEError(errno.EIO) from None
+
+    @_handler
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._files[fh]
+        self._reported_damage.pop(handle.inode.ino, None)
+        try:
+            self._contents.write(handle.fd, offset, data)
+        except IntegrityError as exc:
+            self._report_damage(handle.inode, exc, handle.fd)
+            raise FUSEError(errno.EIO) from None
+        return len(data)
+
+    @_handler
+    def flush(self, fh: int) -> None:
+        # Writes reach the backing file before write() returns, so close(2) has nothing left to do.
+        return None
+
+    @_handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files[fh]
+        if datasync:
+            os.fdatasync(handle.fd)
+        else:
+            os.fsync(handle.fd)
+
+    @_handler
+    def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        os.close(handle.fd)
+        self._inodes.closed(handle.inode)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self._inodes.get(ino)
+        if inode is None:
+            log.warning("request for unknown inode vol=%s ino=%d", self.volume, ino)
+            raise FUSEError(errno.ESTALE)
+        return inode
+
+    def _remember(self, fd: int) -> pyfuse3.EntryAttributes:
+        """Count a lookup of the inode behind O_PATH descriptor *fd* (owned from now on), return its attributes."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self._inodes.remember(fd, st)
+        return self._attributes(inode.ino, st)
+
+    def _attributes(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Return the plaintext view of backing attributes *st*: plaintext sizes, symlinks as symlinks."""
+        attributes = pyfuse3.EntryAttributes()
+        attributes.st_ino = ino
+        attributes.generation = 0
+        attributes.entry_timeout = CACHE_TIMEOUT
+        attributes.attr_timeout = CACHE_TIMEOUT
+
+        mode = st.st_mode
+        size = st.st_size
+        if names.is_symlink(st):
+            mode = stat.S_IFLNK | 0o777
+            size = names.symlink_size(st)
+        elif stat.S_ISREG(mode):
+            size = fmt.readable_plain_size(size)
+
+        attributes.st_mode = mode
+        attributes.st_nlink = st.st_nlink
+        attributes.st_uid = st.st_uid
+        attributes.st_gid = st.st_gid
+        attributes.st_rdev = st.st_rdev
+        attributes.st_size = size
+        attributes.st_blksize = fmt.BLOCK_SIZE
+        attributes.st_blocks = st.st_blocks
+        attributes.st_atime_ns = st.st_atime_ns
+        attributes.st_mtime_ns = st.st_mtime_ns
+        attributes.st_ctime_ns = st.st_ctime_ns
+        return attributes
+
+    def _negative_entry(self) -> pyfuse3.EntryAttributes:
+        """Return a "no such entry" reply that the kernel may cache, as only this process adds entries."""
+        attributes = pyfuse3.EntryAttributes()
+        attributes.st_ino = 0
+        attributes.entry_timeout = CACHE_TIMEOUT
+        return attributes
+
+    def _dir_iv(self, directory: Inode) -> bytes:
+        if directory.dir_iv is None:
+            directory.dir_iv = names.read_dir_iv(directory.fd)
+        return directory.dir_iv
+
+    def _backing_name(self, parent: Inode, name: bytes) -> names.BackingName:
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return self._names.backing_name_for(name, self._dir_iv(parent))
+
+    def _write_side_record(self, parent: Inode, backing: names.BackingName) -> None:
+        if backing.is_long:
+            names.write_side_record(parent.fd, backing)
+
+    def _new_owner(self, parent: Inode, ctx: pyfuse3.RequestContext) -> tuple[int, int, bool]:
+        """Return the owner, group and set-group-ID inheritance of a new entry in *parent*."""
+        parent_st = os.fstat(parent.fd)
+        if parent_st.st_mode & stat.S_ISGID:
+            return ctx.uid, parent_st.st_gid, True
+        return ctx.uid, ctx.gid, False
+
+    def _chmod(self, inode: Inode, mode: int) -> None:
+        st = os.fstat(inode.fd)
+        if names.is_symlink(st):
+            return  # Linux symlinks have no mode of their own
+        mode = stat.S_IMODE(mode)
+        if stat.S_ISREG(st.st_mode):
+            # The sticky bit on a backing regular file marks a long symlink, and
+            # Linux ignores it on regular files anyway.
+            mode &= ~stat.S_ISVTX
+        os.chmod(inode.proc_path, mode)
+
+    def _truncate(self, inode: Inode, fh: int | None, size: int) -> None:
+        handle = self._files.get(fh) if fh is not None else None
+        fd = handle.fd if handle is not None else os.open(inode.proc_path, os.O_RDWR | os.O_CLOEXEC)
+        self._reported_damage.pop(inode.ino, None)
+        try:
+            self._contents.truncate(fd, size)
+        except IntegrityError as exc:
+            self._report_damage(inode, exc, fd)
+            raise FUSEError(errno.EIO) from None
+        finally:
+            if handle is None:
+                os.close(fd)
+
+    def _rename_replacing(
+        self, old_parent: Inode, old: names.BackingName, new_parent: Inode, new: names.BackingName
+    ) -> None:
+        """Rename *old* to *new*, atomically replacing an existing *new*.
+
+        A backing directory is never empty (it holds its IV), so a directory
+        replacing an empty directory goes by exchange, then the old target is
+        removed from its new place.
+        """
+        try:
+            target = os.stat(new.name, dir_fd=new_parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            target = None
+
+        if target is None or not stat.S_ISDIR(target.st_mode):
+            os.rename(old.name, new.name, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+            return
+
+        source = os.stat(old.name, dir_fd=old_parent.fd, follow_symlinks=False)
+        if not stat.S_ISDIR(source.st_mode):
+            raise FUSEError(errno.EISDIR)
+        if not self._is_empty_dir(new_parent, new):
+            raise FUSEError(errno.ENOTEMPTY)
+        syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_EXCHANGE)
+        names.remove_dir(old_parent.fd, old.name)
+
+    def _is_empty_dir(self, parent: Inode, backing: names.BackingName) -> bool:
+        """Tell whether a backing directory holds nothing but reserved files, by the rule names.remove_dir uses."""
+        fd = os.open(backing.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            entries = os.listdir(fd)
+        finally:
+            os.close(fd)
+        return all(names.is_reserved(entry) and not names.is_long_name(entry) for entry in entries)
+
+    def _open_handle(self, inode: Inode, fd: int) -> pyfuse3.FileInfo:
+        fh = next(self._next_fh)
+        self._files[fh] = OpenFile(inode, fd)
+        self._inodes.opened(inode)
+        # The page cache stays valid across opens, because no one else writes the backing file.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _report_damage(self, inode: Inode, exc: IntegrityError, fd: int | None = None) -> None:
+        """Log one ERROR line per damaged block (DEBUG for repeats), naming ciphertext paths only."""
+        block = exc.block_no if isinstance(exc, fmt.BlockIntegrityError) else "-"
+        path = self._backing_path(fd if fd is not None else inode.fd)
+        reported = self._reported_damage.setdefault(inode.ino, set())
+        level = logging.DEBUG if block in reported else logging.ERROR
+        reported.add(block)
+        log.log(level, "integrity check failed vol=%s path=%s block=%s error=%s", self.volume, path, block, exc)
+
+    def _backing_path(self, fd: int) -> str:
+        """Return the backing path of *fd* relative to the backing root: ciphertext names only."""
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return "?"
+        return os.path.relpath(target, self._backing_root)

@@ -1,0 +1,118 @@
+"""The FUSE process's table of inodes the kernel knows, each held by an O_PATH descriptor.
+
+A FUSE inode number is the backing inode number, except that the backing
+root and backing inode 1 trade places, because FUSE fixes the root at 1. Each
+known inode keeps an O_PATH descriptor to its backing inode: operations then
+work relative to descriptors (openat-style, or through /proc/self/fd/N), so
+renames elsewhere in the tree and paths longer than PATH_MAX do not matter, and
+the backing filesystem cannot reuse the inode number while the kernel still
+knows it.
+
+An inode stays in the table while the kernel's lookup count or the number of
+open file handles is above zero.
+"""
+
+import logging
+import os
+import stat
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+
+class Inode:
+    """One backing inode that the kernel knows."""
+
+    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv")
+
+    def __init__(self, ino: int, fd: int, is_dir: bool) -> None:
+        self.ino = ino
+        self.fd = fd
+        self.lookups = 0
+        self.opens = 0
+        self.is_dir = is_dir
+        self.dir_iv: bytes | None = None  # cached by the name layer for directories
+
+    @property
+    def proc_path(self) -> str:
+        """A path that reopens the backing inode, for calls that take no descriptor."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def __repr__(self) -> str:
+        return f"Inode(ino={self.ino}, lookups={self.lookups}, opens={self.opens})"
+
+
+class InodeTable:
+    """Maps FUSE inode numbers to Inode records and keeps their lookup counts."""
+
+    def __init__(self, root_fd: int) -> None:
+        root_stat = os.fstat(root_fd)
+        self._root_backing_ino = root_stat.st_ino
+        root = Inode(pyfuse3.ROOT_INODE, root_fd, is_dir=True)
+        root.lookups = 1  # the kernel never forgets the root while mounted
+        self._inodes: dict[int, Inode] = {root.ino: root}
+
+    @property
+    def root(self) -> Inode:
+        return self._inodes[pyfuse3.ROOT_INODE]
+
+    def __len__(self) -> int:
+        return len(self._inodes)
+
+    def fuse_ino(self, backing_ino: int) -> int:
+        """Return the FUSE inode number of a backing inode number."""
+        if backing_ino == self._root_backing_ino:
+            return pyfuse3.ROOT_INODE
+        if backing_ino == pyfuse3.ROOT_INODE:
+            return self._root_backing_ino
+        return backing_ino
+
+    def get(self, ino: int) -> Inode | None:
+        return self._inodes.get(ino)
+
+    def remember(self, fd: int, st: os.stat_result) -> Inode:
+        """Count one lookup of the backing inode behind O_PATH descriptor *fd* and return its record.
+
+        Takes ownership of *fd*: it becomes the record's descriptor, or is
+        closed if the inode is known already.
+        """
+        ino = self.fuse_ino(st.st_ino)
+        inode = self._inodes.get(ino)
+        if inode is None:
+            inode = Inode(ino, fd, is_dir=stat.S_ISDIR(st.st_mode))
+            self._inodes[ino] = inode
+        else:
+            os.close(fd)
+        inode.lookups += 1
+        return inode
+
+    def forget(self, ino: int, count: int) -> None:
+        """Take *count* lookups off an inode, dropping it when nothing refers to it any more."""
+        inode = self._inodes.get(ino)
+        if inode is None or ino == pyfuse3.ROOT_INODE:
+            return
+        if count > inode.lookups:
+            log.warning("forget exceeds lookup count ino=%d lookups=%d count=%d", ino, inode.lookups, count)
+            count = inode.lookups
+        inode.lookups -= count
+        self._drop_if_unused(inode)
+
+    def opened(self, inode: Inode) -> None:
+        inode.opens += 1
+
+    def closed(self, inode: Inode) -> None:
+        inode.opens -= 1
+        self._drop_if_unused(inode)
+
+    def close_all(self) -> None:
+        """Close every descriptor; called once the filesystem is unmounted."""
+        for inode in self._inodes.values():
+            os.close(inode.fd)
+        self._inodes.clear()
+
+    def _drop_if_unused(self, inode: Inode) -> None:
+        if inode.lookups > 0 or inode.opens > 0 or inode.ino == pyfuse3.ROOT_INODE:
+            return
+        del self._inodes[inode.ino]
+        os.close(inode.fd)

@@ -1,0 +1,257 @@
+"""Entry point of a volume's FUSE process: ``python -m securevol.mount``.
+
+It implements the daemon side of the contract in docs/architecture.md:
+
+- the DEK (32 raw bytes) arrives on ``--key-fd``, which is read and closed;
+- the process detaches (fork, the parent exits 0) so that no daemon worker
+  has to reap it;
+- once mounted it writes ``ready PID`` to ``--ready-fd``; on failure it writes
+  ``error MESSAGE`` (one sentence, no secrets) and exits non-zero;
+- SIGTERM, SIGINT or an external ``fusermount3 -u`` end it cleanly, with
+  cached writes in the backing store and the mount removed.
+"""
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from securevol import names
+from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey, derive_volume_keys
+from securevol.errors import IntegrityError
+from securevol.fuse_ops import SecurevolOperations
+from securevol.log import setup_logging
+
+# Named explicitly: run with -m, this module is "__main__".
+log = logging.getLogger("securevol.mount")
+
+MOUNT_OPTIONS = frozenset({"fsname=securevol", "subtype=securevol", "allow_other", "default_permissions"})
+
+
+class StartupError(Exception):
+    """A reason the filesystem cannot start, in one sentence for the ready pipe."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m securevol.mount", description=__doc__.splitlines()[0])
+    parser.add_argument("--volume", required=True, help="volume name, used in log lines")
+    parser.add_argument("--volume-id", required=True, help="volume ID as 32 hex digits")
+    parser.add_argument("--backing", required=True, help="backing directory that holds the ciphertext")
+    parser.add_argument("--mountpoint", required=True, help="directory to mount the plaintext view on")
+    parser.add_argument("--key-fd", type=int, required=True, help="descriptor to read the 32-byte DEK from")
+    parser.add_argument("--ready-fd", type=int, required=True, help="descriptor to write 'ready PID' to")
+    parser.add_argument("--log-file", help="file to append log lines to (default: stderr)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    parser.add_argument(
+        "--foreground", action="store_true", help="do not detach; for debugging by hand"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args)
+
+    try:
+        dek = _read_key(args.key_fd)
+        volume_id = _parse_volume_id(args.volume_id)
+        _check_directories(args.backing, args.mountpoint)
+        _prepare_backing_root(args.backing)
+    except StartupError as exc:
+        log.error("mount failed vol=%s error=%s", args.volume, exc)
+        _report(args.ready_fd, f"error {exc}")
+        return 1
+
+    if not args.foreground:
+        _detach()
+    return _serve(args, derive_volume_keys(dek, volume_id))
+
+
+# --- start-up steps ------------------------------------------------------------------------------
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    stream = None
+    if args.log_file:
+        fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        stream = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+    setup_logging(args.log_level, stream)
+
+
+def _read_key(key_fd: int) -> DataKey:
+    """Read exactly DEK_LEN bytes from *key_fd*, then close it."""
+    chunks = []
+    remaining = DEK_LEN
+    try:
+        while remaining > 0:
+            chunk = os.read(key_fd, remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise StartupError(f"reading the key from descriptor {key_fd} failed: {exc.strerror}") from None
+    finally:
+        _close_quietly(key_fd)
+
+    key = b"".join(chunks)
+    if len(key) != DEK_LEN:
+        raise StartupError(f"the key pipe delivered {len(key)} bytes, expected {DEK_LEN}")
+    return DataKey(key)
+
+
+def _parse_volume_id(text: str) -> bytes:
+    try:
+        volume_id = bytes.fromhex(text)
+    except ValueError:
+        volume_id = b""
+    if len(volume_id) != VOLUME_ID_LEN:
+        raise StartupError(f"volume ID {text!r} is invalid, expected {2 * VOLUME_ID_LEN} hex digits")
+    return volume_id
+
+
+def _check_directories(backing: str, mountpoint: str) -> None:
+    for role, path in (("backing directory", backing), ("mountpoint", mountpoint)):
+        if not os.path.isdir(path):
+            raise StartupError(f"{role} {path} does not exist or is not a directory")
+
+
+def _prepare_backing_root(backing: str) -> None:
+    """Give an empty backing root its directory IV; refuse a non-empty one without an IV."""
+    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            names.read_dir_iv(root_fd)
+            return
+        except IntegrityError:
+            pass
+
+        if any(not names.is_reserved(entry) for entry in os.listdir(backing)):
+            raise StartupError(
+                f"backing directory {backing} has files but no valid {names.DIR_IV_NAME}, "
+                "so it is not a securevol volume"
+            )
+        try:
+            names.write_dir_iv(root_fd)
+        except FileExistsError:
+            raise StartupError(f"{names.DIR_IV_NAME} in {backing} is damaged, so names cannot be read") from None
+        log.info("backing store initialised path=%s", backing)
+    finally:
+        os.close(root_fd)
+
+
+def _detach() -> None:
+    """Fork; the parent exits 0 at once and the child continues in a new session."""
+    if os.fork() != 0:
+        os._exit(0)
+    os.setsid()
+
+
+def _raise_open_file_limit() -> None:
+    """Raise RLIMIT_NOFILE as far as allowed: every inode the kernel knows holds a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except OSError:
+        ceiling = hard
+    for limit in (ceiling, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            return
+        except (ValueError, OSError):
+            continue
+    log.warning("open file limit unchanged soft=%d hard=%d", soft, hard)
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace, keys) -> int:
+    os.umask(0)  # modes of new backing entries are set exactly from the request
+    _raise_open_file_limit()
+
+    operations = SecurevolOperations(args.volume, args.backing, keys)
+    try:
+        pyfuse3.init(operations, args.mountpoint, set(MOUNT_OPTIONS))
+    except RuntimeError:
+        log.exception("mount failed vol=%s mountpoint=%s", args.volume, args.mountpoint)
+        operations.close()
+        _report(args.ready_fd, f"error mounting FUSE at {args.mountpoint} failed; see the volume log")
+        return 1
+
+    if not _report(args.ready_fd, f"ready {os.getpid()}"):
+        log.error("mount abandoned vol=%s: the ready pipe is closed", args.volume)
+        pyfuse3.close(unmount=True)
+        operations.close()
+        return 1
+    log.info("volume mounted vol=%s mountpoint=%s pid=%d", args.volume, args.mountpoint, os.getpid())
+
+    stopped_by_signal = False
+    try:
+        stopped_by_signal = trio.run(_run_until_unmounted, args.mountpoint)
+    except BaseException:
+        log.exception("FUSE loop failed vol=%s", args.volume)
+        pyfuse3.close(unmount=True)
+        operations.close()
+        return 1
+
+    # After an external unmount the mountpoint may already belong to a new
+    # mount; only a stop by signal leaves our own mount to remove.
+    pyfuse3.close(unmount=stopped_by_signal)
+    operations.close()
+    log.info("volume unmounted vol=%s", args.volume)
+    return 0
+
+
+async def _run_until_unmounted(mountpoint: str) -> bool:
+    """Serve requests until the filesystem is unmounted or a stop signal arrives; tell which."""
+    stopped_by_signal = False
+
+    async def stop_on_signal() -> None:
+        nonlocal stopped_by_signal
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stop requested signal=%s", signal.Signals(signum).name)
+                stopped_by_signal = True
+                # syncfs(2) makes the kernel write its cached pages through this
+                # very loop, so it runs in a thread while the loop keeps serving.
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.syncfs, mountpoint)
+                except OSError as exc:
+                    log.warning("syncfs before stop failed error=%s", exc)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return stopped_by_signal
+
+
+def _report(ready_fd: int, line: str) -> bool:
+    """Write one status line to the ready pipe and close it; return False if the reader is gone."""
+    try:
+        os.write(ready_fd, (line + "\n").encode("utf-8", "replace"))
+        return True
+    except OSError:
+        return False
+    finally:
+        _close_quietly(ready_fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Linux system calls that the os module does not offer, called through ctypes.
+
+The FUSE layer works on O_PATH file descriptors, which fchown(2), futimens(3)
+and friends reject. These wrappers use the AT_EMPTY_PATH forms that act on the
+descriptor itself, including a symlink's own inode, and renameat2(2) for the
+rename flags. Each raises OSError with the errno, like the os module.
+"""
+
+import ctypes
+import os
+
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def fchown_path_fd(fd: int, uid: int, gid: int) -> None:
+    """Change the owner of the inode behind *fd* (an O_PATH descriptor is fine); -1 keeps a value."""
+    result = _libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+    _check(result, "fchownat")
+
+
+def set_times_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set the access and modification times of the inode behind *fd*; None leaves a time as it is."""
+    times = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
+    result = _libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+    _check(result, "utimensat")
+
+
+def _timespec(ns: int | None) -> _Timespec:
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    seconds, nanoseconds = divmod(ns, 1_000_000_000)
+    return _Timespec(seconds, nanoseconds)
+
+
+def rename_at(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str, flags: int = 0) -> None:
+    """Rename with renameat2(2), so that RENAME_NOREPLACE and RENAME_EXCHANGE work."""
+    result = _libc.renameat2(old_dir_fd, os.fsencode(old_name), new_dir_fd, os.fsencode(new_name), flags)
+    _check(result, "renameat2")

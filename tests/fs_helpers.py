@@ -1,0 +1,199 @@
+"""Helpers for tests that run a real securevol FUSE process on temporary directories.
+
+A FuseMount starts ``python -m securevol.mount`` exactly as the daemon does:
+the key through a pipe, the ``ready PID`` line on another pipe. It always
+cleans up by the PID it was given: ``fusermount3 -u``, then ``-uz``, then
+SIGKILL to that PID only.
+"""
+
+import errno
+import hashlib
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VOLUME_ID = "00112233445566778899aabbccddeeff"
+KEY = bytes(range(32))
+READY_TIMEOUT = 30.0
+EXIT_TIMEOUT = 30.0
+
+
+class MountFailed(Exception):
+    """The FUSE process reported an error or did not report at all."""
+
+
+class FuseMount:
+    """One securevol FUSE process serving *backing* at *mountpoint*."""
+
+    def __init__(self, backing: Path, mountpoint: Path, log_file: Path, key: bytes = KEY, volume: str = "testvol"):
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.log_file = log_file
+        self.key = key
+        self.volume = volume
+        self.pid: int | None = None
+
+    def start(self, key_bytes: bytes | None = None) -> None:
+        """Start the process and wait for ``ready PID``; raise MountFailed with its error line otherwise."""
+        self.backing.mkdir(parents=True, exist_ok=True)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        line = run_mount_command(self.command_args(), self.key if key_bytes is None else key_bytes)
+        if not line.startswith("ready "):
+            raise MountFailed(line)
+        self.pid = int(line.split()[1])
+
+    def command_args(self) -> list[str]:
+        return [
+            "--volume", self.volume,
+            "--volume-id", VOLUME_ID,
+            "--backing", str(self.backing),
+            "--mountpoint", str(self.mountpoint),
+            "--log-file", str(self.log_file),
+            "--log-level", "DEBUG",
+        ]
+
+    def stop(self) -> None:
+        """Unmount with ``fusermount3 -u`` and wait for the process to exit."""
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True, capture_output=True)
+        self.wait_exit()
+
+    def wait_exit(self) -> None:
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while self.pid is not None and process_alive(self.pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"FUSE process {self.pid} did not exit")
+            time.sleep(0.05)
+        self.pid = None
+
+    def cleanup(self) -> None:
+        """Remove the mount and end the process whatever state they are in; for teardown."""
+        if is_mounted(self.mountpoint):
+            result = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            if result.returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        if self.pid is not None and process_alive(self.pid):
+            deadline = time.monotonic() + 10
+            while process_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if process_alive(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+        self.pid = None
+
+    def log_lines(self, level: str | None = None) -> list[str]:
+        if not self.log_file.exists():
+            return []
+        lines = self.log_file.read_text().splitlines()
+        if level is None:
+            return lines
+        return [line for line in lines if f" {level} " in line]
+
+
+def run_mount_command(args: list[str], key_bytes: bytes) -> str:
+    """Run ``python -m securevol.mount`` with *key_bytes* on the key pipe; return its status line.
+
+    The launcher's stderr goes to /dev/null rather than a pipe: the detached
+    FUSE process inherits it, so a pipe would never reach end-of-file.
+    """
+    key_r, key_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    command = [sys.executable, "-m", "securevol.mount", *args, "--key-fd", str(key_r), "--ready-fd", str(ready_w)]
+    launcher = subprocess.Popen(
+        command, pass_fds=(key_r, ready_w), cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    os.close(key_r)
+    os.close(ready_w)
+
+    try:
+        os.write(key_w, key_bytes)
+        os.close(key_w)
+        line = read_line(ready_r, READY_TIMEOUT)
+    finally:
+        os.close(ready_r)
+        launcher.wait(timeout=READY_TIMEOUT)
+    if not line:
+        raise MountFailed(f"no status line; launcher exit status {launcher.returncode}")
+    return line
+
+
+def read_line(fd: int, timeout: float) -> str:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def process_alive(pid: int) -> bool:
+    """Tell whether *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Describe every entry under *root*: type, permission bits, size and content digest or link target.
+
+    Two trees with equal snapshots hold the same names, types, modes and data.
+    """
+    snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath, name)
+            st = path.lstat()
+            relative = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                snapshot[relative] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                snapshot[relative] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                snapshot[relative] = ("file", stat.S_IMODE(st.st_mode), st.st_size, digest)
+    return snapshot
+
+
+def backing_bytes(backing: Path) -> bytes:
+    """Return every name and every file's bytes in the backing store, concatenated, for leak checks."""
+    parts = []
+    for dirpath, dirnames, filenames in os.walk(backing):
+        for name in dirnames + filenames:
+            parts.append(name.encode())
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                parts.append(os.readlink(path).encode())
+            elif path.is_file():
+                parts.append(path.read_bytes())
+    return b"\n".join(parts)
+
+
+def expect_errno(expected: int, function, *args, **kwargs) -> None:
+    """Call *function* and assert that it raises OSError with *expected* errno."""
+    try:
+        function(*args, **kwargs)
+    except OSError as exc:
+        assert exc.errno == expected, f"expected {errno.errorcode[expected]}, got {exc!r}"
+    else:
+        raise AssertionError(f"expected {errno.errorcode[expected]}, but {function.__name__} succeeded")

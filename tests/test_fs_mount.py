@@ -1,0 +1,457 @@
+"""Tests of the FUSE filesystem on a real mount: ``python -m securevol.mount`` on temporary directories.
+
+Each test starts the real FUSE process with the key on a pipe, works on the
+mountpoint, and where it helps runs the same operations on a plain directory
+and compares. Teardown always unmounts and ends only the process it started,
+and fails the test if the volume log has ERROR lines the test did not expect.
+"""
+
+import errno
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from securevol import format as fmt
+from tests.fs_helpers import (
+    FuseMount,
+    MountFailed,
+    backing_bytes,
+    expect_errno,
+    is_mounted,
+    process_alive,
+    run_mount_command,
+    tree_snapshot,
+)
+
+
+def _require_fuse() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        message = "FUSE tests need root, /dev/fuse and fusermount3"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class Volume(FuseMount):
+    """A FuseMount that knows which ERROR log lines its test expects."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expected_errors: list[str] = []
+
+    def remount(self) -> None:
+        self.stop()
+        self.start()
+
+    def unexpected_errors(self) -> list[str]:
+        return [
+            line
+            for line in self.log_lines("ERROR")
+            if not any(expected in line for expected in self.expected_errors)
+        ]
+
+
+@pytest.fixture
+def volume(tmp_path):
+    _require_fuse()
+    vol = Volume(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    vol.start()
+    try:
+        yield vol
+    finally:
+        vol.cleanup()
+    assert vol.unexpected_errors() == []
+
+
+@pytest.fixture
+def plain_dir(tmp_path):
+    path = tmp_path / "plain"
+    path.mkdir()
+    return path
+
+
+# --- a scripted workload, run on a plain directory and on the mount -------------------------------
+
+SIZES = [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 300_000]
+
+
+def run_workload(root: Path) -> None:
+    """Create, change and remove files and directories under *root* deterministically."""
+    rng = random.Random(1234)
+
+    for size in SIZES:
+        (root / f"size-{size}").write_bytes(rng.randbytes(size))
+
+    # Writes at arbitrary offsets, inside blocks, across blocks and past the end.
+    with open(root / "size-300000", "r+b") as f:
+        for offset, length in [(0, 1), (4095, 2), (5000, 9000), (299_990, 20), (310_000, 100)]:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+
+    # A hole in the middle of a file, and a file that is only a hole.
+    with open(root / "holes", "wb") as f:
+        f.write(b"start")
+        f.seek(5 * 4096 + 123)
+        f.write(b"end")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(3 * 4096 + 7)
+
+    # Truncation: grow and shrink, mid-block and on block boundaries.
+    (root / "trunc").write_bytes(rng.randbytes(10_000))
+    for size in [9000, 8192, 8193, 20_000, 100, 0, 4097]:
+        os.truncate(root / "trunc", size)
+
+    with open(root / "appended", "ab") as f:
+        for _ in range(50):
+            f.write(rng.randbytes(rng.randrange(1, 3000)))
+
+    # Directories, renames, links and names of every length.
+    (root / "dir" / "sub" / "deeper").mkdir(parents=True)
+    (root / "dir" / "sub" / "file").write_bytes(b"in a subdirectory")
+    os.rename(root / "size-1", root / "dir" / "moved")
+    os.rename(root / "dir" / "sub", root / "dir" / "renamed-sub")
+    (root / "victim").write_bytes(b"replaced by rename")
+    os.rename(root / "size-4095", root / "victim")
+    (root / "gone").write_bytes(b"deleted")
+    os.unlink(root / "gone")
+    (root / "empty-dir").mkdir()
+    os.rmdir(root / "empty-dir")
+    (root / ("long-" * 40 + "name")).write_bytes(b"a 205-byte name")
+    (root / ("x" * 255)).write_bytes(b"the longest name")
+    (root / "ünïcödé ✓").write_bytes("utf-8 name".encode())
+    os.symlink("size-4096", root / "relative-link")
+    os.symlink("/etc/hostname", root / "absolute-link")
+    os.symlink("t" * 4000, root / "long-target-link")
+    os.chmod(root / "size-4096", 0o640)
+    os.chmod(root / "dir", 0o750)
+
+
+def test_workload_matches_plain_directory(volume, plain_dir):
+    run_workload(plain_dir)
+    run_workload(volume.mountpoint)
+
+    assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain_dir)
+
+
+def test_workload_survives_remount(volume, plain_dir):
+    run_workload(plain_dir)
+    run_workload(volume.mountpoint)
+
+    volume.remount()
+
+    assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain_dir)
+
+
+def test_reads_at_any_offset_match(volume, plain_dir):
+    rng = random.Random(7)
+    data = rng.randbytes(50_000)
+    (plain_dir / "f").write_bytes(data)
+    (volume.mountpoint / "f").write_bytes(data)
+    volume.remount()  # read from the backing store, not the page cache
+
+    with open(volume.mountpoint / "f", "rb", buffering=0) as f:
+        for _ in range(300):
+            offset = rng.randrange(0, 52_000)
+            length = rng.randrange(0, 10_000)
+            assert os.pread(f.fileno(), length, offset) == data[offset : offset + length]
+
+
+def test_sizes_are_plaintext_sizes(volume):
+    for size in SIZES:
+        (volume.mountpoint / f"f{size}").write_bytes(bytes(size))
+        backing_sizes = sorted(p.stat().st_size for p in volume.backing.iterdir() if p.name[0] != "s")
+
+        assert (volume.mountpoint / f"f{size}").stat().st_size == size
+        assert fmt.cipher_size(size) in backing_sizes
+
+
+def test_backing_store_has_no_plaintext(volume):
+    secret = b"TOP-SECRET-PAYLOAD-0123456789"
+    (volume.mountpoint / "secret-name.txt").write_bytes(secret * 500)
+    (volume.mountpoint / "secret-dir").mkdir()
+    (volume.mountpoint / "secret-dir" / "inner-secret").write_bytes(secret)
+    os.symlink("secret-target", volume.mountpoint / "secret-link")
+    volume.stop()
+
+    stored = backing_bytes(volume.backing)
+
+    for needle in [secret, b"TOP-SECRET", b"secret-name", b"secret-dir", b"inner-secret", b"secret-target"]:
+        assert needle not in stored
+    volume.start()
+
+
+def test_files_and_directories_basic_semantics(volume):
+    mnt = volume.mountpoint
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"x")
+
+    expect_errno(errno.ENOTEMPTY, os.rmdir, mnt / "d")
+    expect_errno(errno.EEXIST, os.mkdir, mnt / "d")
+    expect_errno(errno.ENOENT, os.stat, mnt / "missing")
+    expect_errno(errno.ENOTDIR, os.listdir, mnt / "d" / "f")
+    expect_errno(errno.ENAMETOOLONG, (mnt / ("n" * 256)).write_bytes, b"")
+    assert sorted(os.listdir(mnt)) == ["d"]
+
+    os.unlink(mnt / "d" / "f")
+    os.rmdir(mnt / "d")
+    assert os.listdir(mnt) == []
+
+
+def test_rename_over_empty_directory(volume, plain_dir):
+    for root in (plain_dir, volume.mountpoint):
+        (root / "a").mkdir()
+        (root / "a" / "content").write_bytes(b"moved along")
+        (root / "b").mkdir()
+        os.rename(root / "a", root / "b")
+
+    assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain_dir)
+    # The replaced directory is gone from the backing store, IV and all.
+    assert len([name for name in os.listdir(volume.backing) if not name.startswith("securevol.")]) == 1
+
+
+def test_rename_over_non_empty_directory_fails(volume):
+    (volume.mountpoint / "a").mkdir()
+    (volume.mountpoint / "b").mkdir()
+    (volume.mountpoint / "b" / "keep").write_bytes(b"")
+
+    expect_errno(errno.ENOTEMPTY, os.rename, volume.mountpoint / "a", volume.mountpoint / "b")
+    assert (volume.mountpoint / "b" / "keep").exists()
+
+
+def test_unlinked_open_file_stays_readable(volume):
+    path = volume.mountpoint / "f"
+    path.write_bytes(b"still here")
+    with open(path, "rb") as f:
+        os.unlink(path)
+        assert f.read() == b"still here"
+    assert not path.exists()
+
+
+def test_statfs_reports_backing_free_space(volume):
+    mounted = os.statvfs(volume.mountpoint)
+    backing = os.statvfs(volume.backing)
+
+    assert mounted.f_namemax == 255
+    assert mounted.f_blocks == backing.f_blocks
+    assert abs(mounted.f_bavail - backing.f_bavail) * backing.f_frsize < 64 * 2**20
+
+
+def test_ownership_and_times(volume):
+    path = volume.mountpoint / "f"
+    path.write_bytes(b"data")
+    os.chown(path, 1234, 5678)
+    os.utime(path, ns=(1_000_000_123, 2_000_000_456))
+    os.symlink("f", volume.mountpoint / "l")
+    os.chown(volume.mountpoint / "l", 42, 43, follow_symlinks=False)
+
+    st = path.stat()
+    link_st = (volume.mountpoint / "l").lstat()
+
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    assert (link_st.st_uid, link_st.st_gid) == (42, 43)
+    volume.remount()
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1234, 5678, 2_000_000_456)
+
+
+# --- tampering -----------------------------------------------------------------------------------
+
+
+def _backing_file_of(volume: Volume, size: int) -> Path:
+    """Return the backing file that stores a plaintext file of *size* bytes (the only one of that size)."""
+    matches = [p for p in volume.backing.iterdir() if p.is_file() and p.stat().st_size == fmt.cipher_size(size)]
+    assert len(matches) == 1
+    return matches[0]
+
+
+def test_tampered_block_reads_as_eio_with_one_log_line(volume):
+    data = random.Random(3).randbytes(5 * 4096)
+    (volume.mountpoint / "victim").write_bytes(data)
+    volume.stop()
+
+    backing_file = _backing_file_of(volume, len(data))
+    with open(backing_file, "r+b") as f:
+        f.seek(fmt.block_offset(2) + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    volume.start()
+    volume.expected_errors.append("integrity check failed")
+
+    with open(volume.mountpoint / "victim", "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), 4096, 0) == data[:4096]
+        assert os.pread(f.fileno(), 4096, 4 * 4096) == data[4 * 4096 :]
+        expect_errno(errno.EIO, os.pread, f.fileno(), 10, 2 * 4096 + 5)
+        expect_errno(errno.EIO, f.read)
+
+    errors = volume.log_lines("ERROR")
+    assert len(errors) == 1
+    assert "integrity check failed vol=testvol" in errors[0]
+    assert f"path={backing_file.name}" in errors[0]
+    assert "block=2" in errors[0]
+
+
+def test_truncated_ciphertext_reads_as_eio(volume):
+    data = random.Random(4).randbytes(2 * 4096 + 300)
+    (volume.mountpoint / "victim").write_bytes(data)
+    volume.stop()
+    backing_file = _backing_file_of(volume, len(data))
+    os.truncate(backing_file, backing_file.stat().st_size - 10)
+    volume.start()
+    volume.expected_errors.append("integrity check failed")
+
+    with open(volume.mountpoint / "victim", "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), 4096, 0) == data[:4096]
+        expect_errno(errno.EIO, os.pread, f.fileno(), 100, 2 * 4096)
+
+
+def test_swapped_files_read_as_eio(volume):
+    (volume.mountpoint / "a").write_bytes(b"A" * 5000)
+    (volume.mountpoint / "b").write_bytes(b"B" * 5000)
+    volume.stop()
+    files = [p for p in volume.backing.iterdir() if p.stat().st_size == fmt.cipher_size(5000)]
+    contents = [p.read_bytes() for p in files]
+    files[0].write_bytes(contents[0][: fmt.HEADER_LEN] + contents[1][fmt.HEADER_LEN :])
+    volume.start()
+    volume.expected_errors.append("integrity check failed")
+
+    results = []
+    for name in ("a", "b"):
+        try:
+            results.append((volume.mountpoint / name).read_bytes())
+        except OSError as exc:
+            results.append(exc.errno)
+
+    assert errno.EIO in results
+    assert b"B" * 5000 not in results[:1] and b"A" * 5000 not in results[1:]
+
+
+# --- process lifecycle ---------------------------------------------------------------------------
+
+
+def test_kill_9_gives_clean_error_and_lazy_unmount(volume):
+    (volume.mountpoint / "f").write_bytes(b"data")
+    os.kill(volume.pid, signal.SIGKILL)
+    volume.wait_exit()
+
+    expect_errno(errno.ENOTCONN, os.stat, volume.mountpoint / "f")
+    subprocess.run(["fusermount3", "-uz", str(volume.mountpoint)], check=True)
+    assert not is_mounted(volume.mountpoint)
+
+    volume.start()
+    assert (volume.mountpoint / "f").read_bytes() == b"data"
+
+
+def test_sigterm_writes_cached_data_and_unmounts(volume):
+    data = random.Random(5).randbytes(3 * 2**20)
+    with open(volume.mountpoint / "f", "wb") as f:
+        f.write(data)  # left in the kernel's writeback cache, not fsynced
+    pid = volume.pid
+
+    os.kill(pid, signal.SIGTERM)
+    volume.wait_exit()
+
+    assert not is_mounted(volume.mountpoint)
+    assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+    volume.start()
+    assert (volume.mountpoint / "f").read_bytes() == data
+
+
+def test_fusermount_unmount_ends_process(volume):
+    pid = volume.pid
+    (volume.mountpoint / "f").write_bytes(b"x" * 100_000)
+
+    subprocess.run(["fusermount3", "-u", str(volume.mountpoint)], check=True)
+    volume.wait_exit()
+
+    assert not process_alive(pid)
+    assert not is_mounted(volume.mountpoint)
+    volume.start()
+    assert (volume.mountpoint / "f").read_bytes() == b"x" * 100_000
+
+
+def test_process_detaches_and_reports_its_pid(volume):
+    with open(f"/proc/{volume.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    parent_pid, session_id = int(fields[1]), int(fields[3])
+
+    assert parent_pid != os.getpid()
+    assert session_id == volume.pid
+    assert is_mounted(volume.mountpoint)
+    assert "securevol" in Path("/proc/self/mountinfo").read_text()
+
+
+def test_mount_options(volume):
+    line = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(volume.mountpoint) in line)
+
+    assert " fuse.securevol securevol " in line
+    assert "allow_other" in line
+    assert "default_permissions" in line
+
+
+@pytest.mark.parametrize("key", [b"", b"short", bytes(31)], ids=["empty", "5-bytes", "31-bytes"])
+def test_bad_key_length_reports_error(tmp_path, key):
+    _require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    try:
+        with pytest.raises(MountFailed, match=r"^error the key pipe delivered \d+ bytes, expected 32$"):
+            mount.start(key_bytes=key)
+        assert not is_mounted(mount.mountpoint)
+    finally:
+        mount.cleanup()
+
+
+def test_bad_volume_id_reports_error(tmp_path):
+    _require_fuse()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    args = ["--volume", "v", "--volume-id", "xyz", "--backing", str(tmp_path / "b"), "--mountpoint", str(tmp_path / "m")]
+
+    line = run_mount_command(args, bytes(32))
+
+    assert line == "error volume ID 'xyz' is invalid, expected 32 hex digits"
+
+
+def test_foreign_backing_directory_refused(tmp_path):
+    _require_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    (backing / "somebody-elses-file").write_bytes(b"")
+    mount = FuseMount(backing, tmp_path / "mnt", tmp_path / "fuse.log")
+    try:
+        with pytest.raises(MountFailed, match="has files but no valid securevol.diriv"):
+            mount.start()
+    finally:
+        mount.cleanup()
+
+
+def test_wrong_key_hides_names(volume):
+    (volume.mountpoint / "f").write_bytes(b"data")
+    volume.stop()
+
+    volume.key = bytes(32)
+    volume.start()
+    volume.expected_errors.append("name unreadable")
+
+    assert os.listdir(volume.mountpoint) == []
+    expect_errno(errno.ENOENT, (volume.mountpoint / "f").read_bytes)
+
+
+def test_modes_of_new_entries_ignore_process_umask(volume):
+    old_umask = os.umask(0)
+    try:
+        fd = os.open(volume.mountpoint / "f", os.O_CREAT | os.O_WRONLY, 0o4755)
+        os.close(fd)
+        os.mkdir(volume.mountpoint / "d", 0o1777)
+    finally:
+        os.umask(old_umask)
+
+    assert stat.S_IMODE((volume.mountpoint / "f").stat().st_mode) == 0o4755
+    assert stat.S_IMODE((volume.mountpoint / "d").stat().st_mode) == 0o1777
