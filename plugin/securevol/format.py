@@ -38,11 +38,10 @@ _HEADER_STRUCT = struct.Struct(">4sHH16s")
 HEADER_LEN = _HEADER_STRUCT.size  # 24
 
 BLOCK_SIZE = 4096
-# 128-bit random nonces, as gocryptfs uses. With the 96-bit nonces of plain
-# GCM, NIST SP 800-38D caps one key at 2**32 random-nonce encryptions (16 TiB
-# of 4 KiB block writes), which a busy database volume can reach over its life.
-# A 128-bit nonce is hashed by GHASH into the initial counter block, which
-# pushes the collision bound far past any realistic volume lifetime.
+# 128-bit random nonces, as gocryptfs uses. Random 96-bit nonces collide with
+# probability about q**2 / 2**97 after q block writes, 2**-32 at 16 TiB written,
+# which a busy database volume can reach. A 128-bit nonce is hashed by GHASH
+# into the initial counter; docs/format.md ("Nonces") gives the estimate.
 NONCE_LEN = 16
 TAG_LEN = 16
 BLOCK_OVERHEAD = NONCE_LEN + TAG_LEN
