@@ -1,0 +1,695 @@
+"""Authorization plugin decisions (securevol.authz) and Go-style JSON reading (securevol.gojson).
+
+The registry and the audit log are real files under a temp dir. Tests that
+need dockerd's answers (VolumesFrom, rename, exec, docker cp, and whether
+dockerd reads a body the way securevol does) use a real private dockerd.
+"""
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from securevol import gojson
+from securevol.audit import AuditLog
+from securevol.authz import (
+    Authorizer,
+    CreateSpec,
+    VolumeCatalog,
+    parse_bind,
+    split_request_uri,
+)
+from securevol.engine import EngineClient
+from securevol.registry import Registry, VolumeRecord
+
+DRIVER = "securevol-unit"
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    state_dir = tmp_path / "state"
+    (state_dir / "mnt").mkdir(parents=True)
+    Registry(state_dir).ensure_layout()
+    return state_dir
+
+
+def add_volume(state_dir: Path, name: str, allow: str | None = None) -> None:
+    """Write a volume record the way the driver does; the wrapped DEK is never read here."""
+    options = {"allow": allow} if allow is not None else {}
+    record = VolumeRecord(name=name, volume_id="00" * 16, created_at="2026-01-01T00:00:00Z", options=options,
+                          key_provider="local")
+    registry = Registry(state_dir)
+    with registry.creating_or_removing():
+        registry.create(record, {"provider": "local"}, (0, 0, 0o755))
+
+
+def make_authorizer(state_dir: Path, *, engine: EngineClient | None = None, deny_by_default: bool = False,
+                    audit_path: Path | None = None) -> Authorizer:
+    catalog = VolumeCatalog.from_registry(Registry(state_dir), deny_by_default=deny_by_default)
+    return Authorizer(
+        catalog,
+        driver_names=[DRIVER],
+        protected_paths=[state_dir, state_dir / "mnt"],
+        engine=engine,
+        audit=AuditLog(audit_path or state_dir.parent / "audit.jsonl"),
+    )
+
+
+def request(method: str, uri: str, body: bytes | dict | None = None) -> dict:
+    payload = {"User": "", "UserAuthNMethod": "", "RequestMethod": method, "RequestUri": uri,
+               "RequestHeaders": {"Content-Type": "application/json"}}
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    if body is not None:
+        payload["RequestBody"] = base64.b64encode(body).decode()
+    return payload
+
+
+def create(authorizer: Authorizer, body: bytes | dict | None, name: str = "web",
+           uri: str = "/v1.41/containers/create"):
+    query = f"?name={name}" if name else ""
+    return authorizer.authorize_request(request("POST", uri + query, body))
+
+
+def audit_records(state_dir: Path) -> list[dict]:
+    path = state_dir.parent / "audit.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- request URIs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "path", "query"),
+    [
+        ("/v1.41/containers/create?name=web", "/containers/create", {"name": "web"}),
+        ("/containers/create", "/containers/create", {}),
+        ("/v1.41/containers%2Fcreate", "/containers/create", {}),
+        ("/v1.41/containers%2fcreate?name=a", "/containers/create", {"name": "a"}),
+        ("/v1.41/%63ontainers/create", "/containers/create", {}),
+        ("/v1.4.1/containers/create", "/containers/create", {}),
+        ("/v1/containers/create", "/containers/create", {}),
+        ("//containers/create", "/containers/create", {}),
+        ("/v1.41//containers/./create", "/containers/create", {}),
+        ("/v1.41/x/../containers/create", "/containers/create", {}),
+        ("/vx/containers/create", "/vx/containers/create", {}),
+        ("/v1.41", "/v1.41", {}),
+        ("http://docker/v1.41/containers/create?name=a", "/containers/create", {"name": "a"}),
+        ("/containers/create?name=a&name=b", "/containers/create", {"name": "a"}),
+        ("/containers/c1/rename?name=new+name%21", "/containers/c1/rename", {"name": "new name!"}),
+        ("/containers/create?name=", "/containers/create", {"name": ""}),
+    ],
+)
+def test_split_request_uri(uri, path, query):
+    assert split_request_uri(uri) == (path, query)
+
+
+@pytest.mark.parametrize(
+    ("spec", "source", "target"),
+    [
+        ("db:/data", "db", "/data"),
+        ("db:/data:ro,z", "db", "/data"),
+        ("/host/dir:/data", "/host/dir", "/data"),
+        ("/data", "", "/data"),
+    ],
+)
+def test_parse_bind(spec, source, target):
+    bind = parse_bind(spec)
+
+    assert bind is not None
+    assert (bind.source, bind.target) == (source, target)
+
+
+@pytest.mark.parametrize("spec", [":/data", "a:/b:c:d", ""])
+def test_parse_bind_rejects_what_dockerd_rejects(spec):
+    assert parse_bind(spec) is None
+
+
+# -- Go JSON rules ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "folded"),
+    [
+        ("Binds", "binds"),
+        ("BINDS", "binds"),
+        ("Bind\u017f", "binds"),  # long s folds to s
+        ("\u212aey", "key"),  # Kelvin sign folds to k
+        ("B\u0131nds", "b\u0131nds"),  # dotless i has no simple fold to i
+        ("B\u0130nds", "b\u0130nds"),  # nor does dotted capital I
+    ],
+)
+def test_fold_key(key, folded):
+    assert gojson.fold_key(key) == folded
+
+
+SCHEMA = gojson.GoStruct({
+    "Name": gojson.GoString(),
+    "List": gojson.GoSlice(gojson.GoString()),
+    "Items": gojson.GoSlice(gojson.GoStruct({"A": gojson.GoString(), "B": gojson.GoString()})),
+    "Map": gojson.GoMap(gojson.GoString()),
+    "Inner": gojson.GoPointer(gojson.GoStruct({"X": gojson.GoString(), "Y": gojson.GoString()})),
+})
+
+
+def decode(text: str) -> dict:
+    return gojson.decode(SCHEMA, text.encode())
+
+
+def test_go_exact_key_before_folded():
+    assert decode('{"name": "a"}')["Name"] == "a"
+    assert decode('{"NAME": "a", "Name": "b"}')["Name"] == "b"
+    assert decode('{"Name": "b", "nAmE": "a"}')["Name"] == "a"
+
+
+def test_go_unknown_and_non_folding_keys_ignored():
+    assert decode('{"N\u0430me": "cyrillic a", "Other": 1}') == {}
+
+
+def test_go_null_leaves_string_but_clears_slice_map_pointer():
+    decoded = decode('{"Name": "a", "Name": null, "List": ["x"], "List": null, "Map": {"k": "v"}, "Map": null, '
+                     '"Inner": {"X": "1"}, "Inner": null}')
+
+    assert decoded["Name"] == "a"
+    assert decoded["List"] is None
+    assert decoded["Map"] is None
+    assert decoded["Inner"] is None
+
+
+def test_go_repeated_slice_last_wins():
+    decoded = decode('{"List": ["a", "b"], "List": ["c"]}')
+
+    assert gojson.items(decoded["List"]) == ["c"]
+
+
+def test_go_repeated_slice_reuses_elements():
+    # A null element decodes into the string already at that index.
+    decoded = decode('{"List": ["a", "b"], "List": [null, null, "z"]}')
+
+    assert gojson.items(decoded["List"]) == ["a", "b", "z"]
+
+
+def test_go_slice_reuses_elements_past_its_length():
+    decoded = decode('{"Items": [{"A": "1", "B": "1"}, {"A": "2", "B": "2"}], "Items": [{"A": "x"}], '
+                     '"Items": [{"A": "y"}, {"A": "z"}]}')
+
+    assert gojson.items(decoded["Items"]) == [{"A": "y", "B": "1"}, {"A": "z", "B": "2"}]
+
+
+def test_go_empty_array_drops_old_elements():
+    decoded = decode('{"Items": [{"A": "1", "B": "1"}], "Items": [], "Items": [{"A": "x"}]}')
+
+    assert gojson.items(decoded["Items"]) == [{"A": "x"}]
+
+
+def test_go_repeated_map_and_pointer_merge():
+    decoded = decode('{"Map": {"a": "1", "b": "1"}, "map": {"b": "2", "c": null}, '
+                     '"Inner": {"X": "1"}, "INNER": {"Y": "2"}}')
+
+    assert decoded["Map"] == {"a": "1", "b": "2", "c": ""}
+    assert decoded["Inner"] == {"X": "1", "Y": "2"}
+
+
+def test_go_reads_first_value_only():
+    assert decode('{"Name": "a"} {"Name": "b"} trailing') == {"Name": "a"}
+
+
+def test_go_invalid_utf8_and_lone_surrogates_become_replacement():
+    decoded = gojson.decode(SCHEMA, b'{"Name": "a\xffb", "List": ["\\ud800x"]}')
+
+    assert decoded["Name"] == "a\ufffdb"
+    assert gojson.items(decoded["List"]) == ["\ufffdx"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"Name": 5}', '{"List": "a"}', '{"Map": []}', '{"Inner": "x"}', '{"Items": [1]}', '[]', '"x"', "",
+     "\ufeff{}", "{"],
+)
+def test_go_rejects_what_dockerd_rejects(text):
+    with pytest.raises(ValueError):
+        decode(text)
+
+
+# -- create: the body ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [None, b""])
+def test_create_without_body_denied(state, body):
+    authorizer = make_authorizer(state)
+
+    verdict = create(authorizer, body)
+
+    assert not verdict.allow
+    assert "without its body" in verdict.message
+    assert audit_records(state)[-1]["reason"] == "create without body"
+
+
+def test_create_with_invalid_base64_denied(state):
+    authorizer = make_authorizer(state)
+    payload = request("POST", "/containers/create")
+    payload["RequestBody"] = "not base64!"
+
+    assert not authorizer.authorize_request(payload).allow
+
+
+@pytest.mark.parametrize("body", [b"{", b"[]", b'{"HostConfig": {"Binds": "db:/x"}}', b'{"Image": 5}'])
+def test_create_with_unreadable_body_denied(state, body):
+    verdict = create(make_authorizer(state), body)
+
+    assert not verdict.allow
+    assert "cannot be read" in verdict.message
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["/v1.41/containers/create", "/containers/create", "/v1.41/containers%2Fcreate", "/v1.41/containers%2fcreate",
+     "//v1.41/containers/create", "/v1.41/./containers/create", "http://docker/containers/create"],
+)
+def test_create_path_variants_are_checked(state, uri):
+    verdict = create(make_authorizer(state), None, uri=uri)
+
+    assert not verdict.allow
+
+
+def test_create_method_variants_are_checked(state):
+    verdict = make_authorizer(state).authorize_request(request("post", "/containers/create"))
+
+    assert not verdict.allow
+
+
+# -- create: volumes and the allowlist -----------------------------------------------------------
+
+
+def test_create_allowed_by_name_is_audited(state):
+    add_volume(state, "db", "name:web")
+
+    verdict = create(make_authorizer(state), {"Image": "busybox", "HostConfig": {"Binds": ["db:/data"]}})
+
+    assert verdict.allow
+    record = audit_records(state)[-1]
+    assert record["decision"] == "allow"
+    assert record["point"] == "authz"
+    assert record["action"] == "create"
+    assert record["volume"] == "db"
+    assert record["container_name"] == "web"
+    assert record["image"] == "busybox"
+    assert record["rule"] == "name:web"
+
+
+def test_create_denied_names_volume_and_rules(state):
+    add_volume(state, "db", "name:web,service:db")
+
+    verdict = create(make_authorizer(state), {"Image": "busybox", "HostConfig": {"Binds": ["db:/data"]}},
+                     name="evil")
+
+    assert not verdict.allow
+    assert "'db'" in verdict.message
+    assert "'evil'" in verdict.message
+    assert "name:web,service:db" in verdict.message
+    record = audit_records(state)[-1]
+    assert record["decision"] == "deny"
+    assert record["volume"] == "db"
+    assert record["container_name"] == "evil"
+    assert record["rule"] == ""
+
+
+def test_create_without_name_denied_by_name_rule(state):
+    add_volume(state, "db", "name:*")
+
+    verdict = create(make_authorizer(state), {"Image": "busybox", "HostConfig": {"Binds": ["db:/data"]}}, name="")
+
+    assert not verdict.allow
+    assert "without a name" in verdict.message
+
+
+def test_create_name_with_leading_slash(state):
+    add_volume(state, "db", "name:web")
+
+    verdict = create(make_authorizer(state), {"HostConfig": {"Binds": ["db:/data"]}}, name="/web")
+
+    assert verdict.allow
+
+
+def test_create_first_name_query_value_counts(state):
+    add_volume(state, "db", "name:web")
+    body = {"HostConfig": {"Binds": ["db:/data"]}}
+
+    assert not create(make_authorizer(state), body, name="evil&name=web").allow
+    assert create(make_authorizer(state), body, name="web&name=evil").allow
+
+
+def test_create_checks_every_volume(state):
+    add_volume(state, "db", "name:web")
+    add_volume(state, "secrets", "name:vault")
+    body = {"HostConfig": {"Binds": ["db:/data", "secrets:/s"]}}
+
+    verdict = create(make_authorizer(state), body)
+
+    assert not verdict.allow
+    assert "'secrets'" in verdict.message
+    # The allow for db is not audited, because the request as a whole was denied.
+    assert [record["decision"] for record in audit_records(state)] == ["deny"]
+
+
+def test_create_open_volume_allowed(state):
+    add_volume(state, "shared")
+
+    verdict = create(make_authorizer(state), {"HostConfig": {"Binds": ["shared:/data"]}}, name="anyone")
+
+    assert verdict.allow
+    assert audit_records(state)[-1]["rule"] == "no allowlist"
+
+
+def test_create_volume_without_allowlist_denied_by_default_setting(state):
+    add_volume(state, "shared")
+
+    verdict = create(make_authorizer(state, deny_by_default=True), {"HostConfig": {"Binds": ["shared:/data"]}})
+
+    assert not verdict.allow
+    assert "no allowlist" in verdict.message
+
+
+def test_create_other_volumes_pass_without_audit(state):
+    add_volume(state, "db", "name:web")
+
+    verdict = create(make_authorizer(state), {"HostConfig": {"Binds": ["other:/data", "/srv/www:/www"]}},
+                     name="evil")
+
+    assert verdict.allow
+    assert audit_records(state) == []
+
+
+def test_create_labels_and_service(state):
+    add_volume(state, "db", "service:shop/db,label:role=db")
+    authorizer = make_authorizer(state)
+    compose_labels = {"com.docker.compose.service": "db", "com.docker.compose.project": "shop"}
+
+    assert create(authorizer, {"Labels": compose_labels, "HostConfig": {"Binds": ["db:/d"]}}, name="x").allow
+    assert create(authorizer, {"Labels": {"role": "db"}, "HostConfig": {"Binds": ["db:/d"]}}, name="x").allow
+    assert not create(authorizer, {"Labels": {"role": "web"}, "HostConfig": {"Binds": ["db:/d"]}}, name="x").allow
+
+
+def test_create_image_rule_by_configured_reference(state):
+    add_volume(state, "db", "image:postgres:16")
+    authorizer = make_authorizer(state)
+
+    assert create(authorizer, {"Image": "docker.io/library/postgres:16", "HostConfig": {"Binds": ["db:/d"]}}).allow
+
+
+def test_create_image_rule_needs_engine_when_reference_differs(state):
+    add_volume(state, "db", "image:postgres:16")
+
+    verdict = create(make_authorizer(state), {"Image": "busybox", "HostConfig": {"Binds": ["db:/d"]}})
+
+    assert not verdict.allow
+    assert "Engine API" in verdict.message
+
+
+def test_create_mounts_volume(state):
+    add_volume(state, "db", "name:web")
+    body = {"HostConfig": {"Mounts": [{"Type": "volume", "Source": "db", "Target": "/d"}]}}
+
+    assert not create(make_authorizer(state), body, name="evil").allow
+    assert create(make_authorizer(state), body, name="web").allow
+
+
+def test_create_new_volume_with_driver_and_allow_option(state):
+    mount = {"Type": "volume", "Source": "fresh", "Target": "/d",
+             "VolumeOptions": {"DriverConfig": {"Name": DRIVER, "Options": {"allow": "name:web"}}}}
+    authorizer = make_authorizer(state)
+
+    assert create(authorizer, {"HostConfig": {"Mounts": [mount]}}, name="web").allow
+    assert not create(authorizer, {"HostConfig": {"Mounts": [mount]}}, name="evil").allow
+
+
+def test_create_new_volume_with_invalid_allow_option(state):
+    mount = {"Type": "volume", "Target": "/d",
+             "VolumeOptions": {"DriverConfig": {"Name": f"{DRIVER}:latest", "Options": {"allow": "nam:web"}}}}
+
+    verdict = create(make_authorizer(state), {"HostConfig": {"Mounts": [mount]}})
+
+    assert not verdict.allow
+    assert "invalid allowlist" in verdict.message
+
+
+def test_create_anonymous_volumes_of_driver(state):
+    body = {"Volumes": {"/a": {}}, "HostConfig": {"VolumeDriver": DRIVER, "Binds": ["/b", "named:/c"]}}
+
+    assert create(make_authorizer(state), body).allow
+    verdict = create(make_authorizer(state, deny_by_default=True), body)
+    assert not verdict.allow
+    assert "no allowlist" in verdict.message
+
+
+def test_create_volume_driver_does_not_apply_to_mounts(state):
+    # dockerd creates a Mounts volume without DriverConfig with the local driver.
+    body = {"HostConfig": {"VolumeDriver": DRIVER, "Mounts": [{"Type": "volume", "Target": "/d"}]}}
+
+    assert create(make_authorizer(state, deny_by_default=True), body).allow
+
+
+# -- create: read as dockerd reads it -------------------------------------------------------------
+
+DENIED_BODIES = {
+    "top-level Binds without HostConfig": b'{"Binds": ["db:/d"]}',
+    "top-level Binds with HostConfig null": b'{"HostConfig": {"Binds": ["x:/x"]}, "HostConfig": null, '
+                                            b'"Binds": ["db:/d"]}',
+    "lowercase keys": b'{"hostconfig": {"binds": ["db:/d"]}}',
+    "uppercase keys": b'{"HOSTCONFIG": {"BINDS": ["db:/d"]}}',
+    "long s in key": '{"HostConfig": {"Bind\u017f": ["db:/d"]}}'.encode(),
+    "long s in HostConfig": '{"Ho\u017ftConfig": {"Binds": ["db:/d"]}}'.encode(),
+    "escaped key": b'{"HostConfig": {"\\u0042inds": ["db:/d"]}}',
+    "repeated HostConfig merges": b'{"HostConfig": {"Binds": ["db:/d"]}, "HostConfig": {"Memory": 1}}',
+    "null Binds element reuses": b'{"HostConfig": {"Binds": ["db:/d"], "Binds": [null]}}',
+    "Mounts element reuses Source": b'{"HostConfig": {"Mounts": [{"Type": "volume", "Source": "db", "Target": "/d"}],'
+                                    b' "mounts": [{"type": "volume", "target": "/e"}]}}',
+    "last Binds wins": b'{"HostConfig": {"Binds": ["other:/d"], "Binds": ["db:/d"]}}',
+    "trailing garbage": b'{"HostConfig": {"Binds": ["db:/d"]}} {"HostConfig": {}}',
+    "bind with mode": b'{"HostConfig": {"Binds": ["db:/d:ro,z"]}}',
+}
+
+ALLOWED_BODIES = {
+    "top-level Binds ignored with HostConfig": b'{"Binds": ["db:/d"], "HostConfig": {}}',
+    "dotless i is not i": '{"HostConfig": {"B\u0131nds": ["db:/d"]}}'.encode(),
+    "last Binds wins": b'{"HostConfig": {"Binds": ["db:/d"], "Binds": ["other:/d"]}}',
+    "empty array drops": b'{"HostConfig": {"Binds": ["db:/d"], "Binds": []}}',
+    "unknown mount type": b'{"HostConfig": {"Mounts": [{"Type": "VOLUME", "Source": "db", "Target": "/d"}]}}',
+}
+
+
+@pytest.mark.parametrize("body", DENIED_BODIES.values(), ids=DENIED_BODIES.keys())
+def test_create_body_variants_denied(state, body):
+    add_volume(state, "db", "name:web")
+
+    assert not create(make_authorizer(state), body, name="evil").allow
+
+
+@pytest.mark.parametrize("body", ALLOWED_BODIES.values(), ids=ALLOWED_BODIES.keys())
+def test_create_body_variants_allowed(state, body):
+    add_volume(state, "db", "name:web")
+
+    assert create(make_authorizer(state), body, name="evil").allow
+
+
+def test_create_labels_merge_across_repeated_keys(state):
+    add_volume(state, "db", "label:b=2")
+    body = b'{"Labels": {"a": "1"}, "labels": {"b": "2"}, "HostConfig": {"Binds": ["db:/d"]}}'
+
+    assert create(make_authorizer(state), body).allow
+
+
+def test_create_top_level_volume_driver_fills_empty_inner(state):
+    body = {"VolumeDriver": DRIVER, "Volumes": {"/a": {}}, "HostConfig": {}}
+
+    assert not create(make_authorizer(state, deny_by_default=True), body).allow
+
+
+# -- create: host paths -------------------------------------------------------------------------------
+
+
+def host_path_cases(state: Path) -> dict[str, tuple[str, bool]]:
+    return {
+        "state dir": (str(state), False),
+        "mount root": (str(state / "mnt"), False),
+        "a live mountpoint": (str(state / "mnt" / "db"), False),
+        "backing store": (str(state / "volumes" / "db" / "data"), False),
+        "parent": (str(state.parent), False),
+        "root": ("/", False),
+        "dot-dot": (f"{state}/../{state.name}", False),
+        "double slash": ("/" + str(state), False),
+        "trailing slash": (f"{state}/", False),
+        "sibling with same prefix": (f"{state}x", True),
+        "unrelated": ("/srv/www", True),
+    }
+
+
+@pytest.mark.parametrize("case", ["state dir", "mount root", "a live mountpoint", "backing store", "parent",
+                                  "root", "dot-dot", "double slash", "trailing slash", "sibling with same prefix",
+                                  "unrelated"])
+def test_create_bind_of_host_path(state, case):
+    source, allowed = host_path_cases(state)[case]
+    authorizer = make_authorizer(state)
+
+    bind = create(authorizer, {"HostConfig": {"Binds": [f"{source}:/x"]}})
+    mount = create(authorizer, {"HostConfig": {"Mounts": [{"Type": "bind", "Source": source, "Target": "/x"}]}})
+
+    assert bind.allow is allowed
+    assert mount.allow is allowed
+    if not allowed:
+        assert "bind a path outside it" in bind.message
+
+
+def test_create_bind_through_symlink_denied(state, tmp_path):
+    link = tmp_path / "innocent"
+    link.symlink_to(state / "mnt")
+
+    verdict = create(make_authorizer(state), {"HostConfig": {"Binds": [f"{link}/db:/x"]}})
+
+    assert not verdict.allow
+
+
+def test_create_local_volume_with_device_denied(state):
+    mount = {"Type": "volume", "Target": "/x", "VolumeOptions": {
+        "DriverConfig": {"Name": "local", "Options": {"type": "none", "o": "bind", "device": str(state)}}}}
+
+    assert not create(make_authorizer(state), {"HostConfig": {"Mounts": [mount]}}).allow
+
+
+@pytest.mark.parametrize("driver", ["", "local"])
+def test_volume_create_with_device_denied(state, driver):
+    body = {"Name": "sneaky", "Driver": driver, "DriverOpts": {"type": "none", "o": "bind", "device": f"{state}/mnt"}}
+
+    verdict = make_authorizer(state).authorize_request(request("POST", "/v1.41/volumes/create", body))
+
+    assert not verdict.allow
+
+
+def test_volume_create_elsewhere_allowed(state):
+    body = {"Name": "ok", "DriverOpts": {"type": "none", "o": "bind", "device": "/srv/data"}}
+
+    assert make_authorizer(state).authorize_request(request("POST", "/volumes/create", body)).allow
+    assert make_authorizer(state).authorize_request(request("POST", "/volumes/create")).allow
+
+
+# -- other requests -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "uri"),
+    [("GET", "/v1.41/containers/json"), ("GET", "/_ping"), ("POST", "/v1.41/containers/web/start"),
+     ("GET", "/v1.41/containers/web/json"), ("POST", "/v1.41/images/create?fromImage=x"),
+     ("DELETE", "/v1.41/containers/web"), ("GET", "/v1.41/containers/create"), ("POST", "/v1.41/exec/abc/start")],
+)
+def test_other_requests_pass_without_reading_registry(tmp_path, method, uri):
+    # A catalog over a file, not a directory, fails on any read, and no Engine API is configured.
+    not_a_dir = tmp_path / "volumes"
+    not_a_dir.write_text("")
+    catalog = VolumeCatalog(not_a_dir, lambda name: None)
+    authorizer = Authorizer(catalog, driver_names=[DRIVER], protected_paths=[tmp_path], engine=None,
+                            audit=AuditLog(tmp_path / "audit.jsonl"))
+
+    assert authorizer.authorize_request(request(method, uri, {"Binds": ["db:/x"]})).allow
+    assert not (tmp_path / "audit.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "uri"),
+    [("POST", "/v1.41/containers/web/rename?name=x"), ("PUT", "/v1.41/containers/web/archive?path=/d"),
+     ("GET", "/containers/web/archive?path=/d"), ("HEAD", "/containers/web/archive?path=/d"),
+     ("POST", "/v1.41/containers/web/exec"), ("POST", "/v1.24/containers/web/copy")],
+)
+def test_existing_container_requests(state, method, uri):
+    # Without securevol volumes nothing is asked; with one, no Engine API means no decision.
+    assert make_authorizer(state).authorize_request(request(method, uri)).allow
+
+    add_volume(state, "db", "name:web")
+    verdict = make_authorizer(state).authorize_request(request(method, uri))
+    assert not verdict.allow
+    assert "Engine API" in verdict.message
+
+
+def test_response_always_allowed(state):
+    payload = request("POST", "/containers/create")
+    payload["ResponseStatusCode"] = 201
+
+    assert make_authorizer(state).authorize_response(payload).allow
+
+
+def test_unreadable_authz_request_denied(state):
+    verdict = make_authorizer(state).authorize_request({"RequestUri": "/containers/json"})
+
+    assert not verdict.allow
+    assert verdict.message.startswith("securevol cannot read")
+
+
+def test_response_shape(state):
+    add_volume(state, "db", "name:web")
+    authorizer = make_authorizer(state)
+
+    assert authorizer.authorize_request(request("GET", "/_ping")).to_response() == {"Allow": True, "Msg": ""}
+    denied = create(authorizer, {"HostConfig": {"Binds": ["db:/d"]}}, name="evil").to_response()
+    assert denied["Allow"] is False
+    assert denied["Msg"]
+
+
+def test_catalog_sees_new_volume_at_once(state):
+    authorizer = make_authorizer(state)
+    body = {"HostConfig": {"Binds": ["db:/d"]}}
+    assert create(authorizer, body, name="evil").allow
+
+    add_volume(state, "db", "name:web")
+
+    assert not create(authorizer, body, name="evil").allow
+
+
+def test_catalog_reads_changed_allowlist(state):
+    add_volume(state, "db", "name:web")
+    authorizer = make_authorizer(state)
+    body = {"HostConfig": {"Binds": ["db:/d"]}}
+    assert not create(authorizer, body, name="api").allow
+
+    record_path = state / "volumes" / "db" / "volume.json"
+    record = json.loads(record_path.read_text())
+    record["options"]["allow"] = "name:web,name:api"
+    record_path.write_text(json.dumps(record))
+
+    assert create(authorizer, body, name="api").allow
+
+
+def test_catalog_unreadable_record_denies(state):
+    add_volume(state, "db", "name:web")
+    (state / "volumes" / "db" / "volume.json").write_text("{broken")
+
+    verdict = create(make_authorizer(state), {"HostConfig": {"Binds": ["db:/d"]}})
+
+    assert not verdict.allow
+    assert "cannot be read" in verdict.message
+
+
+def test_create_spec_reads_fields(state):
+    body = (b'{"Image": "busybox", "Labels": {"a": "1"}, "Volumes": {"/v": {}}, "HostConfig": '
+            b'{"Binds": ["db:/d"], "VolumesFrom": ["other:ro"], "VolumeDriver": "x", '
+            b'"Mounts": [{"Type": "bind", "Source": "/s", "Target": "/t"}]}}')
+
+    spec = CreateSpec.from_body(body, "/web")
+
+    assert spec.name == "web"
+    assert spec.image == "busybox"
+    assert spec.labels == {"a": "1"}
+    assert spec.binds == ["db:/d"]
+    assert spec.volumes_from == ["other:ro"]
+    assert spec.volume_driver == "x"
+    assert spec.mounts == [{"Type": "bind", "Source": "/s", "Target": "/t"}]
+    assert spec.anonymous_volumes == ["/v"]
+
+
+def test_audit_file_mode(state):
+    add_volume(state, "db", "name:web")
+    create(make_authorizer(state), {"HostConfig": {"Binds": ["db:/d"]}})
+
+    assert os.stat(state.parent / "audit.jsonl").st_mode & 0o777 == 0o600
