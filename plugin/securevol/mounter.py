@@ -131,11 +131,15 @@ class Mounter:
         )
 
     def _abandon_start(self, launch: FuseLaunch, process: subprocess.Popen) -> None:
-        # The launcher is our child; its detached FUSE process, if any, is
-        # unknown to us, but it ends once its mount is gone.
+        # The launcher is our child. Its detached FUSE process did not report
+        # a PID, so it is found by its command line; one that hangs before
+        # serving requests would otherwise keep the mountpoint forever.
         if process.poll() is None:
             process.kill()
         process.wait()
+        for pid in find_fuse_processes(launch.mountpoint):
+            log.warning("fuse process killed after failed start vol=%s pid=%d", launch.volume, pid)
+            _signal_fuse_process(pid, launch.mountpoint, signal.SIGKILL)
         if is_mounted(launch.mountpoint):
             _run_fusermount(launch.mountpoint, lazy=True)
 
@@ -173,9 +177,12 @@ class Mounter:
             _run_fusermount(mountpoint, lazy=True)
 
     def clear_stale(self, pid: int | None, mountpoint: Path) -> None:
-        """Remove what a dead or stray FUSE process left: a live process, then its mount."""
+        """Stop every FUSE process of *mountpoint*, recorded as *pid* or not, then detach its mount."""
         if pid is not None and is_fuse_process(pid, mountpoint):
             self.stop(pid, mountpoint)
+        for stray_pid in find_fuse_processes(mountpoint):
+            log.warning("stray fuse process stopped pid=%d mountpoint=%s", stray_pid, mountpoint)
+            self.stop(stray_pid, mountpoint)
         if is_mounted(mountpoint):
             log.warning("stale mount detached mountpoint=%s", mountpoint)
             _run_fusermount(mountpoint, lazy=True)
@@ -250,9 +257,19 @@ def is_fuse_process(pid: int, mountpoint: Path) -> bool:
             state = f.read().rsplit(b")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    if state in (b"Z", b"X"):
+    if state in (b"Z", b"X") or b"securevol.mount" not in argv or b"--mountpoint" not in argv:
         return False
-    return b"securevol.mount" in argv and os.fsencode(str(mountpoint)) in argv
+    value_index = argv.index(b"--mountpoint") + 1
+    return value_index < len(argv) and argv[value_index] == os.fsencode(str(mountpoint))
+
+
+def find_fuse_processes(mountpoint: Path) -> list[int]:
+    """Return the PIDs of all running ``securevol.mount`` processes for *mountpoint*."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and is_fuse_process(int(entry.name), mountpoint):
+            pids.append(int(entry.name))
+    return pids
 
 
 def _signal_fuse_process(pid: int, mountpoint: Path, sig: signal.Signals) -> bool:
