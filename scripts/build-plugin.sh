@@ -162,6 +162,16 @@ rootfs_from_dockerfile() {
     docker rmi "$image" >/dev/null
 }
 
+# Record what went into the rootfs, so an operator can tell which build a plugin runs.
+write_build_stamp() {
+    local version commit
+
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO/pyproject.toml")
+    commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    printf 'securevol %s commit %s built %s from %s\n' \
+        "$version" "$commit" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$FROM" >"$1"
+}
+
 main() {
     parse_args "$@"
     [ "$(id -u)" -eq 0 ] || die "run as root: debootstrap, chroot and 'docker plugin create' need it"
@@ -171,6 +181,7 @@ main() {
     mkdir -p "$plugin_dir"
 
     "rootfs_from_$FROM" "$plugin_dir/rootfs"
+    write_build_stamp "$plugin_dir/rootfs/etc/securevol-build"
     cp "$REPO/config.json" "$plugin_dir/config.json"
 
     if [ "$CREATE" -eq 0 ]; then

@@ -112,6 +112,9 @@ class ComposeProject:
             assert result.returncode == 0, f"compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
+    def logs(self) -> str:
+        return self.run("logs", "--no-color", "db", check=False).stdout
+
     def psql(self, sql: str) -> str:
         return self.run("exec", "-T", "db", "psql", "--username=postgres", "--no-align", "--tuples-only",
                         "-v", "ON_ERROR_STOP=1", "--command", sql).stdout
@@ -153,7 +156,10 @@ def test_compose_postgres_end_to_end(dockerd: PrivateDockerd, postgres_image: st
         project.run("up", "--detach", "--wait", "db")
         project.psql(f"CREATE TABLE notes (body text); INSERT INTO notes VALUES ('{marker}'); CHECKPOINT;")
         grep = project.run("exec", "-T", "db", "grep", "-rl", marker, "/var/lib/postgresql/data/base")
-        assert grep.stdout.strip(), "the row is not in the data files, so the ciphertext check proves nothing"
+        assert grep.stdout.strip(), (
+            f"the row is not in the data files, so the ciphertext check proves nothing: {grep.stderr}\n"
+            f"db log:\n{project.logs()}"
+        )
 
         # The backing store holds the same data files as ciphertext only.
         files = backing_files(compose_plugin, project.volume)

@@ -43,6 +43,9 @@ START_TIMEOUT = 60
 
 PLAINTEXT = "securevol packaging plaintext 7d41c0"
 
+# build-plugin.sh records what it built in this file of the plugin directory.
+BUILD_STAMP = "rootfs/etc/securevol-build"
+
 
 def plugin_config() -> dict:
     return json.loads(CONFIG_JSON.read_text())
@@ -520,7 +523,14 @@ class ManagedPlugin:
         assert result.returncode == 0, f"{result.stderr}\ndockerd log:\n{self.dockerd.log_tail(60)}"
 
     def disable(self) -> None:
-        self.dockerd.docker("plugin", "disable", self.name)
+        # dockerd counts every volume of the driver as a use of the plugin, mounted or not,
+        # so disabling a plugin that has volumes takes --force.
+        self.dockerd.docker("plugin", "disable", "--force", self.name)
+
+    def rootfs(self) -> Path:
+        """Return the plugin's rootfs inside the dockerd's data root."""
+        plugin_id = self.inspect("{{.Id}}")
+        return self.dockerd.root / "data" / "plugins" / plugin_id / "rootfs"
 
     def inspect(self, template: str) -> str:
         return self.dockerd.docker("plugin", "inspect", "--format", template, self.name).stdout.strip()
@@ -550,12 +560,23 @@ def managed_plugin(dockerd: PrivateDockerd, busybox_image: str) -> Iterator[Mana
 
 def write_and_read(plugin: ManagedPlugin, image: str, volume: str, text: str) -> str:
     """Write *text* into *volume* from one container and return what a second container reads."""
-    plugin.dockerd.run("--rm", "-v", f"{volume}:/data", image, "sh", "-c", f"echo '{text}' > /data/secret.txt")
+    run_with_volume(plugin, image, volume, "sh", "-c", f"echo '{text}' > /data/secret.txt")
     return read_back(plugin, image, volume)
 
 
 def read_back(plugin: ManagedPlugin, image: str, volume: str) -> str:
-    return plugin.dockerd.run("--rm", "-v", f"{volume}:/data", image, "cat", "/data/secret.txt").stdout
+    return run_with_volume(plugin, image, volume, "cat", "/data/secret.txt")
+
+
+def run_with_volume(plugin: ManagedPlugin, image: str, volume: str, *command: str) -> str:
+    """Run *command* in a container with *volume* on /data; on failure, fail with the plugin's logs."""
+    result = plugin.dockerd.run("--rm", "-v", f"{volume}:/data", image, *command, check=False)
+    if result.returncode != 0:
+        fuse_log = plugin.state_dir / "log" / f"{volume}.log"
+        fuse_text = fuse_log.read_text(errors="replace") if fuse_log.exists() else "(no FUSE log)"
+        pytest.fail(f"{' '.join(command)} failed: {result.stderr}\nFUSE log:\n{fuse_text}\n"
+                    f"dockerd log:\n{plugin.dockerd.log_tail(40)}")
+    return result.stdout
 
 
 def assert_ciphertext_only(state_dir: Path, volume: str, plaintext: str) -> None:
@@ -576,6 +597,7 @@ def test_managed_plugin_volume_roundtrip(managed_plugin: ManagedPlugin, busybox_
 
     assert write_and_read(plugin, busybox_image, "roundtrip", PLAINTEXT) == PLAINTEXT + "\n"
     assert_ciphertext_only(plugin.state_dir, "roundtrip", PLAINTEXT)
+    assert (plugin.rootfs() / "etc/securevol-build").read_text().startswith("securevol ")
     assert plugin.dockerd.docker("volume", "inspect", "--format", "{{.Driver}}", "roundtrip").stdout.strip() \
         == f"{plugin.name}:latest"
 
@@ -622,16 +644,22 @@ def test_managed_plugin_upgrade_keeps_volumes(managed_plugin: ManagedPlugin, bus
     try:
         # dockerd trusts plain-HTTP registries on 127.0.0.0/8 without --insecure-registry.
         remote = f"{registry.address}/{plugin.name}:v2"
+        # A new build stamp makes v2's rootfs differ from the installed one, as a real upgrade's would.
+        (plugin.plugin_dir / BUILD_STAMP).write_text("securevol upgrade test v2\n")
         dockerd.docker("plugin", "create", remote, str(plugin.plugin_dir), timeout=600)
         dockerd.docker("plugin", "push", remote, timeout=600)
         dockerd.docker("plugin", "rm", remote)
 
         plugin.disable()
-        dockerd.docker("plugin", "upgrade", "--grant-all-permissions", plugin.name, remote, timeout=600)
+        # Without --skip-remote-check the CLI asks for confirmation because the names differ,
+        # and reads "no" from an empty stdin while still exiting 0.
+        dockerd.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check",
+                       plugin.name, remote, timeout=600)
         plugin.enable()
     finally:
         registry.stop()
 
     assert plugin.inspect("{{.PluginReference}}") == remote
+    assert (plugin.rootfs() / "etc/securevol-build").read_text() == "securevol upgrade test v2\n"
     assert read_back(plugin, busybox_image, "upgrade") == PLAINTEXT + "\n"
     assert_ciphertext_only(plugin.state_dir, "upgrade", PLAINTEXT)
