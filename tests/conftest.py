@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules: a private dockerd and its busybox image.
+"""Fixtures shared by the test modules: a private dockerd, its busybox image and a securevol plugin.
 
 The dockerd fixtures start real daemons. They need root, /dev/fuse and the
 Debian packages that scripts/setup.sh installs. Tests that use them carry the
@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.dockerd import PrivateDockerd, build_busybox_image
+from tests.dockerd import PLUGIN_DIR, PrivateDockerd, build_busybox_image, plugin_socket_path, unique_driver_name
+from tests.plugin_server import PluginServer
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +80,38 @@ def dockerd_factory() -> Iterator[Callable[..., PrivateDockerd]]:
 
     for daemon in reversed(started):
         _stop_dockerd(daemon)
+
+
+@pytest.fixture(scope="session")
+def _session_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
+    # dockerd finds v1 plugins only in the host-wide /run/docker/plugins, so the
+    # socket and driver name are unique to this run to keep other runs apart.
+    PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+    server = PluginServer(socket_path=plugin_socket_path(unique_driver_name()))
+    server.start()
+    log.info("plugin started driver=%s state=%s", server.driver, server.state_dir)
+    yield server
+
+    # Containers first, then volumes, while the plugin still runs to unmount and remove them.
+    try:
+        dockerd.remove_all_containers()
+        listing = dockerd.docker("volume", "ls", "-q", "--filter", f"driver={server.driver}", check=False)
+        for volume in listing.stdout.split():
+            dockerd.docker("volume", "rm", "--force", volume, check=False)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def securevol_plugin(_session_plugin: PluginServer) -> PluginServer:
+    """The session's `securevol serve` on a unique socket in /run/docker/plugins, known to ``dockerd``.
+
+    Its ``driver`` is the name for ``docker volume create -d``. A test that
+    stopped the daemon and failed before starting it again must not break the
+    tests after it, so the daemon is started again here when it is not running.
+    """
+    process = _session_plugin.process
+    if process is None or process.poll() is not None:
+        log.warning("plugin was not running; starting it again driver=%s", _session_plugin.driver)
+        _session_plugin.start()
+    return _session_plugin

@@ -159,9 +159,10 @@ class PrivateDockerd:
     def stop(self, timeout: float = 60) -> None:
         """Stop dockerd by PID (SIGTERM, then SIGKILL) and delete its directories.
 
-        dockerd stops its own containerd on SIGTERM. The directories are kept
-        if anything is still mounted under them, because deleting through a
-        leftover mount would delete its contents.
+        dockerd stops its own containerd on SIGTERM. Mounts left under the
+        private directory are unmounted first. The directories are kept if
+        anything stays mounted, because deleting through a mount would delete
+        its contents.
         """
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
@@ -173,11 +174,20 @@ class PrivateDockerd:
                 self._process.wait(30)
             log.info("dockerd stopped pid=%d status=%s", self.pid, self._process.returncode)
 
+        self._unmount_leftovers()
         leftover = mounts_under(self.root)
         if leftover:
             log.warning("dockerd left mounts; keeping root=%s mounts=%s", self.root, leftover)
             return
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _unmount_leftovers(self) -> None:
+        # A dockerd killed before its clean shutdown leaves its own mounts
+        # here: the data root made shared for managed plugins, container
+        # overlays. Deepest first, so that no parent is busy with a child.
+        for mountpoint in sorted(mounts_under(self.root), reverse=True):
+            if subprocess.run(["umount", mountpoint], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
 def mounts_under(directory: Path) -> list[str]:
@@ -197,7 +207,9 @@ def build_busybox_image(dockerd: PrivateDockerd, name: str) -> str:
     """Import a one-layer image of the host's static busybox into *dockerd* as *name*; return *name*.
 
     Every applet is a symlink to /bin/busybox, except the ``busybox`` applet
-    itself, whose symlink would replace the binary.
+    itself, whose symlink would replace the binary. The image has no /data, so
+    a volume mounted there gets no copy of an image directory's owner and mode
+    (Docker copies those into an empty volume whose mount path exists in the image).
     """
     if not BUSYBOX.is_file():
         raise RuntimeError(f"{BUSYBOX} is missing; run scripts/setup.sh to install busybox-static")
@@ -210,7 +222,7 @@ def build_busybox_image(dockerd: PrivateDockerd, name: str) -> str:
         for applet in applets:
             if applet != "busybox":
                 (bin_dir / applet).symlink_to("busybox")
-        for directory in ("tmp", "proc", "sys", "dev", "etc", "data"):
+        for directory in ("tmp", "proc", "sys", "dev", "etc"):
             (Path(rootfs) / directory).mkdir()
 
         archive = subprocess.run(["tar", "-C", rootfs, "-c", "."], capture_output=True, check=True).stdout

@@ -51,7 +51,7 @@ stop_private_dockerd() {
 build_busybox_image() {
     local name=$1 rootfs applet
     rootfs=$(mktemp -d /tmp/svimg-XXXXXX)
-    mkdir -p "$rootfs/bin" "$rootfs/tmp" "$rootfs/proc" "$rootfs/sys" "$rootfs/dev" "$rootfs/etc" "$rootfs/data"
+    mkdir -p "$rootfs/bin" "$rootfs/tmp" "$rootfs/proc" "$rootfs/sys" "$rootfs/dev" "$rootfs/etc"
     cp /bin/busybox "$rootfs/bin/busybox"
     for applet in $(/bin/busybox --list); do
         [ "$applet" = busybox ] || ln -s busybox "$rootfs/bin/$applet"
