@@ -23,6 +23,7 @@ from securevol.authz import (
 )
 from securevol.engine import EngineClient
 from securevol.registry import Registry, VolumeRecord
+from tests.plugin_server import plugin_request
 
 DRIVER = "securevol-unit"
 
@@ -693,3 +694,69 @@ def test_audit_file_mode(state):
     create(make_authorizer(state), {"HostConfig": {"Binds": ["db:/d"]}})
 
     assert os.stat(state.parent / "audit.jsonl").st_mode & 0o777 == 0o600
+
+
+# -- the same bodies, read by a real dockerd ------------------------------------------------------------
+
+# Body fragments whose reading differs between Go and Python's json; the
+# Image and Cmd of the test image are added to each.
+AGREEMENT_BODIES = {
+    "top-level Binds": b'"Binds": ["agree-a:/a"]',
+    "top-level Binds ignored": b'"Binds": ["agree-a:/a"], "HostConfig": {}',
+    "HostConfig null": b'"HostConfig": {"Binds": ["agree-b:/b"]}, "HostConfig": null, "Binds": ["agree-a:/a"]',
+    "HostConfig merged": b'"HostConfig": {"Binds": ["agree-a:/a"]}, "HostConfig": {"Memory": 0}',
+    "long s": '"HostConfig": {"Bind\u017f": ["agree-a:/a"]}'.encode(),
+    "dotless i": '"HostConfig": {"B\u0131nds": ["agree-a:/a"]}'.encode(),
+    "uppercase": b'"HOSTCONFIG": {"BINDS": ["agree-a:/a"]}',
+    "null element": b'"HostConfig": {"Binds": ["agree-a:/a", "agree-b:/b"], "Binds": [null]}',
+    "last wins": b'"HostConfig": {"Binds": ["agree-a:/a"], "binds": ["agree-b:/b"]}',
+    "empty array": b'"HostConfig": {"Binds": ["agree-a:/a"], "Binds": []}',
+    "mounts reuse": b'"HostConfig": {"Mounts": [{"Type": "volume", "Source": "agree-a", "Target": "/a"}], '
+                    b'"Mounts": [{"Target": "/m"}]}',
+    "labels merge": b'"Labels": {"a": "1"}, "labels": {"b": "2", "a": null}',
+    "volume driver filled": b'"VolumeDriver": "local", "HostConfig": {}',
+    "volume driver kept": b'"VolumeDriver": "other", "HostConfig": {"VolumeDriver": "local"}',
+    "escaped key": b'"HostConfig": {"\\u0042inds": ["agree-a:/a"]}',
+}
+
+
+def create_in_dockerd(dockerd, image: str, fragment: bytes, name: str) -> tuple[bytes, dict]:
+    """Create container *name* from the body fragment through dockerd's API; return the body and its inspect."""
+    body = b'{"Image": "' + image.encode() + b'", "Cmd": ["true"], ' + fragment + b"}"
+    response = plugin_request(dockerd.socket, f"/v1.41/containers/create?name={name}", body,
+                              headers={"Content-Type": "application/json"})
+    assert response.status == 201, response.body
+    return body, EngineClient(str(dockerd.socket)).inspect_container(name)
+
+
+def dockerd_reading(document: dict) -> dict:
+    host_config = document["HostConfig"]
+    return {
+        "binds": host_config.get("Binds") or [],
+        "mounts": [(m.get("Type", ""), m.get("Source", ""), m.get("Target", ""))
+                   for m in host_config.get("Mounts") or []],
+        "labels": document["Config"].get("Labels") or {},
+        "volume_driver": host_config.get("VolumeDriver") or "",
+    }
+
+
+def securevol_reading(spec: CreateSpec) -> dict:
+    return {
+        "binds": spec.binds,
+        "mounts": [(m.get("Type", ""), m.get("Source", ""), m.get("Target", "")) for m in spec.mounts],
+        "labels": spec.labels,
+        "volume_driver": spec.volume_driver,
+    }
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize("fragment", AGREEMENT_BODIES.values(), ids=AGREEMENT_BODIES.keys())
+def test_create_body_read_as_dockerd_reads_it(dockerd, busybox_image, fragment):
+    try:
+        body, document = create_in_dockerd(dockerd, busybox_image, fragment, "agreement-probe")
+
+        assert securevol_reading(CreateSpec.from_body(body, "")) == dockerd_reading(document)
+    finally:
+        dockerd.docker("rm", "-f", "agreement-probe", check=False)
+        dockerd.docker("volume", "rm", "agree-a", "agree-b", check=False)
