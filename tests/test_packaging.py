@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from securevol import config
+from securevol import config, engine
 from tests.dockerd import PrivateDockerd, unique_driver_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,6 +155,15 @@ def test_plugin_config_state_mount():
     assert state["source"] == config.DEFAULT_STATE_DIR
     assert state["type"] == "bind"
     assert state["settable"] == ["source"]
+
+
+def test_plugin_config_docker_socket_mount():
+    plugin = plugin_config()
+    [docker_socket] = [mount for mount in plugin["mounts"] if mount["name"] == "docker-socket"]
+
+    # The Engine API client's default path inside the plugin, so no setting is needed.
+    assert docker_socket["destination"] == engine.DEFAULT_DOCKER_SOCKET
+    assert docker_socket["settable"] == ["source"]
 
 
 def test_plugin_config_entrypoint_is_build_venv():
@@ -516,7 +525,8 @@ class ManagedPlugin:
         self.dockerd.docker("plugin", "create", self.name, str(self.plugin_dir), timeout=600)
         # The state directory must exist: dockerd does not create a bind mount's source.
         self.state_dir.mkdir(mode=0o700)
-        self.dockerd.docker("plugin", "set", self.name, f"state.source={self.state_dir}")
+        self.dockerd.docker("plugin", "set", self.name, f"state.source={self.state_dir}",
+                            f"docker-socket.source={self.dockerd.socket}")
 
     def enable(self) -> None:
         result = self.dockerd.docker("plugin", "enable", self.name, check=False)
