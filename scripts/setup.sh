@@ -104,8 +104,15 @@ install_python_packages() {
         return
     fi
 
+    # pip's build output is long and mostly warnings, so it goes to a log
+    # that is shown only when the install fails.
+    local pip_log="$venv/setup-pip.log"
     log "installing securevol and its test dependencies into $venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test,transit]"
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$repo[test,transit]" >"$pip_log" 2>&1; then
+        tail -n 40 "$pip_log" >&2
+        echo "setup: pip install failed; the full output is in $pip_log" >&2
+        exit 1
+    fi
     printf '%s\n' "$fingerprint" >"$stamp"
 }
 
