@@ -28,8 +28,17 @@ step() {
     printf '\n\033[1m== %d. %s\033[0m\n' "$step_number" "$*"
 }
 
+# Print a command the way a user would type it, then run it.
 show() {
-    printf '$ %s\n' "$*"
+    local arg words=()
+    for arg in "$@"; do
+        if [[ $arg =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+            words+=("$arg")
+        else
+            words+=("'${arg//\'/\'\\\'\'}'")
+        fi
+    done
+    printf '$ %s\n' "${words[*]}"
     "$@"
 }
 
