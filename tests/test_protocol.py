@@ -23,6 +23,7 @@ import pytest
 
 from securevol import config
 from securevol.keys.local import LocalKeyProvider, load_master_key
+from securevol.options import allowlist_supported
 from tests.plugin_server import PluginServer, mounts_under, plugin_request
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.1+json"
@@ -415,6 +416,16 @@ def test_bad_option_value_rejected(server, opts, fragment):
     response = server.call("Create", {"Name": new_name(), "Opts": opts})
 
     assert_one_sentence_error(response, next(iter(opts)), fragment)
+
+
+@pytest.mark.skipif(not allowlist_supported(), reason="the allow option needs securevol.policy")
+def test_allow_option_validated(server):
+    name = create(server, allow="name:web,image:postgres:16")
+
+    response = server.call("Create", {"Name": new_name(), "Opts": {"allow": "name:web,bogus:x"}})
+
+    assert get(server, name)["Name"] == name
+    assert_one_sentence_error(response, "allowlist", "character 10")
 
 
 def test_options_set_root_directory(server):
