@@ -126,12 +126,17 @@ install_venv() {
     step "virtualenv $VENV"
     run "$PYTHON" -m venv "$VENV"
 
+    local pip=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
+    local package="$REPO"
     if [ -n "$WHEELS" ]; then
-        run "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-            --no-index --find-links "$WHEELS" "securevol[transit]"
-    else
-        run "$VENV/bin/pip" install --quiet --disable-pip-version-check "$REPO[transit]"
+        pip+=(--no-index --find-links "$WHEELS")
+        package=securevol
     fi
+
+    run "${pip[@]}" "$package[transit]"
+    # pip keeps an installed securevol of the same version number, so an
+    # upgrade from a newer checkout of the same version must force it.
+    run "${pip[@]}" --no-deps --force-reinstall "$package"
 }
 
 do_install() {
