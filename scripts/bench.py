@@ -61,6 +61,7 @@ SMALL_FILE_SIZE = 1024
 FIO_BLOCK = 4096
 MOUNT_TIMEOUT = 60.0
 UNMOUNT_TIMEOUT = 60.0
+PROFILE_RATE = 200  # py-spy samples per second
 
 ALL_FILESYSTEMS = ("plain", "securevol", "gocryptfs", "securefs")
 ALL_WORKLOADS = ("seqwrite", "coldread", "smallfiles", "random4k", "untar", "memory")
@@ -277,7 +278,7 @@ class SecurevolFilesystem(Filesystem):
         spy = subprocess.Popen(
             [
                 _py_spy_path(),
-                "record", "--pid", str(self.pid), "--rate", "200", "--nonblocking",
+                "record", "--pid", str(self.pid), "--rate", str(PROFILE_RATE), "--nonblocking",
                 "--format", "raw", "--output", str(output),
             ],
             stdout=subprocess.DEVNULL,
@@ -783,7 +784,13 @@ _FRAME_LINE = re.compile(r":\d+\)$")
 
 
 def summarize_profiles(profile_dir: Path, top: int = 12) -> str:
-    """Sum py-spy's raw (collapsed) stacks per workload and list the functions that held the most samples."""
+    """Sum py-spy's raw (collapsed) stacks per workload and list the functions that held the most samples.
+
+    py-spy leaves out idle samples, so the totals cover only the time the
+    FUSE process was running Python code or a C call made from it, such as
+    OpenSSL's AES-GCM. Inclusive time is listed for securevol's own
+    functions, whose names tell which request and which step cost the time.
+    """
     self_samples: dict[str, Counter] = defaultdict(Counter)
     total_samples: dict[str, Counter] = defaultdict(Counter)
     for path in sorted(profile_dir.glob("*.txt")):
@@ -800,12 +807,14 @@ def summarize_profiles(profile_dir: Path, top: int = 12) -> str:
     lines = []
     for label, counter in self_samples.items():
         samples = sum(counter.values())
-        lines.append(f"{label}: {samples} samples while the FUSE process was busy")
+        lines.append(f"{label}: {samples} samples, {samples / PROFILE_RATE:.1f} s busy")
         lines.append("  self time:")
         for frame, count in counter.most_common(top):
             lines.append(f"    {100 * count / samples:5.1f}%  {frame}")
-        lines.append("  inclusive time:")
-        for frame, count in total_samples[label].most_common(top):
+        lines.append("  inclusive time of securevol functions:")
+        own = Counter({frame: count for frame, count in total_samples[label].items()
+                       if "(securevol/" in frame and "(securevol/mount.py)" not in frame})
+        for frame, count in own.most_common(top):
             lines.append(f"    {100 * count / samples:5.1f}%  {frame}")
         lines.append("")
     return "\n".join(lines)
