@@ -736,3 +736,18 @@ def test_mount_with_wrong_master_key_fails_clearly(fresh_server):
 
     assert_one_sentence_error(response, name, "cannot be unlocked", "master key")
     assert not mounts_under(server.mount_root)
+
+
+@needs_fuse
+def test_mount_error_from_fuse_process_reported(server):
+    name = create(server)
+    data = server.volume_dir(name) / "data"
+    (data / "not-ciphertext").write_text("planted")
+
+    response = server.call("Mount", {"Name": name, "ID": "x"})
+
+    assert_one_sentence_error(response, f"Volume {name!r} could not be mounted", "not a securevol volume")
+    assert not mounts_under(server.mount_root / name)
+    assert str(server.mount_root / name) not in [mountpoint for _, mountpoint in server.fuse_processes()]
+    assert f"volume mount failed vol={name}" in server.log_text()
+    assert get(server, name)["Status"]["mount_count"] == 0

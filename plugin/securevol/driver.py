@@ -14,7 +14,7 @@ from typing import Any
 
 from securevol.config import Settings
 from securevol.crypto import VOLUME_ID_LEN, DataKey
-from securevol.errors import KeyProviderError, SecurevolError, VolumeExists, VolumeInUse
+from securevol.errors import KeyProviderError, MountFailed, SecurevolError, VolumeExists, VolumeInUse
 from securevol.keys import KeyProvider, check_record_provider, create_provider
 from securevol.mounter import FuseLaunch, Mounter, is_mounted
 from securevol.options import parse_options, root_attributes, validate_name
@@ -146,7 +146,11 @@ class VolumeDriver:
             log_file=self._log_file(name),
             log_level=self.settings.log_level,
         )
-        state.pid = self.mounter.start(launch, dek)
+        try:
+            state.pid = self.mounter.start(launch, dek)
+        except MountFailed as exc:
+            log.error("volume mount failed vol=%s error=%s", name, exc)
+            raise
         state.mountpoint = str(mountpoint)
         log.info("fuse process started vol=%s pid=%d", name, state.pid)
 

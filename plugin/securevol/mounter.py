@@ -118,16 +118,18 @@ class Mounter:
 
         self._abandon_start(launch, process)
         if line is not None and line.startswith("error "):
-            reason = line[len("error "):].strip()
-            raise MountFailed(f"Volume {name!r} could not be mounted: {reason}")
+            reason = line[len("error "):].strip().rstrip(".")
+            raise MountFailed(f"Volume {name!r} could not be mounted: {reason}.")
         if line is None:
             raise MountFailed(
                 f"The FUSE process of volume {name!r} did not report ready within "
                 f"{self.mount_timeout:g} seconds; see {launch.log_file}."
             )
+        # The launcher exits 0 once it has forked, so a failure shows only in
+        # its status when it ended before forking.
+        status = f" (exit status {process.returncode})" if process.returncode else ""
         raise MountFailed(
-            f"The FUSE process of volume {name!r} exited without reporting ready (exit status "
-            f"{process.returncode}); see {launch.log_file}."
+            f"The FUSE process of volume {name!r} ended without reporting ready{status}; see {launch.log_file}."
         )
 
     def _abandon_start(self, launch: FuseLaunch, process: subprocess.Popen) -> None:
