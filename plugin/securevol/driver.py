@@ -85,8 +85,8 @@ class VolumeDriver:
             self._check_not_in_use(name, state, mountpoint)
             self.mounter.clear_stale(state.pid, mountpoint)
 
-            # Once the wrapped DEK is gone, leftover ciphertext (and any backup
-            # of it) cannot be decrypted, even if the removal stops half way.
+            # Once the wrapped DEK is gone, the ciphertext left on this disk
+            # cannot be decrypted, even if the removal stops half way.
             self.registry.destroy_wrapped_dek(name)
             try:
                 self.registry.remove(name)
