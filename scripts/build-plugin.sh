@@ -80,9 +80,10 @@ parse_args() {
     esac
 }
 
-# The debootstrap base rootfs is cached because it takes about a minute and
-# 280 MB of downloads. The stamp file records the suite and package list, so
-# a change of either rebuilds it; a run that died half way left no stamp.
+# The debootstrap base rootfs is cached because it takes tens of seconds and
+# about 280 MB of downloads. The stamp file records the suite and package
+# list, so a change of either rebuilds it. A run that died half way left no
+# stamp, so the next run starts again.
 base_rootfs() {
     local base=$CACHE_DIR/debootstrap-$SUITE
     local stamp=$base.stamp

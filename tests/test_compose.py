@@ -161,7 +161,7 @@ def test_compose_postgres_end_to_end(dockerd: PrivateDockerd, postgres_image: st
             f"db log:\n{project.logs()}"
         )
 
-        # The backing store holds the same data files as ciphertext only.
+        # The backing store contains the same data files as ciphertext only.
         files = backing_files(compose_plugin, project.volume)
         assert files, "the volume's backing store is empty"
         for path in files:

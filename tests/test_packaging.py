@@ -144,7 +144,8 @@ def test_plugin_config_mount_root_under_propagated_mount():
 
     assert mount_root == propagated or propagated in mount_root.parents
     state_dir = Path(plugin_env(plugin)["SECUREVOL_STATE_DIR"])
-    assert propagated != state_dir and state_dir not in propagated.parents
+    assert propagated != state_dir
+    assert state_dir not in propagated.parents
 
 
 def test_plugin_config_state_mount():
@@ -590,7 +591,7 @@ def run_with_volume(plugin: ManagedPlugin, image: str, volume: str, *command: st
 
 
 def assert_ciphertext_only(state_dir: Path, volume: str, plaintext: str) -> None:
-    """Check that the volume's backing store holds files and none contains the plaintext or its name."""
+    """Check that the volume's backing store contains files and none contains the plaintext or its name."""
     backing = state_dir / "volumes" / volume / "data"
     files = [path for path in backing.rglob("*") if path.is_file()]
     assert files, f"no files in the backing store {backing}"
@@ -661,7 +662,7 @@ def test_managed_plugin_upgrade_keeps_volumes(managed_plugin: ManagedPlugin, bus
         dockerd.docker("plugin", "rm", remote)
 
         plugin.disable()
-        # Without --skip-remote-check the CLI asks for confirmation because the names differ,
+        # Without --skip-remote-check the CLI prompts for confirmation because the names differ,
         # and reads "no" from an empty stdin while still exiting 0.
         dockerd.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check",
                        plugin.name, remote, timeout=600)

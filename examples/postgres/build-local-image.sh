@@ -82,7 +82,7 @@ build_rootfs() {
     debootstrap --variant=minbase --include="postgresql-$PG_MAJOR" "$SUITE" "$rootfs" "$MIRROR" \
         >"$CACHE_DIR/postgres-debootstrap.log" 2>&1 \
         || die "debootstrap failed; its output is in $CACHE_DIR/postgres-debootstrap.log"
-    # Debian's package made a cluster in /var/lib/postgresql/$PG_MAJOR/main; the image uses PGDATA.
+    # Debian's package made a cluster in /var/lib/postgresql/$PG_MAJOR/main, but the image uses PGDATA.
     rm -rf "$rootfs/var/lib/postgresql/$PG_MAJOR" "$rootfs/etc/postgresql/$PG_MAJOR"
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     write_entrypoint "$rootfs/usr/local/bin/docker-entrypoint.sh"
