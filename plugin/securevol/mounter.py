@@ -134,7 +134,7 @@ class Mounter:
 
     def _abandon_start(self, launch: FuseLaunch, process: subprocess.Popen) -> None:
         # The launcher is our child. Its detached FUSE process did not report
-        # a PID, so it is found by its command line; one that hangs before
+        # a PID, so it is found by its command line. One that hangs before
         # serving requests would otherwise keep the mountpoint forever.
         if process.poll() is None:
             process.kill()
