@@ -40,6 +40,10 @@ class EngineError(Exception):
     """The Engine API could not be reached, timed out or answered with an error."""
 
 
+class EngineTimeout(EngineError):
+    """dockerd accepted the request but did not answer within the timeout."""
+
+
 @dataclass(frozen=True)
 class VolumeUser:
     """A container that mounts a given volume, and its state (created, running, exited, ...)."""
@@ -103,7 +107,7 @@ class EngineClient:
                 "check that dockerd runs and that securevol is given its socket."
             ) from None
         except TimeoutError:
-            raise EngineError(
+            raise EngineTimeout(
                 f"The Docker Engine API at {self.socket_path} did not answer GET {path} "
                 f"within {self.timeout:g} s."
             ) from None

@@ -1,0 +1,437 @@
+"""The allowlist at mount time and on each access inside a volume's FUSE process.
+
+Mount time (``MountGuard``, in the daemon). dockerd's Mount request carries a
+random ID, not the container, so the guard asks the Engine API which
+containers use the volume (``EngineClient.mount_candidates``):
+
+- none: the container is still being created, and dockerd itself copies the
+  image's files into the new volume; the mount is allowed, and the FUSE
+  process lets only dockerd in until a container is approved;
+- all of them allowed: the mount is allowed, whichever one is starting;
+- otherwise dockerd is asked again for each candidate with a short timeout.
+  dockerd holds a container's lock while it starts it or runs ``docker cp``
+  on it (dockerd 20.10 ``containerStart``, ``containerArchivePath``), so the
+  inspect of the container being mounted for cannot answer until the Mount
+  returns. If every candidate that did not answer is allowed, the mount is
+  allowed; if a disallowed one did not answer, or none stayed silent, it is
+  refused.
+
+The guard writes the volume's access file (``access.json`` next to the
+record, mode 0600) before the FUSE process starts or the mount is counted:
+the allowlist, the daemon's default, dockerd's socket, the audit log and the
+containers approved at mount time.
+
+Each access (``AccessChecker``, in the FUSE process). A request carries the
+caller's PID; its cgroup names the container (``securevol.containers``).
+Approved containers pass at once, other containers are looked up through the
+Engine API and matched. Host processes pass if the allowlist has ``host``,
+and dockerd always passes, because it copies image files into a new volume
+and serves ``docker cp``. Kernel threads pass: they write back pages of files
+that were opened after a check. Decisions are cached per container (per PID
+with its start time, so a reused PID is not mistaken for the old process),
+so a long read or write pays nothing per block.
+"""
+
+import concurrent.futures
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from securevol.audit import AuditLog
+from securevol.containers import (
+    UnknownProcess,
+    identify_process,
+    is_docker_daemon,
+    process_start_time,
+)
+from securevol.engine import EngineClient, EngineError, EngineTimeout, VolumeUser, socket_path_from_host
+from securevol.errors import AccessDenied
+from securevol.policy import Allowlist, AllowlistError, ContainerInfo, Rule, resolve_allowlist
+
+log = logging.getLogger(__name__)
+
+ACCESS_FILE = "access.json"
+ACCESS_FILE_VERSION = 1
+
+# How long the mount-time guard waits for an inspect before it counts the
+# container as locked by dockerd, that is, as the one being started.
+PROBE_TIMEOUT = 1.0
+# Engine API timeout inside the FUSE process, which serves no other request meanwhile.
+FUSE_ENGINE_TIMEOUT = 2.0
+# A refusal is remembered this long, so a failing container does not make a
+# request to dockerd (and an audit record) per file operation.
+DENY_CACHE_SECONDS = 2.0
+# How often a cached decision looks at the access file for a changed allowlist.
+RELOAD_SECONDS = 1.0
+_MAX_CACHED_PIDS = 4096
+
+_PF_KTHREAD = 0x00200000
+
+_HOST = "host"
+_DOCKERD = "dockerd"
+_KERNEL = "kernel"
+_SELF = "self"
+
+
+# -- the access file -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """What the access file tells the FUSE process."""
+
+    volume: str
+    allow: str | None  # the volume's allow option, None if it has none
+    deny_by_default: bool
+    docker_socket: str
+    audit_log: str | None
+    approved: dict[str, str] = field(default_factory=dict)  # container ID -> rule text
+
+    def allowlist(self) -> Allowlist:
+        return resolve_allowlist(self.allow, deny_by_default=self.deny_by_default)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": ACCESS_FILE_VERSION,
+            "volume": self.volume,
+            "allow": self.allow,
+            "deny_by_default": self.deny_by_default,
+            "docker_socket": self.docker_socket,
+            "audit_log": self.audit_log,
+            "approved": dict(sorted(self.approved.items())),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> "AccessPolicy":
+        if not isinstance(data, dict) or data.get("version") != ACCESS_FILE_VERSION:
+            raise ValueError(f"not an access file of version {ACCESS_FILE_VERSION}")
+        allow = data.get("allow")
+        approved = data.get("approved") or {}
+        return cls(
+            volume=str(data["volume"]),
+            allow=None if allow is None else str(allow),
+            deny_by_default=bool(data["deny_by_default"]),
+            docker_socket=str(data["docker_socket"]),
+            audit_log=None if data.get("audit_log") is None else str(data["audit_log"]),
+            approved={str(key): str(value) for key, value in dict(approved).items()},
+        )
+
+
+def write_access_file(path: str | os.PathLike[str], policy: AccessPolicy) -> None:
+    """Replace the access file atomically (temporary file, fsync, rename), mode 0600."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    payload = json.dumps(policy.to_json(), indent=2).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+
+
+def read_access_file(path: str | os.PathLike[str]) -> AccessPolicy:
+    """Read an access file; raise ValueError or OSError if it is missing or damaged."""
+    with open(path, "rb") as f:
+        return AccessPolicy.from_json(json.load(f))
+
+
+# -- mount time ------------------------------------------------------------------------------
+
+
+class MountGuard:
+    """The mount-time check of the daemon; see the module docstring."""
+
+    def __init__(self, engine: EngineClient | None, audit: AuditLog, *, deny_by_default: bool,
+                 docker_socket: str, probe_timeout: float = PROBE_TIMEOUT) -> None:
+        self.engine = engine
+        self.audit = audit
+        self.deny_by_default = deny_by_default
+        self.docker_socket = docker_socket
+        self.probe_timeout = probe_timeout
+
+    def check_mount(self, volume: str, allow_option: str | None, access_file: str | os.PathLike[str]) -> None:
+        """Refuse with AccessDenied unless the container being mounted for is allowed; write the access file."""
+        allowlist = self._allowlist(volume, allow_option)
+        approved: dict[str, str] = {}
+        if not allowlist.open:
+            approved = self._approve(volume, allowlist)
+
+        policy = AccessPolicy(volume, allow_option, self.deny_by_default, self.docker_socket,
+                              self.audit.path, approved)
+        write_access_file(access_file, policy)
+
+    def _allowlist(self, volume: str, allow_option: str | None) -> Allowlist:
+        try:
+            return resolve_allowlist(allow_option, deny_by_default=self.deny_by_default)
+        except AllowlistError as exc:
+            self.audit.record(allowed=False, point="mount", action="mount", volume=volume, reason="invalid allowlist")
+            raise AccessDenied(f"Volume {volume!r} has an invalid allowlist ({exc}); fix it with "
+                               "'securevol allow set'.") from None
+
+    def _approve(self, volume: str, allowlist: Allowlist) -> dict[str, str]:
+        """Return the approved containers {ID: rule} of this mount, or raise AccessDenied."""
+        candidates = self._engine_call(volume, lambda engine: engine.mount_candidates(volume))
+        if not candidates:
+            self.audit.record(allowed=True, point="mount", action="mount", volume=volume,
+                              reason="no container registered yet: dockerd copies image files")
+            return {}
+
+        verdicts = [(user, self._match(volume, allowlist, user.container)) for user in candidates]
+        refused = [user for user, rule in verdicts if rule is None]
+        if refused:
+            self._check_refused_are_idle(volume, allowlist, candidates, refused)
+
+        approved = {}
+        for user, rule in verdicts:
+            if rule is not None:
+                approved[user.container.id] = rule.text
+                self.audit.record(allowed=True, point="mount", action="mount", volume=volume,
+                                  container=user.container, rule=rule)
+        return approved
+
+    def _check_refused_are_idle(self, volume: str, allowlist: Allowlist, candidates: list[VolumeUser],
+                                refused: list[VolumeUser]) -> None:
+        """Raise AccessDenied unless the mount is for an allowed container, told by who is locked."""
+        busy = self._busy(volume, candidates)
+        busy_refused = [user for user in refused if user in busy]
+        if busy and not busy_refused:
+            return
+
+        user = busy_refused[0] if busy_refused else refused[0]
+        reason = "container not on allowlist" if busy_refused else "cannot tell which container mounts"
+        self.audit.record(allowed=False, point="mount", action="mount", volume=volume, container=user.container,
+                          reason=reason)
+        who = f"container {user.container.name!r} ({user.container.short_id()})"
+        if busy_refused:
+            raise AccessDenied(f"Volume {volume!r} does not allow {who}: it matches none of the rules "
+                               f"{allowlist.text!r}.")
+        raise AccessDenied(
+            f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol cannot tell "
+            "which container this mount is for; remove that container or add it to the allowlist."
+        )
+
+    def _busy(self, volume: str, candidates: list[VolumeUser]) -> list[VolumeUser]:
+        """Return the candidates whose inspect does not answer within the probe timeout."""
+        engine = self._require_engine(volume)
+        prober = EngineClient(engine.socket_path, timeout=self.probe_timeout)
+
+        def probe(user: VolumeUser) -> bool:
+            try:
+                prober.inspect_container(user.container.id)
+            except EngineTimeout:
+                return True
+            except EngineError:
+                return False
+            return False
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(candidates), 16)) as pool:
+            silent = list(pool.map(probe, candidates))
+        busy = [user for user, is_silent in zip(candidates, silent, strict=True) if is_silent]
+        log.info("mount candidates probed vol=%s candidates=%d busy=%s", volume, len(candidates),
+                 ",".join(user.container.short_id() for user in busy) or "-")
+        return busy
+
+    def _match(self, volume: str, allowlist: Allowlist, container: ContainerInfo) -> Rule | None:
+        rule = allowlist.match(container)
+        if rule is None and allowlist.has_kind("image"):
+            container = self._engine_call(volume, lambda engine: engine.with_image_refs(container))
+            rule = allowlist.match(container)
+        return rule
+
+    def _engine_call(self, volume: str, call: Any) -> Any:
+        engine = self._require_engine(volume)
+        try:
+            return call(engine)
+        except EngineError as exc:
+            self.audit.record(allowed=False, point="mount", action="mount", volume=volume, reason="engine unavailable")
+            raise AccessDenied(f"Volume {volume!r} has an allowlist, and securevol cannot ask dockerd which "
+                               f"container is starting: {exc}") from None
+
+    def _require_engine(self, volume: str) -> EngineClient:
+        if self.engine is None:
+            raise AccessDenied(f"Volume {volume!r} has an allowlist, but securevol has no Docker Engine API "
+                               "socket configured to check it.")
+        return self.engine
+
+
+# -- each access, in the FUSE process ----------------------------------------------------------
+
+
+@dataclass
+class _Decision:
+    allowed: bool
+    expires: float  # time.monotonic() after which it is decided again
+
+
+class AccessChecker:
+    """Decides whether the process behind a FUSE request may use the volume.
+
+    Not thread-safe: the FUSE process handles one request at a time.
+    """
+
+    def __init__(self, access_file: str | os.PathLike[str], proc: str = "/proc") -> None:
+        self.access_file = Path(access_file)
+        self.proc = proc
+        self._stamp: tuple[int, int, int] | None = None
+        self._next_reload = 0.0
+        self._policy: AccessPolicy | None = None
+        self._allowlist: Allowlist | None = None
+        self._engine: EngineClient | None = None
+        self._audit = AuditLog(None)
+        self._pids: dict[int, tuple[int, str]] = {}
+        self._decisions: dict[str, _Decision] = {}
+        self._failing = False
+        self._reload(force=True)
+
+    @property
+    def volume(self) -> str:
+        return self._policy.volume if self._policy else ""
+
+    def allows(self, pid: int, operation: str) -> bool:
+        """Tell whether process *pid* may perform *operation* (a FUSE handler name)."""
+        self._reload()
+        if self._allowlist is None:
+            return False  # the access file cannot be read: fail closed
+        if self._allowlist.open:
+            return True
+
+        try:
+            key = self._identity_key(pid)
+        except UnknownProcess:
+            return False
+
+        decision = self._decisions.get(key)
+        if decision is None or decision.expires <= time.monotonic():
+            # The daemon may have approved this container a moment ago.
+            self._reload(force=True)
+            decision = self._decide(key, operation)
+            self._decisions[key] = decision
+        return decision.allowed
+
+    def _identity_key(self, pid: int) -> str:
+        """Return the container ID of *pid*, or a key for a host process: host, dockerd, kernel or self."""
+        if pid <= 0:
+            raise UnknownProcess("the request has no process ID")
+        start_time = process_start_time(pid, self.proc)
+        cached = self._pids.get(pid)
+        if cached is not None and cached[0] == start_time:
+            return cached[1]
+
+        key = self._classify(pid)
+        if len(self._pids) >= _MAX_CACHED_PIDS:
+            self._pids.clear()
+        self._pids[pid] = (start_time, key)
+        return key
+
+    def _classify(self, pid: int) -> str:
+        if pid == os.getpid():
+            return _SELF
+        if _is_kernel_thread(pid, self.proc):
+            return _KERNEL
+        identity = identify_process(pid, self.proc)
+        if identity.container_id is not None:
+            return identity.container_id
+        if not identity.is_host:
+            raise UnknownProcess(f"process {pid} runs in a {identity.runtime} container without an ID")
+        return _DOCKERD if is_docker_daemon(pid, self.proc) else _HOST
+
+    def _decide(self, key: str, operation: str) -> _Decision:
+        forever = float("inf")
+        if key in (_SELF, _KERNEL, _DOCKERD):
+            return _Decision(True, forever)
+        if key == _HOST:
+            rule = self._allowlist.match_host()
+            self._record(rule, operation, None, "host process")
+            return _Decision(rule is not None, forever if rule else time.monotonic() + DENY_CACHE_SECONDS)
+
+        approved_rule = self._policy.approved.get(key)
+        if approved_rule is not None:
+            # Approved at mount time; nothing to audit again.
+            return _Decision(True, forever)
+
+        container, rule, reason = self._match_container(key)
+        self._record(rule, operation, container, reason)
+        if rule is None:
+            return _Decision(False, time.monotonic() + DENY_CACHE_SECONDS)
+        return _Decision(True, forever)
+
+    def _match_container(self, container_id: str) -> tuple[ContainerInfo, Rule | None, str]:
+        unknown = ContainerInfo(id=container_id, name="")
+        if self._engine is None:
+            return unknown, None, "no engine"
+        try:
+            container = self._engine.container_info(container_id,
+                                                    with_image_refs=self._allowlist.has_kind("image"))
+        except EngineError as exc:
+            log.warning("container lookup failed vol=%s id=%s error=%s", self.volume, container_id[:12], exc)
+            return unknown, None, "engine unavailable"
+        if container is None:
+            return unknown, None, "container unknown to dockerd"
+        rule = self._allowlist.match(container)
+        return container, rule, "" if rule else "not on allowlist"
+
+    def _record(self, rule: Rule | None, operation: str, container: ContainerInfo | None, reason: str) -> None:
+        self._audit.record(allowed=rule is not None, point="access", action=operation, volume=self.volume,
+                           container=container, rule=rule, reason=reason if rule is None else "")
+
+    def _reload(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_reload:
+            return
+        self._next_reload = now + RELOAD_SECONDS
+        try:
+            st = os.stat(self.access_file)
+        except OSError as exc:
+            self._fail(f"access file unreadable: {exc.strerror}")
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+
+        try:
+            policy = read_access_file(self.access_file)
+            allowlist = policy.allowlist()
+            engine = EngineClient(socket_path_from_host(policy.docker_socket), timeout=FUSE_ENGINE_TIMEOUT)
+        except (OSError, ValueError, KeyError) as exc:
+            self._fail(f"access file damaged: {exc}")
+            return
+        self._stamp = stamp
+        self._policy = policy
+        self._allowlist = allowlist
+        self._engine = engine
+        self._audit = AuditLog(policy.audit_log)
+        self._decisions.clear()
+        self._failing = False
+        log.info("access policy loaded vol=%s rules=%s approved=%d", policy.volume,
+                 allowlist.text or ("open" if allowlist.open else "none"), len(policy.approved))
+
+    def _fail(self, why: str) -> None:
+        if not self._failing:
+            log.error("access denied to all vol=%s reason=%s", self.volume or self.access_file.parent.name, why)
+        self._failing = True
+        self._stamp = None
+        self._allowlist = None
+        self._decisions.clear()
+
+
+def _is_kernel_thread(pid: int, proc: str) -> bool:
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return bool(int(fields[6]) & _PF_KTHREAD)
+

@@ -1,0 +1,93 @@
+"""The FUSE operations of a volume with an allowlist: each request's caller is checked first.
+
+``GuardedOperations`` asks an ``access.AccessChecker`` before every request
+that reveals or changes the tree: lookup, open, opendir, create, readlink and
+the requests that change names or attributes. A refused caller gets EACCES.
+read, write, readdir and release carry no caller in pyfuse3 and need none:
+they act on a handle that open or opendir granted. getattr and statfs are not
+checked, because host tools such as df and findmnt stat every mountpoint, and
+they reveal no names or contents.
+"""
+
+import errno
+import logging
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from securevol.access import AccessChecker
+from securevol.crypto import VolumeKeys
+from securevol.fuse_ops import SecurevolOperations
+
+log = logging.getLogger(__name__)
+
+
+class GuardedOperations(SecurevolOperations):
+    """SecurevolOperations that refuse callers the volume's allowlist does not allow."""
+
+    def __init__(self, volume: str, backing_root: str, keys: VolumeKeys, checker: AccessChecker) -> None:
+        super().__init__(volume, backing_root, keys)
+        self.checker = checker
+
+    def _check(self, ctx: pyfuse3.RequestContext, operation: str) -> None:
+        try:
+            allowed = self.checker.allows(ctx.pid, operation)
+        except Exception:
+            # pyfuse3 stops serving on any exception but FUSEError; refusing keeps the volume up.
+            log.exception("access check failed vol=%s op=%s pid=%d", self.volume, operation, ctx.pid)
+            allowed = False
+        if not allowed:
+            log.debug("access denied vol=%s op=%s pid=%d", self.volume, operation, ctx.pid)
+            raise FUSEError(errno.EACCES)
+
+    async def lookup(self, parent_ino, name, ctx):
+        self._check(ctx, "lookup")
+        return await super().lookup(parent_ino, name, ctx)
+
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        self._check(ctx, "setattr")
+        return await super().setattr(ino, attr, fields, fh, ctx)
+
+    async def readlink(self, ino, ctx):
+        self._check(ctx, "readlink")
+        return await super().readlink(ino, ctx)
+
+    async def mknod(self, parent_ino, name, mode, rdev, ctx):
+        self._check(ctx, "mknod")
+        return await super().mknod(parent_ino, name, mode, rdev, ctx)
+
+    async def mkdir(self, parent_ino, name, mode, ctx):
+        self._check(ctx, "mkdir")
+        return await super().mkdir(parent_ino, name, mode, ctx)
+
+    async def symlink(self, parent_ino, name, target, ctx):
+        self._check(ctx, "symlink")
+        return await super().symlink(parent_ino, name, target, ctx)
+
+    async def link(self, ino, new_parent_ino, new_name, ctx):
+        self._check(ctx, "link")
+        return await super().link(ino, new_parent_ino, new_name, ctx)
+
+    async def unlink(self, parent_ino, name, ctx):
+        self._check(ctx, "unlink")
+        return await super().unlink(parent_ino, name, ctx)
+
+    async def rmdir(self, parent_ino, name, ctx):
+        self._check(ctx, "rmdir")
+        return await super().rmdir(parent_ino, name, ctx)
+
+    async def rename(self, parent_ino_old, name_old, parent_ino_new, name_new, flags, ctx):
+        self._check(ctx, "rename")
+        return await super().rename(parent_ino_old, name_old, parent_ino_new, name_new, flags, ctx)
+
+    async def opendir(self, ino, ctx):
+        self._check(ctx, "opendir")
+        return await super().opendir(ino, ctx)
+
+    async def open(self, ino, flags, ctx):
+        self._check(ctx, "open")
+        return await super().open(ino, flags, ctx)
+
+    async def create(self, parent_ino, name, mode, flags, ctx):
+        self._check(ctx, "create")
+        return await super().create(parent_ino, name, mode, flags, ctx)
