@@ -316,6 +316,8 @@ class AccessChecker:
         if decision is None or decision.expires <= time.monotonic():
             # The daemon may have approved this container a moment ago.
             self._reload(force=True)
+            if self._allowlist is None:
+                return False
             decision = self._decide(key, operation)
             self._decisions[key] = decision
         return decision.allowed

@@ -1,0 +1,286 @@
+"""The access file, the FUSE-side AccessChecker and the mount-time MountGuard (securevol.access).
+
+Processes are real: the test runner (a host process), a kernel thread,
+exited children, and containers of a private dockerd.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from securevol.access import (
+    AccessChecker,
+    AccessPolicy,
+    MountGuard,
+    read_access_file,
+    write_access_file,
+)
+from securevol.audit import AuditLog
+from securevol.engine import EngineClient
+from securevol.errors import AccessDenied
+
+KTHREADD_PID = 2  # the parent of all kernel threads on Linux
+
+
+def policy(tmp_path: Path, allow: str | None, *, approved: dict | None = None, deny_by_default: bool = False,
+           docker_socket: str = "/nonexistent/docker.sock") -> AccessPolicy:
+    return AccessPolicy(volume="db", allow=allow, deny_by_default=deny_by_default,
+                        docker_socket=f"unix://{docker_socket}", audit_log=str(tmp_path / "audit.jsonl"),
+                        approved=approved or {})
+
+
+def checker_for(tmp_path: Path, access: AccessPolicy) -> AccessChecker:
+    path = tmp_path / "access.json"
+    write_access_file(path, access)
+    return AccessChecker(path)
+
+
+def audit_lines(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# -- the access file ---------------------------------------------------------------------------
+
+
+def test_access_file_round_trip_and_mode(tmp_path):
+    original = policy(tmp_path, "name:web", approved={"a" * 64: "name:web"})
+    path = tmp_path / "access.json"
+
+    write_access_file(path, original)
+
+    assert read_access_file(path) == original
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"version": 99}', '{"version": 1}'])
+def test_access_file_damaged(tmp_path, content):
+    path = tmp_path / "access.json"
+    path.write_text(content)
+
+    with pytest.raises((ValueError, KeyError)):
+        read_access_file(path)
+
+
+# -- FUSE-side checks on real host processes ---------------------------------------------------------
+
+
+def test_host_process_denied_without_host_rule(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web"))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not checker.allows(child.pid, "open")
+    finally:
+        child.kill()
+        child.wait()
+
+    record = audit_lines(tmp_path)[-1]
+    assert record["decision"] == "deny"
+    assert record["point"] == "access"
+    assert record["action"] == "open"
+    assert record["reason"] == "host process"
+
+
+def test_host_process_allowed_with_host_rule(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web,host"))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert checker.allows(child.pid, "lookup")
+    finally:
+        child.kill()
+        child.wait()
+    assert audit_lines(tmp_path)[-1]["rule"] == "host"
+
+
+def test_fuse_process_itself_and_kernel_threads_allowed(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web"))
+
+    assert checker.allows(os.getpid(), "lookup")
+    assert checker.allows(KTHREADD_PID, "setattr")
+
+
+def test_open_volume_allows_everyone(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, None))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert checker.allows(child.pid, "open")
+    finally:
+        child.kill()
+        child.wait()
+    assert audit_lines(tmp_path) == []
+
+
+def test_deny_by_default_refuses_host(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, None, deny_by_default=True))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not checker.allows(child.pid, "open")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_exited_and_invalid_pids_denied(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web,host"))
+    child = subprocess.Popen(["true"])
+    child.wait()
+
+    assert not checker.allows(child.pid, "open")
+    assert not checker.allows(0, "open")
+
+
+def test_missing_access_file_denies(tmp_path):
+    checker = AccessChecker(tmp_path / "missing.json")
+
+    assert not checker.allows(os.getpid(), "open")
+
+
+def test_changed_access_file_takes_effect(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web"))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not checker.allows(child.pid, "open")
+
+        write_access_file(tmp_path / "access.json", policy(tmp_path, "name:web,host"))
+
+        # The refusal was cached for a moment; a cache miss re-reads the file.
+        checker._decisions.clear()
+        assert checker.allows(child.pid, "open")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_damaged_access_file_denies_all(tmp_path):
+    checker = checker_for(tmp_path, policy(tmp_path, "host"))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert checker.allows(child.pid, "open")
+
+        (tmp_path / "access.json").write_text("{broken")
+        checker._decisions.clear()
+
+        assert not checker.allows(child.pid, "open")
+    finally:
+        child.kill()
+        child.wait()
+
+
+# -- with a real dockerd ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def running(dockerd, busybox_image):
+    """Start named busybox containers that sleep; remove them after the test."""
+    names = []
+
+    def start(name: str, *args: str) -> tuple[str, int]:
+        container_id = dockerd.run("-d", "--name", name, *args, busybox_image, "sleep", "300").stdout.strip()
+        names.append(name)
+        pid = EngineClient(str(dockerd.socket)).inspect_container(container_id)["State"]["Pid"]
+        return container_id, pid
+
+    yield start
+    if names:
+        dockerd.docker("rm", "-f", *names, check=False)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_container_checked_through_engine(tmp_path, dockerd, running):
+    web_id, web_pid = running("access-web", "--label", "role=web")
+    other_id, other_pid = running("access-other")
+    checker = checker_for(tmp_path, policy(tmp_path, "label:role=web", docker_socket=str(dockerd.socket)))
+
+    assert checker.allows(web_pid, "open")
+    assert not checker.allows(other_pid, "open")
+
+    records = audit_lines(tmp_path)
+    assert [(r["decision"], r["container_id"], r["container_name"]) for r in records] == [
+        ("allow", web_id, "access-web"), ("deny", other_id, "access-other")]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_approved_container_needs_no_engine(tmp_path, running):
+    web_id, web_pid = running("access-approved")
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web", approved={web_id: "name:web"}))
+
+    # The Engine API socket in the policy does not exist: only the approval can allow.
+    assert checker.allows(web_pid, "open")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_container_denied_when_engine_unreachable(tmp_path, running):
+    _, pid = running("access-noengine")
+    checker = checker_for(tmp_path, policy(tmp_path, "name:access-noengine"))
+
+    assert not checker.allows(pid, "open")
+    assert audit_lines(tmp_path)[-1]["reason"] == "engine unavailable"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_dockerd_allowed_as_host_process(tmp_path, dockerd):
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web"))
+
+    assert checker.allows(dockerd.pid, "create")
+
+
+# -- mount time ---------------------------------------------------------------------------------------------
+
+
+def guard(tmp_path: Path, engine: EngineClient | None, deny_by_default: bool = False) -> MountGuard:
+    return MountGuard(engine, AuditLog(tmp_path / "audit.jsonl"), deny_by_default=deny_by_default,
+                      docker_socket="unix:///var/run/docker.sock", probe_timeout=0.5)
+
+
+def test_mount_guard_open_volume_needs_no_engine(tmp_path):
+    access_file = tmp_path / "access.json"
+
+    guard(tmp_path, None).check_mount("db", None, access_file)
+
+    written = read_access_file(access_file)
+    assert written.allow is None
+    assert written.allowlist().open
+
+
+def test_mount_guard_without_engine_refuses(tmp_path):
+    with pytest.raises(AccessDenied, match="no Docker Engine API"):
+        guard(tmp_path, None).check_mount("db", "name:web", tmp_path / "access.json")
+
+
+def test_mount_guard_invalid_allowlist_refuses(tmp_path):
+    with pytest.raises(AccessDenied, match="invalid allowlist"):
+        guard(tmp_path, None).check_mount("db", "nam:web", tmp_path / "access.json")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_mount_guard_with_candidates(tmp_path, dockerd, busybox_image):
+    engine = EngineClient(str(dockerd.socket))
+    access_file = tmp_path / "access.json"
+    volume = "guard-probe"
+    try:
+        # No container uses the volume yet: dockerd copying image files.
+        guard(tmp_path, engine).check_mount(volume, "name:guard-web", access_file)
+        assert read_access_file(access_file).approved == {}
+
+        web_id = dockerd.docker("create", "--name", "guard-web", "-v", f"{volume}:/d", busybox_image,
+                                "true").stdout.strip()
+        guard(tmp_path, engine).check_mount(volume, "name:guard-web", access_file)
+        assert read_access_file(access_file).approved == {web_id: "name:guard-web"}
+
+        # A disallowed container that nobody is starting (its inspect answers):
+        # securevol cannot tell the mount is not for it, so it refuses.
+        dockerd.docker("create", "--name", "guard-evil", "-v", f"{volume}:/d", busybox_image, "true")
+        with pytest.raises(AccessDenied, match="cannot tell which container"):
+            guard(tmp_path, engine).check_mount(volume, "name:guard-web", access_file)
+        assert audit_lines(tmp_path)[-1]["container_name"] == "guard-evil"
+    finally:
+        dockerd.docker("rm", "-f", "guard-web", "guard-evil", check=False)
+        dockerd.docker("volume", "rm", volume, check=False)
