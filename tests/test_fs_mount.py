@@ -394,6 +394,8 @@ def test_mount_options(volume):
     assert " fuse.securevol securevol " in line
     assert "allow_other" in line
     assert "default_permissions" in line
+    device = line.split()[2]
+    assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
 
 
 @pytest.mark.parametrize("key", [b"", b"short", bytes(31)], ids=["empty", "5-bytes", "31-bytes"])
