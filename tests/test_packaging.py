@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from securevol import config, engine
+from securevol import config
 from tests.dockerd import PrivateDockerd, unique_driver_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,8 +162,7 @@ def test_plugin_config_docker_socket_mount():
     plugin = plugin_config()
     [docker_socket] = [mount for mount in plugin["mounts"] if mount["name"] == "docker-socket"]
 
-    # The Engine API client's default path inside the plugin, so no setting is needed.
-    assert docker_socket["destination"] == engine.DEFAULT_DOCKER_SOCKET
+    assert f"unix://{docker_socket['destination']}" == plugin_env(plugin)["SECUREVOL_DOCKER_HOST"]
     assert docker_socket["settable"] == ["source"]
 
 
@@ -172,6 +171,21 @@ def test_plugin_config_entrypoint_is_build_venv():
     venv = re.search(r"^VENV=(\S+)$", BUILD_PLUGIN_SH.read_text(), re.MULTILINE).group(1)
 
     assert plugin["entrypoint"] == [f"{venv}/bin/securevol", "serve"]
+
+
+def test_dockerfile_matches_plugin_config():
+    # The Dockerfile path needs a registry, so it is checked here against the
+    # same facts that the debootstrap path is tested with.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    entrypoint = plugin_config()["entrypoint"]
+
+    assert f"ENTRYPOINT {json.dumps(entrypoint)}" in dockerfile
+    assert "COPY --from=build /opt/securevol /opt/securevol" in dockerfile
+    for source in re.findall(r"^COPY (?!--from)(.+) /src/\S*$", dockerfile, re.MULTILINE):
+        for name in source.split():
+            assert (REPO / name).exists(), f"the Dockerfile copies {name}, which is missing"
+    for package in ("python3", "fuse3", "ca-certificates"):
+        assert package in dockerfile
 
 
 def test_plugin_config_env_names_are_settings():
