@@ -181,8 +181,8 @@ def _raise_read_ahead(mountpoint: str) -> None:
 
     Fewer, larger read requests cut the per-request cost of this Python
     process. The setting belongs to this FUSE connection's own backing device,
-    found in mountinfo, because a stat(2) of the mountpoint would wait for the
-    request loop, which has not started yet.
+    found in mountinfo by *mountpoint*, which must be resolved already: any
+    stat(2) of the mount would wait for the request loop, which has not started.
     """
     device = _mount_device(mountpoint)
     if device is None:
@@ -197,7 +197,7 @@ def _raise_read_ahead(mountpoint: str) -> None:
 
 def _mount_device(mountpoint: str) -> str | None:
     """Return the MAJOR:MINOR of the last mount at *mountpoint*, from /proc/self/mountinfo."""
-    target = os.fsencode(os.path.realpath(mountpoint))
+    target = os.fsencode(mountpoint)
     device = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
@@ -216,6 +216,9 @@ def _serve(args: argparse.Namespace, keys) -> int:
     os.umask(0)  # modes of new backing entries are set exactly from the request
     _raise_open_file_limit()
 
+    # Resolved before mounting: afterwards a stat(2) of the mountpoint would
+    # wait for this very process, which does not serve requests yet.
+    mountpoint = os.path.realpath(args.mountpoint)
     if args.access_file:
         checker = AccessChecker(args.access_file)
         operations = GuardedOperations(args.volume, args.backing, keys, checker)
@@ -229,7 +232,7 @@ def _serve(args: argparse.Namespace, keys) -> int:
         _report(args.ready_fd, f"error mounting FUSE at {args.mountpoint} failed; see the volume log")
         return 1
 
-    _raise_read_ahead(args.mountpoint)
+    _raise_read_ahead(mountpoint)
     if not _report(args.ready_fd, f"ready {os.getpid()}"):
         log.error("mount abandoned vol=%s: the ready pipe is closed", args.volume)
         pyfuse3.close(unmount=True)
