@@ -12,6 +12,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SOURCE=$REPO
 
 NAME=securevol
 FROM=dockerfile
@@ -41,6 +42,7 @@ Build the securevol managed plugin and create it in the Docker daemon named by D
   --from METHOD        how to build the rootfs: dockerfile or debootstrap (default: $FROM)
   --build-dir DIR      where the plugin directory (config.json, rootfs/) is made (default: $BUILD_DIR)
   --cache-dir DIR      where the debootstrap base rootfs is cached (default: $CACHE_DIR)
+  --source DIR         securevol source tree to install (default: $SOURCE)
   --no-create          only prepare the plugin directory; do not call 'docker plugin create'
   --registry PREFIX    registry prefix of the base image, with trailing slash (dockerfile; default: $REGISTRY)
   --base-image IMAGE   base image without registry (dockerfile; default: $BASE_IMAGE)
@@ -65,6 +67,7 @@ parse_args() {
             --from) FROM=$2; shift 2 ;;
             --build-dir) BUILD_DIR=$2; shift 2 ;;
             --cache-dir) CACHE_DIR=$2; shift 2 ;;
+            --source) SOURCE=$(realpath "$2"); shift 2 ;;
             --no-create) CREATE=0; shift ;;
             --registry) REGISTRY=$2; shift 2 ;;
             --base-image) BASE_IMAGE=$2; shift 2 ;;
@@ -116,7 +119,7 @@ build_wheels() {
     step "build wheels of securevol and its dependencies"
     rm -rf "$wheels"
     mkdir -p "$wheels"
-    "$PIP" wheel --quiet --wheel-dir "$wheels" "$REPO[transit]"
+    "$PIP" wheel --quiet --wheel-dir "$wheels" "$SOURCE[transit]"
 }
 
 rootfs_from_debootstrap() {
@@ -153,7 +156,7 @@ rootfs_from_dockerfile() {
     step "docker build the rootfs image from $REGISTRY$BASE_IMAGE"
     docker build --tag "$image" \
         --build-arg "REGISTRY=$REGISTRY" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-        --file "$REPO/Dockerfile" "$REPO"
+        --file "$SOURCE/Dockerfile" "$SOURCE"
 
     step "export the image into the rootfs"
     container=$(docker create "$image" true)
@@ -167,8 +170,8 @@ rootfs_from_dockerfile() {
 write_build_stamp() {
     local version commit
 
-    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO/pyproject.toml")
-    commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$SOURCE/pyproject.toml")
+    commit=$(git -C "$SOURCE" rev-parse --short HEAD 2>/dev/null || echo unknown)
     printf 'securevol %s commit %s built %s from %s\n' \
         "$version" "$commit" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$FROM" >"$1"
 }
@@ -183,7 +186,7 @@ main() {
 
     "rootfs_from_$FROM" "$plugin_dir/rootfs"
     write_build_stamp "$plugin_dir/rootfs/etc/securevol-build"
-    cp "$REPO/config.json" "$plugin_dir/config.json"
+    cp "$SOURCE/config.json" "$plugin_dir/config.json"
 
     if [ "$CREATE" -eq 0 ]; then
         step "plugin directory ready: $plugin_dir"

@@ -530,11 +530,26 @@ class ManagedPlugin:
 
     def build(self) -> None:
         result = subprocess.run(
-            ["bash", str(BUILD_PLUGIN_SH), "--from", "debootstrap", "--no-create",
+            ["bash", str(BUILD_PLUGIN_SH), "--from", "debootstrap", "--no-create", "--source", str(self.source()),
              "--build-dir", str(self.work / "build"), "--cache-dir", str(BUILD_CACHE)],
             env=self.dockerd.env, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL,
         )
         assert result.returncode == 0, f"build-plugin.sh failed:\n{result.stdout}\n{result.stderr}"
+
+    def source(self) -> Path:
+        """Return a copy of the committed tree, or the checkout itself outside git.
+
+        Building from a copy of HEAD keeps files that are being edited in the
+        checkout out of the plugin.
+        """
+        if not (REPO / ".git").exists():
+            return REPO
+        source = self.work / "source"
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"],
+                                 capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+        return source
 
     def create(self) -> None:
         self.dockerd.docker("plugin", "create", self.name, str(self.plugin_dir), timeout=600)
