@@ -33,6 +33,7 @@ so a long read or write pays nothing per block.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -139,6 +140,19 @@ def write_access_file(path: str | os.PathLike[str], policy: AccessPolicy) -> Non
     except OSError:
         os.unlink(tmp)
         raise
+
+
+def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:
+    """Put a new allowlist into an existing access file and drop its approvals; False if there is none.
+
+    The FUSE process then checks every container again, each against the new rules.
+    """
+    try:
+        policy = read_access_file(path)
+    except FileNotFoundError:
+        return False
+    write_access_file(path, dataclasses.replace(policy, allow=allow, approved={}))
+    return True
 
 
 def read_access_file(path: str | os.PathLike[str]) -> AccessPolicy:

@@ -16,6 +16,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from securevol.authz import Authorizer, Verdict, build_authorizer
 from securevol.config import Settings
 from securevol.driver import VolumeDriver
 from securevol.errors import SecurevolError
@@ -26,6 +27,8 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.1+json"
 
 # dockerd's requests are a few hundred bytes; anything much larger is not from it.
 MAX_REQUEST_BYTES = 1024 * 1024
+# An AuthZRes carries a request body and a response body of up to 1 MiB each, base64-encoded.
+AUTHZ_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 volume_api = Blueprint("volume_api", __name__)
 
@@ -40,8 +43,10 @@ def create_app(settings: Settings, driver: VolumeDriver | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     # Plugin subsystems announced by /Plugin.Activate; other parts of securevol
     # append to this list when they register their endpoints.
-    app.config["SECUREVOL_IMPLEMENTS"] = ["VolumeDriver"]
-    app.extensions["securevol.driver"] = driver or VolumeDriver.from_settings(settings)
+    app.config["SECUREVOL_IMPLEMENTS"] = ["VolumeDriver", "authz"]
+    driver = driver or VolumeDriver.from_settings(settings)
+    app.extensions["securevol.driver"] = driver
+    app.extensions["securevol.authz"] = build_authorizer(settings, driver.registry)
 
     app.register_blueprint(volume_api)
     app.register_error_handler(HTTPException, _http_error)
@@ -162,6 +167,25 @@ def list_volumes() -> dict[str, Any]:
 def capabilities() -> dict[str, Any]:
     request_object()
     return {"Capabilities": _driver().capabilities()}
+
+
+def _authz_endpoint(path: str, answer: Callable[[Authorizer, dict[str, Any]], Verdict]) -> None:
+    """Register an authorization plugin endpoint; a request it cannot read gets Err, which dockerd treats as a denial."""
+
+    def view() -> Response:
+        request.max_content_length = AUTHZ_MAX_REQUEST_BYTES
+        try:
+            payload = request_object()
+        except BadRequest as exc:
+            log.warning("authz request rejected endpoint=%s error=%s", path, exc)
+            return plugin_response({"Allow": False, "Err": str(exc)}, 400)
+        return plugin_response(answer(current_app.extensions["securevol.authz"], payload).to_response())
+
+    volume_api.add_url_rule(path, endpoint=path.lstrip("/").replace(".", "_"), view_func=view, methods=["POST"])
+
+
+_authz_endpoint("/AuthZPlugin.AuthZReq", lambda authorizer, payload: authorizer.authorize_request(payload))
+_authz_endpoint("/AuthZPlugin.AuthZRes", lambda authorizer, payload: authorizer.authorize_response(payload))
 
 
 def _http_error(exc: HTTPException) -> Response:

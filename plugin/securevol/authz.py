@@ -55,7 +55,7 @@ from typing import Any
 
 from securevol import gojson
 from securevol.audit import AuditLog
-from securevol.engine import EngineClient, EngineError, info_from_inspect, mounts_of
+from securevol.engine import EngineClient, EngineError, info_from_inspect, mounts_of, socket_path_from_host
 from securevol.errors import SecurevolError
 from securevol.policy import Allowlist, AllowlistError, ContainerInfo, Rule, resolve_allowlist
 
@@ -588,6 +588,20 @@ class Authorizer:
 
     def _is_ours(self, driver: str) -> bool:
         return bool(driver) and _plugin_name(driver) in self.driver_names
+
+
+def build_authorizer(settings: Any, registry: Any) -> Authorizer:
+    """Build the Authorizer of a daemon from its ``config.Settings`` and ``registry.Registry``."""
+    protected = [settings.state_dir, settings.mount_root]
+    if settings.master_key is not None:
+        protected.append(settings.master_key)
+    return Authorizer(
+        VolumeCatalog.from_registry(registry, deny_by_default=settings.deny_by_default),
+        driver_names=[settings.socket.name.removesuffix(".sock")],
+        protected_paths=protected,
+        engine=EngineClient(socket_path_from_host(settings.docker_host)),
+        audit=AuditLog(settings.audit_log_path),
+    )
 
 
 def _refusal(use: VolumeUse, container: ContainerInfo) -> str:

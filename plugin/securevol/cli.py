@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from gunicorn.app.base import BaseApplication
 
 from securevol import config
+from securevol.access import ACCESS_FILE, update_access_file
 from securevol.api import create_app
 from securevol.driver import VolumeDriver
 from securevol.errors import SecurevolError
 from securevol.log import setup_logging
+from securevol.policy import parse_allowlist
+from securevol.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ _SOCKET_UMASK = 0o777 & ~SOCKET_MODE
 # Mount waits up to --mount-timeout for the FUSE process, and Unmount up to
 # about 30 seconds for a FUSE process to exit, so leave room for both.
 _WORKER_TIMEOUT_MARGIN = 60
+_THREADS_PER_WORKER = 8
 
 
 class PluginServer(BaseApplication):
@@ -47,7 +51,12 @@ class PluginServer(BaseApplication):
             "bind": [f"unix:{settings.socket}"],
             "umask": _SOCKET_UMASK,
             "workers": settings.workers,
-            "worker_class": "sync",
+            # Threads let a worker answer dockerd's authorization requests while
+            # another of its requests waits for dockerd: a Mount asks the Engine
+            # API which container is starting, and an authorization plugin is
+            # asked about that API call before dockerd answers it.
+            "worker_class": "gthread",
+            "threads": _THREADS_PER_WORKER,
             "timeout": int(settings.mount_timeout) + _WORKER_TIMEOUT_MARGIN,
             "preload_app": True,
             "proc_name": "securevol",
@@ -101,6 +110,55 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def allow_show(args: argparse.Namespace) -> int:
+    """Print the allowlist of a volume."""
+    settings, registry = _settings_and_registry(args)
+    record = registry.read_volume(args.volume)
+    rules = record.options.get("allow")
+    if rules is not None:
+        print(parse_allowlist(rules).text)
+    elif settings.deny_by_default:
+        print("(no allowlist: the daemon's default policy denies every container)")
+    else:
+        print("(no allowlist: every container may use the volume)")
+    return 0
+
+
+def allow_set(args: argparse.Namespace) -> int:
+    """Replace the allowlist of a volume; a running FUSE process applies it within a second."""
+    _, registry = _settings_and_registry(args)
+    parse_allowlist(args.rules)  # raises AllowlistError with the position of the error
+    with registry.changing_mounts(args.volume) as record:
+        previous = record.options.get("allow")
+        registry.update_options(args.volume, {**record.options, "allow": args.rules})
+        update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, args.rules)
+    log.info("allowlist changed vol=%s rules=%s previous=%s", args.volume, args.rules, previous or "-")
+    print(f"Volume {args.volume!r} now allows: {args.rules}")
+    return 0
+
+
+def _settings_and_registry(args: argparse.Namespace) -> tuple[config.Settings, Registry]:
+    settings = config.resolve(vars(args))
+    setup_logging(settings.log_level)
+    return settings, Registry(settings.state_dir)
+
+
+def _run_admin(command):
+    """Wrap an admin command so that expected errors print one line and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except config.ConfigError as exc:
+            print(f"securevol: {exc}", file=sys.stderr)
+            return 2
+        except SecurevolError as exc:
+            print(f"securevol: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="securevol",
@@ -116,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(serve_parser)
     serve_parser.set_defaults(func=serve)
+
+    allow_parser = commands.add_parser(
+        "allow",
+        help="show or change the allowlist of a volume",
+        description="Show or change which containers may use a volume (the 'allow' option; syntax in "
+        "docs/allowlist.md). Give the same settings as to 'securevol serve', at least --state-dir.",
+    )
+    allow_commands = allow_parser.add_subparsers(dest="allow_command", metavar="ACTION", required=True)
+    show_parser = allow_commands.add_parser("show", help="print the allowlist of VOLUME")
+    show_parser.add_argument("volume", metavar="VOLUME")
+    config.add_arguments(show_parser)
+    show_parser.set_defaults(func=_run_admin(allow_show))
+    set_parser = allow_commands.add_parser(
+        "set", help="replace the allowlist of VOLUME with RULES, e.g. 'service:db,name:backup'"
+    )
+    set_parser.add_argument("volume", metavar="VOLUME")
+    set_parser.add_argument("rules", metavar="RULES")
+    config.add_arguments(set_parser)
+    set_parser.set_defaults(func=_run_admin(allow_set))
     return parser
 
 

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securevol.engine import socket_path_from_host
+
 DEFAULT_SOCKET = "/run/docker/plugins/securevol.sock"
 DEFAULT_STATE_DIR = "/var/lib/securevol"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 # sun_path in struct sockaddr_un is 108 bytes on Linux, including the final NUL.
 MAX_SOCKET_PATH_LEN = 107
@@ -31,10 +34,21 @@ class Settings:
     key_provider: str
     master_key: Path | None  # None: STATE/master.key, created on first start
     mount_timeout: float
+    docker_host: str = DEFAULT_DOCKER_HOST
+    default_policy: str = "allow"  # for volumes without an allow option: "allow" or "deny"
+    audit_log: Path | None = None  # None: STATE/log/audit.jsonl
 
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "log"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log or self.log_dir / "audit.jsonl"
+
+    @property
+    def deny_by_default(self) -> bool:
+        return self.default_policy == "deny"
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,17 @@ def _positive_float(value: str) -> float:
     if not number > 0:
         raise ValueError("must be greater than 0")
     return number
+
+
+def _default_policy(value: str) -> str:
+    if value not in ("allow", "deny"):
+        raise ValueError("must be allow or deny")
+    return value
+
+
+def _docker_host(value: str) -> str:
+    socket_path_from_host(value)  # raises ValueError for a TCP address or a relative path
+    return value
 
 
 def _log_level(value: str) -> str:
@@ -92,6 +117,15 @@ SETTINGS = (
     SettingSpec("mount_timeout", "--mount-timeout", "SECUREVOL_MOUNT_TIMEOUT", 20.0,
                 "seconds to wait for a volume's FUSE process to report that it is mounted",
                 _positive_float, "SECONDS"),
+    SettingSpec("docker_host", "--docker-host", "SECUREVOL_DOCKER_HOST", DEFAULT_DOCKER_HOST,
+                "dockerd's Engine API socket (unix:///PATH), which the allowlist asks who a container is",
+                _docker_host, "unix:///PATH"),
+    SettingSpec("default_policy", "--default-policy", "SECUREVOL_DEFAULT_POLICY", "allow",
+                "who may use a volume created without an allow option: allow (every container) or deny "
+                "(no container)", _default_policy, "allow|deny"),
+    SettingSpec("audit_log", "--audit-log", "SECUREVOL_AUDIT_LOG", None,
+                "file that receives one JSON line per allowlist decision (default: STATE_DIR/log/audit.jsonl)",
+                metavar="PATH"),
 )
 
 
@@ -141,6 +175,7 @@ def _finish(values: dict[str, Any]) -> Settings:
         state_dir=state_dir,
         mount_root=Path(mount_root).absolute() if mount_root else state_dir / "mnt",
         master_key=Path(master_key).absolute() if master_key else None,
+        audit_log=Path(values["audit_log"]).absolute() if values["audit_log"] else None,
     )
     socket_len = len(os.fsencode(values["socket"]))
     if socket_len > MAX_SOCKET_PATH_LEN:

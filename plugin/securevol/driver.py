@@ -12,8 +12,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from securevol.access import ACCESS_FILE, MountGuard
+from securevol.audit import AuditLog
 from securevol.config import Settings
 from securevol.crypto import VOLUME_ID_LEN, DataKey
+from securevol.engine import EngineClient, socket_path_from_host
 from securevol.errors import KeyProviderError, MountFailed, SecurevolError, VolumeExists, VolumeInUse
 from securevol.keys import KeyProvider, check_record_provider, create_provider
 from securevol.mounter import FuseLaunch, Mounter, is_mounted
@@ -26,11 +29,14 @@ log = logging.getLogger(__name__)
 class VolumeDriver:
     """The eight operations of the Docker volume plugin protocol, on volumes kept in the state directory."""
 
-    def __init__(self, settings: Settings, registry: Registry, key_provider: KeyProvider, mounter: Mounter) -> None:
+    def __init__(self, settings: Settings, registry: Registry, key_provider: KeyProvider, mounter: Mounter,
+                 guard: MountGuard | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.key_provider = key_provider
         self.mounter = mounter
+        # Without a guard no allowlist is enforced at mount time or by the FUSE process.
+        self.guard = guard
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "VolumeDriver":
@@ -38,7 +44,8 @@ class VolumeDriver:
         prepare_state_dir(settings)
         registry = Registry(settings.state_dir)
         registry.ensure_layout()
-        return cls(settings, registry, create_provider(settings), Mounter(settings.mount_timeout))
+        return cls(settings, registry, create_provider(settings), Mounter(settings.mount_timeout),
+                   mount_guard(settings))
 
     # -- changes -------------------------------------------------------------
 
@@ -118,6 +125,9 @@ class VolumeDriver:
         validate_name(name)
 
         with self.registry.changing_mounts(name) as record:
+            if self.guard is not None:
+                # Raises AccessDenied; writes the access file the FUSE process reads.
+                self.guard.check_mount(name, record.options.get("allow"), self._access_file(name))
             state = self.registry.read_mounts(name)
             mountpoint = self._mountpoint(name)
             if not self.mounter.is_serving(state.pid, mountpoint):
@@ -145,6 +155,7 @@ class VolumeDriver:
             mountpoint=mountpoint,
             log_file=self._log_file(name),
             log_level=self.settings.log_level,
+            access_file=self._access_file(name) if self.guard is not None else None,
         )
         try:
             state.pid = self.mounter.start(launch, dek)
@@ -232,6 +243,16 @@ class VolumeDriver:
 
     def _log_file(self, name: str) -> Path:
         return self.settings.log_dir / f"{name}.log"
+
+    def _access_file(self, name: str) -> Path:
+        return self.registry.volume_dir(name) / ACCESS_FILE
+
+
+def mount_guard(settings: Settings) -> MountGuard:
+    """Build the mount-time allowlist check from the daemon's settings."""
+    engine = EngineClient(socket_path_from_host(settings.docker_host))
+    return MountGuard(engine, AuditLog(settings.audit_log_path), deny_by_default=settings.deny_by_default,
+                      docker_socket=settings.docker_host)
 
 
 def prepare_state_dir(settings: Settings) -> None:

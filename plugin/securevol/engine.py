@@ -69,15 +69,18 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def socket_path_from_host(docker_host: str) -> str:
-    """Return the socket path of a ``unix://PATH`` DOCKER_HOST value (or of a bare path)."""
+    """Return the socket path of a ``unix://PATH`` DOCKER_HOST value (or of a bare path).
+
+    Raises ValueError with a lowercase clause that callers put after the value.
+    """
     if docker_host.startswith("unix://"):
         path = docker_host[len("unix://") :]
     elif "://" in docker_host:
-        raise ValueError(f"Docker host {docker_host!r} is not a Unix socket; give unix:///PATH.")
+        raise ValueError("not a Unix socket address; give unix:///PATH")
     else:
         path = docker_host
     if not path.startswith("/"):
-        raise ValueError(f"Docker socket path {path!r} must be absolute.")
+        raise ValueError(f"the socket path {path!r} is not absolute")
     return path
 
 

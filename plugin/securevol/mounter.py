@@ -41,6 +41,7 @@ class FuseLaunch:
     mountpoint: Path
     log_file: Path
     log_level: str
+    access_file: Path | None = None  # the volume's allowlist for the FUSE process (securevol.access)
 
 
 class Mounter:
@@ -88,6 +89,8 @@ class Mounter:
             "--log-file", str(launch.log_file),
             "--log-level", launch.log_level,
         ]
+        if launch.access_file is not None:
+            args += ["--access-file", str(launch.access_file)]
         launch.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         log_fd = os.open(launch.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

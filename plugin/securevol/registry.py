@@ -18,6 +18,7 @@ old or the new version.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -202,6 +203,15 @@ class Registry:
         _write_json(volume_dir / MOUNTS_FILE, asdict(MountState()))
         _write_json(volume_dir / VOLUME_FILE, asdict(record))
         _fsync_dir(self.volumes_dir)
+
+    def update_options(self, name: str, options: dict[str, str]) -> VolumeRecord:
+        """Replace the options in the record of volume *name* and return the new record.
+
+        The caller holds ``changing_mounts(name)``, so no Mount reads the record meanwhile.
+        """
+        record = dataclasses.replace(self.read_volume(name), options=dict(options))
+        _write_json(self.volume_dir(name) / VOLUME_FILE, asdict(record))
+        return record
 
     def write_mounts(self, name: str, state: MountState) -> None:
         _write_json(self.volume_dir(name) / MOUNTS_FILE, asdict(state))
