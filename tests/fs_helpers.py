@@ -10,12 +10,15 @@ import errno
 import hashlib
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VOLUME_ID = "00112233445566778899aabbccddeeff"
@@ -197,3 +200,52 @@ def expect_errno(expected: int, function, *args, **kwargs) -> None:
         assert exc.errno == expected, f"expected {errno.errorcode[expected]}, got {exc!r}"
     else:
         raise AssertionError(f"expected {errno.errorcode[expected]}, but {function.__name__} succeeded")
+
+
+# --- pytest fixtures -------------------------------------------------------------------------------
+
+
+def require_fuse() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        message = "FUSE tests need root, /dev/fuse and fusermount3"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class Volume(FuseMount):
+    """A FuseMount that knows which ERROR log lines its test expects."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expected_errors: list[str] = []
+
+    def remount(self) -> None:
+        self.stop()
+        self.start()
+
+    def unexpected_errors(self) -> list[str]:
+        return [
+            line
+            for line in self.log_lines("ERROR")
+            if not any(expected in line for expected in self.expected_errors)
+        ]
+
+
+@pytest.fixture
+def volume(tmp_path):
+    require_fuse()
+    vol = Volume(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    vol.start()
+    try:
+        yield vol
+    finally:
+        vol.cleanup()
+    assert vol.unexpected_errors() == []
+
+
+@pytest.fixture
+def plain_dir(tmp_path):
+    path = tmp_path / "plain"
+    path.mkdir()
+    return path

@@ -9,7 +9,6 @@ and fails the test if the volume log has ERROR lines the test did not expect.
 import errno
 import os
 import random
-import shutil
 import signal
 import stat
 import subprocess
@@ -18,62 +17,20 @@ from pathlib import Path
 import pytest
 
 from securevol import format as fmt
-from tests.fs_helpers import (
+from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
     FuseMount,
     MountFailed,
+    Volume,
     backing_bytes,
     expect_errno,
     is_mounted,
+    plain_dir,
     process_alive,
+    require_fuse,
     run_mount_command,
     tree_snapshot,
+    volume,
 )
-
-
-def _require_fuse() -> None:
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        message = "FUSE tests need root, /dev/fuse and fusermount3"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-class Volume(FuseMount):
-    """A FuseMount that knows which ERROR log lines its test expects."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.expected_errors: list[str] = []
-
-    def remount(self) -> None:
-        self.stop()
-        self.start()
-
-    def unexpected_errors(self) -> list[str]:
-        return [
-            line
-            for line in self.log_lines("ERROR")
-            if not any(expected in line for expected in self.expected_errors)
-        ]
-
-
-@pytest.fixture
-def volume(tmp_path):
-    _require_fuse()
-    vol = Volume(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
-    vol.start()
-    try:
-        yield vol
-    finally:
-        vol.cleanup()
-    assert vol.unexpected_errors() == []
-
-
-@pytest.fixture
-def plain_dir(tmp_path):
-    path = tmp_path / "plain"
-    path.mkdir()
-    return path
 
 
 # --- a scripted workload, run on a plain directory and on the mount -------------------------------
@@ -400,7 +357,7 @@ def test_mount_options(volume):
 
 @pytest.mark.parametrize("key", [b"", b"short", bytes(31)], ids=["empty", "5-bytes", "31-bytes"])
 def test_bad_key_length_reports_error(tmp_path, key):
-    _require_fuse()
+    require_fuse()
     mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
     try:
         with pytest.raises(MountFailed, match=r"^error the key pipe delivered \d+ bytes, expected 32$"):
@@ -411,7 +368,7 @@ def test_bad_key_length_reports_error(tmp_path, key):
 
 
 def test_bad_volume_id_reports_error(tmp_path):
-    _require_fuse()
+    require_fuse()
     (tmp_path / "b").mkdir()
     (tmp_path / "m").mkdir()
     args = ["--volume", "v", "--volume-id", "xyz", "--backing", str(tmp_path / "b"), "--mountpoint", str(tmp_path / "m")]
@@ -422,7 +379,7 @@ def test_bad_volume_id_reports_error(tmp_path):
 
 
 def test_foreign_backing_directory_refused(tmp_path):
-    _require_fuse()
+    require_fuse()
     backing = tmp_path / "backing"
     backing.mkdir()
     (backing / "somebody-elses-file").write_bytes(b"")

@@ -20,6 +20,7 @@ VOLUME_ID_LEN = 16
 # every existing volume unreadable.
 CONTENT_KEY_INFO = b"securevol v1 file contents"
 NAME_KEY_INFO = b"securevol v1 file names"
+XATTR_KEY_INFO = b"securevol v1 extended attributes"
 
 
 class DataKey:
@@ -61,13 +62,14 @@ class VolumeKeys:
 
     content_key: bytes
     name_key: bytes
+    xattr_key: bytes
 
     def __repr__(self) -> str:
         return "VolumeKeys(<redacted>)"
 
 
 def derive_volume_keys(dek: DataKey, volume_id: bytes) -> VolumeKeys:
-    """Derive the content and name sub-keys of the volume *volume_id* from its DEK.
+    """Derive the content, name and extended attribute sub-keys of the volume *volume_id* from its DEK.
 
     The volume ID is the HKDF salt, so two volumes never share sub-keys even if
     a DEK were ever reused.
@@ -78,7 +80,8 @@ def derive_volume_keys(dek: DataKey, volume_id: bytes) -> VolumeKeys:
     content_key = _hkdf(dek, volume_id, CONTENT_KEY_INFO, 32)
     # AES-SIV with a 512-bit key is AES-256 for both its MAC and its cipher half.
     name_key = _hkdf(dek, volume_id, NAME_KEY_INFO, 64)
-    return VolumeKeys(content_key=content_key, name_key=name_key)
+    xattr_key = _hkdf(dek, volume_id, XATTR_KEY_INFO, 64)  # AES-SIV as well
+    return VolumeKeys(content_key=content_key, name_key=name_key, xattr_key=xattr_key)
 
 
 def _hkdf(dek: DataKey, salt: bytes, info: bytes, length: int) -> bytes:

@@ -38,6 +38,7 @@ from securevol.contents import EncryptedContents
 from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
+from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args)
         except FUSEError:
             raise
-        except InvalidName as exc:
+        except (InvalidName, XattrError) as exc:
             raise FUSEError(exc.errno) from None
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
@@ -103,6 +104,8 @@ class SecurevolOperations(pyfuse3.Operations):
 
     enable_writeback_cache = True
     supports_dot_lookup = True
+    # The kernel enforces POSIX ACLs stored as extended attributes.
+    enable_acl = True
 
     def __init__(self, volume: str, backing_root: str, keys: VolumeKeys) -> None:
         super().__init__()
@@ -112,6 +115,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._inodes = InodeTable(root_fd)
         self._names = names.NameCipher(keys.name_key)
         self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key))
+        self._xattrs = ExtendedAttributes(keys.xattr_key)
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = itertools.count(1)
@@ -432,6 +436,29 @@ class SecurevolOperations(pyfuse3.Operations):
         handle = self._files.pop(fh)
         os.close(handle.fd)
         self._inodes.closed(handle.inode)
+
+    # --- extended attributes ---------------------------------------------------------------------
+
+    @_handler
+    def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self._inode(ino)
+        try:
+            return self._xattrs.get(inode.proc_path, name)
+        except IntegrityError as exc:
+            self._report_damage(inode, exc)
+            raise FUSEError(errno.EIO) from None
+
+    @_handler
+    def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattrs.set(self._inode(ino).proc_path, name, value)
+
+    @_handler
+    def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self._xattrs.list_names(self._inode(ino).proc_path)
+
+    @_handler
+    def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattrs.remove(self._inode(ino).proc_path, name)
 
     # --- helpers ---------------------------------------------------------------------------------
 

@@ -1,0 +1,152 @@
+"""Extended attributes of a volume, stored encrypted as ``user.*`` attributes of the backing inode.
+
+Every plaintext attribute, whatever its namespace (``user.``, ``security.``,
+``system.posix_acl_access`` ...), becomes one backing attribute::
+
+    name:  "user.securevol." + base64url(AES-SIV(xattr_key, name, ad=["securevol v1 xattr name"]))
+    value: nonce (16 random bytes) || AES-SIV(xattr_key, value, ad=["securevol v1 xattr value", name, nonce])
+
+Names are deterministic, so an attribute is found by name without a listing.
+Values get a random nonce and are bound to their attribute's name, so two
+values of one inode cannot be swapped. They are not bound to the inode:
+someone who can write the backing store can copy an attribute from one file to
+another (like whole files, see "What names do not protect" in docs/format.md).
+
+Limits: a plaintext name has at most MAX_NAME_BYTES bytes, because the backing
+name must fit in Linux's 255-byte limit, and a value at most MAX_VALUE_BYTES.
+Linux allows user.* attributes on regular files and directories only, so other
+file types (symlinks, devices, FIFOs, sockets) get EPERM for every attribute.
+"""
+
+import base64
+import binascii
+import errno
+import logging
+import os
+import secrets
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from securevol.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+BACKING_PREFIX = "user.securevol."
+XATTR_NAME_MAX = 255  # Linux limit for a whole attribute name
+XATTR_SIZE_MAX = 65536  # Linux limit for one value
+NONCE_LEN = 16
+SIV_TAG_LEN = 16
+# The largest plaintext name whose backing name fits: base64 makes 3 bytes into 4 characters.
+MAX_NAME_BYTES = (XATTR_NAME_MAX - len(BACKING_PREFIX)) * 3 // 4 - SIV_TAG_LEN
+MAX_VALUE_BYTES = XATTR_SIZE_MAX - NONCE_LEN - SIV_TAG_LEN
+
+NAME_AD_LABEL = b"securevol v1 xattr name"
+VALUE_AD_LABEL = b"securevol v1 xattr value"
+
+
+class XattrError(Exception):
+    """A request the extended attribute store rejects; ``errno`` is the error to return."""
+
+    def __init__(self, message: str, errno_value: int) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+class ExtendedAttributes:
+    """Reads and writes the encrypted extended attributes of backing inodes with one volume's xattr key."""
+
+    def __init__(self, xattr_key: bytes) -> None:
+        if len(xattr_key) != 64:
+            raise ValueError(f"an xattr key has 64 bytes, not {len(xattr_key)}")
+        self._siv = AESSIV(xattr_key)
+
+    def __repr__(self) -> str:
+        return "ExtendedAttributes(<redacted>)"
+
+    # --- operations on a backing inode, given as a path that os.*xattr follows ---------------
+
+    def get(self, path: str, name: bytes) -> bytes:
+        """Return the plaintext value of attribute *name*; raise XattrError(ENODATA) if it is not set."""
+        backing_name = self.backing_name(name)
+        try:
+            sealed = os.getxattr(path, backing_name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise XattrError("attribute not set", errno.ENODATA) from None
+            raise
+        return self.open_value(name, sealed)
+
+    def set(self, path: str, name: bytes, value: bytes) -> None:
+        if len(value) > MAX_VALUE_BYTES:
+            raise XattrError(f"attribute value is {len(value)} bytes, the maximum is {MAX_VALUE_BYTES}", errno.E2BIG)
+        os.setxattr(path, self.backing_name(name), self.seal_value(name, value))
+
+    def remove(self, path: str, name: bytes) -> None:
+        try:
+            os.removexattr(path, self.backing_name(name))
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise XattrError("attribute not set", errno.ENODATA) from None
+            raise
+
+    def list_names(self, path: str) -> list[bytes]:
+        """Return the plaintext names of all attributes; names that fail authentication are logged and skipped."""
+        names = []
+        for backing_name in os.listxattr(path):
+            if not backing_name.startswith(BACKING_PREFIX):
+                continue  # set on the backing file by someone else, e.g. security.selinux
+            try:
+                names.append(self.plain_name(backing_name))
+            except IntegrityError as exc:
+                log.error("attribute name unreadable backing=%s error=%s", backing_name, exc)
+        return names
+
+    # --- encryption ------------------------------------------------------------------------------
+
+    def backing_name(self, name: bytes) -> str:
+        """Return the backing attribute name of plaintext attribute *name*."""
+        if not name or b"\0" in name:
+            raise XattrError("attribute name is empty or contains NUL", errno.EINVAL)
+        if len(name) > MAX_NAME_BYTES:
+            raise XattrError(f"attribute name is {len(name)} bytes, the maximum is {MAX_NAME_BYTES}", errno.ERANGE)
+        return BACKING_PREFIX + _encode(self._siv.encrypt(name, [NAME_AD_LABEL]))
+
+    def plain_name(self, backing_name: str) -> bytes:
+        sealed = _decode(backing_name[len(BACKING_PREFIX) :])
+        if sealed is None or len(sealed) <= SIV_TAG_LEN:
+            raise IntegrityError(f"backing attribute {backing_name!r} is not an encrypted name")
+        try:
+            return self._siv.decrypt(sealed, [NAME_AD_LABEL])
+        except InvalidTag:
+            raise IntegrityError(f"backing attribute {backing_name!r} failed authentication") from None
+
+    def seal_value(self, name: bytes, value: bytes) -> bytes:
+        nonce = secrets.token_bytes(NONCE_LEN)
+        return nonce + self._siv.encrypt(value, [VALUE_AD_LABEL, name, nonce])
+
+    def open_value(self, name: bytes, sealed: bytes) -> bytes:
+        if len(sealed) < NONCE_LEN + SIV_TAG_LEN:
+            raise IntegrityError("attribute value is truncated")
+        nonce = sealed[:NONCE_LEN]
+        try:
+            return self._siv.decrypt(sealed[NONCE_LEN:], [VALUE_AD_LABEL, name, nonce])
+        except InvalidTag:
+            raise IntegrityError("attribute value failed authentication") from None
+
+
+def _encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _decode(text: str) -> bytes | None:
+    """Decode unpadded base64url, or return None unless *text* is the canonical encoding of its bytes."""
+    if len(text) % 4 == 1 or not text.isascii():
+        return None
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except binascii.Error:
+        return None
+    if _encode(data) != text:
+        return None
+    return data
