@@ -6,7 +6,10 @@ exited children, and containers of a private dockerd.
 
 import json
 import os
+import secrets
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ from securevol.access import (
 from securevol.audit import AuditLog
 from securevol.engine import EngineClient
 from securevol.errors import AccessDenied
+from tests.dockerd import PLUGIN_DIR, plugin_socket_path, unique_driver_name
+from tests.plugin_server import PluginServer
 
 KTHREADD_PID = 2  # the parent of all kernel threads on Linux
 
@@ -284,3 +289,213 @@ def test_mount_guard_with_candidates(tmp_path, dockerd, busybox_image):
     finally:
         dockerd.docker("rm", "-f", "guard-web", "guard-evil", check=False)
         dockerd.docker("volume", "rm", volume, check=False)
+
+
+# -- end to end: a real plugin and dockerd, without the authorization plugin ----------------------------------
+#
+# With no authorization plugin, the mount-time check and the FUSE process are
+# all that stand between a container and the plaintext.
+
+
+@pytest.fixture(scope="module")
+def guarded_plugin(dockerd):
+    """`securevol serve` for the session's dockerd, with the Engine API socket for the allowlist."""
+    PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+    server = PluginServer(socket_path=plugin_socket_path(unique_driver_name()),
+                          env={"SECUREVOL_DOCKER_HOST": dockerd.host})
+    server.start()
+    yield server
+    try:
+        dockerd.remove_all_containers()
+        listing = dockerd.docker("volume", "ls", "-q", "--filter", f"driver={server.driver}", check=False)
+        for volume in listing.stdout.split():
+            dockerd.docker("volume", "rm", "--force", volume, check=False)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def volume(dockerd, guarded_plugin):
+    """Create allowlisted volumes of the guarded plugin: ``volume("name:web")`` returns a fresh name."""
+    created = []
+
+    def create(allow: str | None) -> str:
+        name = f"acc-{secrets.token_hex(4)}"
+        options = ["-o", f"allow={allow}"] if allow is not None else []
+        dockerd.docker("volume", "create", "-d", guarded_plugin.driver, *options, name)
+        created.append(name)
+        return name
+
+    yield create
+    dockerd.remove_all_containers()
+    for name in created:
+        dockerd.docker("volume", "rm", "--force", name, check=False)
+
+
+def allow_cli(plugin: PluginServer, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "allow", *args, "--state-dir", str(plugin.state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def wait_until(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.2)
+
+
+def can_read(path: Path) -> bool:
+    try:
+        path.read_bytes()
+    except PermissionError:
+        return False
+    return True
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_allowed_container_uses_volume(dockerd, busybox_image, volume, guarded_plugin):
+    name = volume("name:acc-web")
+
+    dockerd.run("--rm", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c", "echo hi > /d/f")
+    result = dockerd.run("--rm", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "cat", "/d/f")
+
+    assert result.stdout == "hi\n"
+    records = audit_lines(guarded_plugin.state_dir / "log")
+    assert any(r["point"] == "mount" and r["decision"] == "allow" and r["container_name"] == "acc-web"
+               for r in records)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_mount_refused_for_other_container(dockerd, busybox_image, volume, guarded_plugin):
+    name = volume("name:acc-web")
+
+    refused = dockerd.run("--rm", "--name", "acc-evil", "-v", f"{name}:/d", busybox_image, "true", check=False)
+
+    assert refused.returncode != 0
+    assert f"Volume '{name}' does not allow container 'acc-evil'" in refused.stderr
+    assert "name:acc-web" in refused.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_idle_disallowed_container_does_not_block(dockerd, busybox_image, volume):
+    name = volume("name:acc-web")
+    dockerd.docker("create", "--name", "acc-idle", "-v", f"{name}:/d", busybox_image, "true")
+
+    # Both containers use the volume; dockerd holds only acc-web's lock while starting it.
+    result = dockerd.run("--rm", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "echo", "started")
+    refused = dockerd.docker("start", "-a", "acc-idle", check=False)
+
+    assert result.stdout == "started\n"
+    assert refused.returncode != 0
+    assert "does not allow container 'acc-idle'" in refused.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_fuse_refuses_host_and_other_containers(dockerd, busybox_image, volume, guarded_plugin):
+    name = volume("name:acc-web")
+    dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",
+                "echo secret > /d/f; sleep 300")
+    mountpoint = guarded_plugin.mount_root / name
+    wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).stdout == "secret\n",
+               "the container writing its file")
+
+    # The test runner is a host process, and the allowlist has no 'host' rule.
+    with pytest.raises(PermissionError):
+        (mountpoint / "f").read_bytes()
+    with pytest.raises(PermissionError):
+        os.listdir(mountpoint)
+
+    # A container that reaches the mountpoint through a bind of the mount root.
+    sneaky = dockerd.run("--rm", "--name", "acc-sneaky", "-v", f"{guarded_plugin.mount_root}:/m", busybox_image,
+                         "cat", f"/m/{name}/f", check=False)
+    assert sneaky.returncode != 0
+    assert "Permission denied" in sneaky.stderr
+
+    # exec runs in the allowed container; docker cp is done by dockerd itself.
+    assert dockerd.docker("exec", "acc-web", "cat", "/d/f").stdout == "secret\n"
+    copied = dockerd.docker("cp", "acc-web:/d/f", "-").stdout
+    assert "secret" in copied
+
+    records = audit_lines(guarded_plugin.state_dir / "log")
+    denied = [r for r in records if r["point"] == "access" and r["decision"] == "deny" and r["volume"] == name]
+    assert {r["container_name"] for r in denied} >= {"", "acc-sneaky"}
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_allow_set_applies_to_running_volume(dockerd, busybox_image, volume, guarded_plugin):
+    name = volume("name:acc-web")
+    dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",
+                "echo secret > /d/f; sleep 300")
+    path = guarded_plugin.mount_root / name / "f"
+    wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).stdout == "secret\n",
+               "the container writing its file")
+    assert not can_read(path)
+
+    changed = allow_cli(guarded_plugin, "set", name, "name:acc-web,host")
+    assert changed.returncode == 0, changed.stderr
+    wait_until(lambda: can_read(path), "the host rule taking effect")
+
+    shown = allow_cli(guarded_plugin, "show", name)
+    assert shown.stdout.strip() == "name:acc-web,host"
+
+    # Taking the container off the list reaches the running container too.
+    assert allow_cli(guarded_plugin, "set", name, "host").returncode == 0
+    wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).returncode != 0,
+               "the container losing access")
+
+
+def test_allow_cli_errors(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+
+    missing = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "show", "nope", "--state-dir",
+                              str(state)], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert "does not exist" in missing.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_allow_cli_rejects_bad_rules(volume, guarded_plugin):
+    name = volume("name:acc-web")
+
+    result = allow_cli(guarded_plugin, "set", name, "name:acc-web,,host")
+
+    assert result.returncode == 1
+    assert "character 14" in result.stderr
+    assert allow_cli(guarded_plugin, "show", name).stdout.strip() == "name:acc-web"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_image_files_copied_into_new_volume(dockerd, busybox_image, volume, guarded_plugin):
+    # dockerd copies the image's /bin into the empty volume before the
+    # container exists (no candidate at mount time), then the container runs
+    # its shell from the encrypted volume.
+    name = volume("name:acc-copy")
+
+    result = dockerd.run("--rm", "--name", "acc-copy", "-v", f"{name}:/bin", busybox_image, "ls", "/bin/busybox")
+
+    assert result.stdout.strip() == "/bin/busybox"
+    backing = guarded_plugin.volume_dir(name) / "data"
+    sample = distinctive_slice(Path("/bin/busybox").read_bytes())
+    files = [path for path in backing.rglob("*") if path.is_file()]
+    assert files
+    assert all(sample not in path.read_bytes() for path in files)
+
+
+def distinctive_slice(data: bytes, size: int = 64) -> bytes:
+    """Return a slice of *data* varied enough that finding it elsewhere is no accident."""
+    for start in range(4096, len(data) - size, size):
+        window = data[start:start + size]
+        if len(set(window)) >= size // 2:
+            return window
+    raise AssertionError("no distinctive slice found")
