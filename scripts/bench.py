@@ -126,6 +126,7 @@ class Config:
     profile_dir: Path | None
     tarball: Path | None = None
     tar_entries: int = 0
+    tar_bytes: int = 0
 
 
 def progress(message: str) -> None:
@@ -566,6 +567,7 @@ def prepare_tarball(config: Config, workdir: Path) -> None:
     source = config.tar_source.resolve()
     config.tarball = workdir / "source.tar"
     subprocess.run(["tar", "-C", str(source.parent), "-cf", str(config.tarball), source.name], check=True)
+    config.tar_bytes = config.tarball.stat().st_size
     with tarfile.open(config.tarball) as archive:
         config.tar_entries = sum(1 for _ in archive)
 
@@ -599,7 +601,8 @@ def run_benchmark(config: Config) -> Results:
     try:
         if "untar" in config.workloads:
             prepare_tarball(config, workdir)
-            progress(f"tarball of {config.tar_source} holds {config.tar_entries} entries")
+            progress(f"tarball of {config.tar_source} holds {config.tar_entries} entries, "
+                     f"{config.tar_bytes / MIB:.0f} MiB")
         for fs in filesystems:
             fs.create()
 
@@ -766,6 +769,7 @@ def build_report(results: Results, config: Config, verdicts: list[dict], started
             "size": config.size, "rounds": config.rounds, "files": config.files,
             "fio_size": config.fio_size, "fio_io_size": config.fio_io_size,
             "tar_source": str(config.tar_source), "tar_entries": config.tar_entries,
+            "tar_bytes": config.tar_bytes,
             "workloads": list(config.workloads), "filesystems": list(config.filesystems),
         },
         "units": {m.name: m.unit for m in METRICS},
@@ -843,11 +847,6 @@ def parse_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-def default_tar_source() -> Path:
-    debian_stdlib = Path(f"/usr/lib/python3.{sys.version_info.minor}")
-    return debian_stdlib if debian_stdlib.is_dir() else Path(os.path.dirname(os.__file__))
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -858,8 +857,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--fio-size", type=parse_size,
                         help="size of fio's file; each job reads or writes a quarter of it (default 256M, 16M with --quick)")
     parser.add_argument("--tar-source", type=Path,
-                        help="directory to tar up for the untar workload (default: this Python's stdlib, "
-                             "its email package with --quick)")
+                        help="directory to tar up for the untar workload (default: /usr/include, "
+                             "/usr/include/linux with --quick)")
     parser.add_argument("--workloads", type=parse_list(ALL_WORKLOADS), default=ALL_WORKLOADS,
                         help=f"comma-separated workloads (default: {','.join(ALL_WORKLOADS)})")
     parser.add_argument("--filesystems", type=parse_list(ALL_FILESYSTEMS), default=ALL_FILESYSTEMS,
@@ -878,7 +877,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     args = parser.parse_args(argv)
 
     quick = args.quick
-    tar_source = args.tar_source or (default_tar_source() / "email" if quick else default_tar_source())
+    # C headers: many small files from Debian's -dev packages, which scripts/setup.sh installs.
+    tar_source = args.tar_source or Path("/usr/include/linux" if quick else "/usr/include")
     fio_size = args.fio_size or (16 * MIB if quick else 256 * MIB)
     config = Config(
         size=args.size or (32 * MIB if quick else 1 << 30),
