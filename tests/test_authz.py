@@ -8,6 +8,9 @@ dockerd reads a body the way securevol does) use a real private dockerd.
 import base64
 import json
 import os
+import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,8 @@ from securevol.authz import (
 )
 from securevol.engine import EngineClient
 from securevol.registry import Registry, VolumeRecord
-from tests.plugin_server import plugin_request
+from tests.dockerd import PrivateDockerd, build_busybox_image, plugin_socket_path, unique_driver_name
+from tests.plugin_server import PluginServer, plugin_request
 
 DRIVER = "securevol-unit"
 
@@ -760,3 +764,186 @@ def test_create_body_read_as_dockerd_reads_it(dockerd, busybox_image, fragment):
     finally:
         dockerd.docker("rm", "-f", "agreement-probe", check=False)
         dockerd.docker("volume", "rm", "agree-a", "agree-b", check=False)
+
+
+# -- end to end: dockerd --authorization-plugin with the real plugin ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authz_docker():
+    """A private dockerd that asks a real `securevol serve` to authorize every API request.
+
+    The plugin starts first: dockerd refuses every request while its
+    authorization plugin cannot be reached.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("starting dockerd needs root")
+    driver = unique_driver_name()
+    daemon = PrivateDockerd([f"--authorization-plugin={driver}"])
+    plugin = PluginServer(socket_path=plugin_socket_path(driver), env={"SECUREVOL_DOCKER_HOST": daemon.host})
+    plugin.start()
+    try:
+        daemon.start()
+        image = build_busybox_image(daemon, "authz-busybox")
+        yield daemon, plugin, image
+    finally:
+        try:
+            daemon.remove_all_containers()
+            listing = daemon.docker("volume", "ls", "-q", check=False)
+            for name in listing.stdout.split():
+                daemon.docker("volume", "rm", "--force", name, check=False)
+        finally:
+            daemon.stop()
+            plugin.cleanup()
+
+
+@pytest.fixture
+def authz_volume(authz_docker):
+    daemon, plugin, _ = authz_docker
+    created = []
+
+    def create(allow: str) -> str:
+        name = f"az-{secrets.token_hex(4)}"
+        daemon.docker("volume", "create", "-d", plugin.driver, "-o", f"allow={allow}", name)
+        created.append(name)
+        return name
+
+    yield create
+    daemon.remove_all_containers()
+    for name in created:
+        daemon.docker("volume", "rm", "--force", name, check=False)
+
+
+def container_names(daemon) -> list[str]:
+    return daemon.docker("ps", "-a", "--format", "{{.Names}}").stdout.split()
+
+
+def raw_create(daemon, path: str, body: bytes, content_type: str = "application/json"):
+    return plugin_request(daemon.socket, path, body, headers={"Content-Type": content_type})
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_allows_listed_and_refuses_others(authz_docker, authz_volume):
+    daemon, plugin, image = authz_docker
+    volume = authz_volume("name:az-web,service:db")
+
+    allowed = daemon.run("--rm", "--name", "az-web", "-v", f"{volume}:/d", image, "sh", "-c", "echo ok > /d/f")
+    refused = daemon.run("--rm", "--name", "az-evil", "-v", f"{volume}:/d", image, "true", check=False)
+
+    assert allowed.returncode == 0
+    assert refused.returncode != 0
+    assert f"authorization denied by plugin {plugin.driver}" in refused.stderr
+    assert f"Volume '{volume}' does not allow container 'az-evil'" in refused.stderr
+    assert "name:az-web,service:db" in refused.stderr
+    assert "az-evil" not in container_names(daemon)
+    # Requests that touch no securevol volume pass.
+    assert daemon.docker("ps").returncode == 0
+    assert daemon.run("--rm", "--name", "az-other", image, "true").returncode == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_compose_service_label(authz_docker, authz_volume):
+    daemon, _, image = authz_docker
+    volume = authz_volume("service:shop/db")
+    labels = ["--label", "com.docker.compose.project=shop", "--label", "com.docker.compose.service=db"]
+
+    assert daemon.run("--rm", *labels, "-v", f"{volume}:/d", image, "true").returncode == 0
+    assert daemon.run("--rm", "--label", "com.docker.compose.service=db", "-v", f"{volume}:/d", image, "true",
+                      check=False).returncode != 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_raw_api_bypasses_refused(authz_docker, authz_volume):
+    daemon, _, image = authz_docker
+    volume = authz_volume("name:az-web")
+    bodies = {
+        "az-top": ("/v1.41/containers/create?name=az-top", f'{{"Image": "{image}", "Binds": ["{volume}:/d"]}}'),
+        "az-fold": ("/v1.41/containers/create?name=az-fold",
+                    f'{{"Image": "{image}", "hostconfig": {{"Bind\u017f": ["{volume}:/d"]}}}}'),
+        "az-path": ("/v1.41/containers%2Fcreate?name=az-path",
+                    f'{{"Image": "{image}", "HostConfig": {{"Binds": ["{volume}:/d"]}}}}'),
+        "az-dup": ("/v1.41/containers/create?name=az-dup",
+                   f'{{"Image": "{image}", "HostConfig": {{"Binds": ["{volume}:/d"]}}, "HostConfig": {{"Memory": 0}}}}'),
+        "az-mounts": ("/containers/create?name=az-mounts",
+                      f'{{"Image": "{image}", "HostConfig": {{"Mounts": [{{"Type": "volume", "Source": "{volume}", '
+                      f'"Target": "/d"}}], "Mounts": [{{"Target": "/e"}}]}}}}'),
+    }
+
+    for name, (path, body) in bodies.items():
+        response = raw_create(daemon, path, body.encode())
+        assert response.status == 403, (name, response.body)
+        assert b"does not allow container" in response.body
+
+    # Without a body the plugin cannot see the mounts, so it refuses.
+    empty = raw_create(daemon, "/v1.41/containers/create?name=az-empty", b"")
+    assert empty.status == 403
+    assert b"without its body" in empty.body
+
+    assert not set(bodies) & set(container_names(daemon))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_refuses_binds_of_securevol_directories(authz_docker, tmp_path):
+    daemon, plugin, image = authz_docker
+
+    for source in (plugin.state_dir, plugin.mount_root, plugin.state_dir / "volumes", "/"):
+        refused = daemon.run("--rm", "-v", f"{source}:/x", image, "true", check=False)
+        assert refused.returncode != 0, source
+        assert "bind a path outside it" in refused.stderr
+    mount = daemon.run("--rm", "--mount", f"type=bind,source={plugin.state_dir},target=/x", image, "true",
+                       check=False)
+    assert mount.returncode != 0
+
+    local = daemon.docker("volume", "create", "-o", "type=none", "-o", "o=bind", "-o", f"device={plugin.state_dir}",
+                          "az-sneaky", check=False)
+    assert local.returncode != 0
+    assert "bind a path outside it" in local.stderr
+
+    # The plugin's state lives under /tmp here, so bind a directory beside it.
+    assert daemon.run("--rm", "-v", f"{tmp_path}:/x", image, "true").returncode == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_volumes_from_and_rename(authz_docker, authz_volume):
+    daemon, _, image = authz_docker
+    volume = authz_volume("name:az-web*")
+    daemon.docker("create", "--name", "az-web1", "-v", f"{volume}:/d", image, "true")
+
+    borrowed = daemon.run("--rm", "--name", "az-borrow", "--volumes-from", "az-web1", image, "true", check=False)
+    assert borrowed.returncode != 0
+    assert f"Volume '{volume}' does not allow container 'az-borrow'" in borrowed.stderr
+
+    renamed = daemon.docker("rename", "az-web1", "az-evil", check=False)
+    assert renamed.returncode != 0
+    assert "does not allow container 'az-evil'" in renamed.stderr
+    assert daemon.docker("rename", "az-web1", "az-web2").returncode == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_cp_and_exec_follow_allowlist(authz_docker, authz_volume, tmp_path):
+    daemon, plugin, image = authz_docker
+    volume = authz_volume("name:az-web")
+    daemon.run("-d", "--name", "az-web", "-v", f"{volume}:/d", image, "sh", "-c", "echo ok > /d/f; sleep 300")
+    source = tmp_path / "in.txt"
+    source.write_text("copied in\n")
+
+    assert daemon.docker("cp", str(source), "az-web:/d/in.txt").returncode == 0
+    assert daemon.docker("exec", "az-web", "cat", "/d/in.txt").stdout == "copied in\n"
+
+    changed = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "allow", "set", volume, "name:az-other", "--state-dir",
+         str(plugin.state_dir)], capture_output=True, text=True, timeout=60)
+    assert changed.returncode == 0, changed.stderr
+
+    copy = daemon.docker("cp", "az-web:/d/f", str(tmp_path / "out.txt"), check=False)
+    exec_ = daemon.docker("exec", "az-web", "cat", "/d/f", check=False)
+    assert copy.returncode != 0
+    assert "does not allow container 'az-web'" in copy.stderr
+    assert exec_.returncode != 0
+    assert "does not allow container 'az-web'" in exec_.stderr
