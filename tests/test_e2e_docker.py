@@ -296,8 +296,12 @@ def test_killed_fuse_process_then_remount(dockerd, busybox_image, securevol_plug
     os.kill(fuse_pid, signal.SIGKILL)
     wait_for_exit(fuse_pid)
 
-    broken = dockerd.docker("exec", container, "cat", "/data/kept.txt", check=False)
-    assert broken.returncode != 0, "a container read its volume after the FUSE process was killed"
+    # The kernel fails every request on a FUSE connection whose server died with ENOTCONN.
+    broken_read = dockerd.docker("exec", container, "cat", "/data/kept.txt", check=False)
+    broken_write = dockerd.docker("exec", container, "sh", "-c", "echo lost > /data/lost.txt", check=False)
+    assert broken_read.returncode != 0, "a container read its volume after the FUSE process was killed"
+    assert "Transport endpoint is not connected" in broken_read.stderr
+    assert broken_write.returncode != 0, "a container wrote to its volume after the FUSE process was killed"
     assert read_file_in_container(dockerd, busybox_image, volume, "kept.txt") == "kept\n"
     dockerd.docker("rm", "-f", container)
     assert read_file_in_container(dockerd, busybox_image, volume, "kept.txt") == "kept\n"
