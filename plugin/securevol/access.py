@@ -1,20 +1,19 @@
 """The allowlist at mount time and on each access inside a volume's FUSE process.
 
 Mount time (``MountGuard``, in the daemon). dockerd's Mount request carries a
-random ID, not the container, so the guard asks the Engine API which
-containers use the volume (``EngineClient.mount_candidates``):
+random ID, not the container, so the guard queries the Engine API for the
+containers that use the volume (``EngineClient.mount_candidates``):
 
 - none: the container is still being created, and dockerd itself copies the
   image's files into the new volume; the mount is allowed, and the FUSE
   process lets only dockerd in until a container is approved;
 - all of them allowed: the mount is allowed, whichever one is starting;
-- otherwise dockerd is asked again for each candidate with a short timeout.
+- otherwise each candidate is inspected again with a short timeout.
   dockerd holds a container's lock while it starts it or runs ``docker cp``
   on it (dockerd 20.10 ``containerStart``, ``containerArchivePath``), so the
-  inspect of the container being mounted for cannot answer until the Mount
-  returns. If every candidate that did not answer is allowed, the mount is
-  allowed; if a disallowed one did not answer, or none stayed silent, it is
-  refused.
+  inspect of the container being mounted for gets no response until the
+  Mount returns. If every candidate that timed out is allowed, the mount is
+  allowed. If a disallowed one timed out, or none did, it is refused.
 
 The guard writes the volume's access file (``access.json`` next to the
 record, mode 0600) before the FUSE process starts or the mount is counted:
@@ -83,7 +82,7 @@ _SELF = "self"
 
 @dataclass(frozen=True)
 class AccessPolicy:
-    """What the access file tells the FUSE process."""
+    """The contents of a volume's access file, which the FUSE process reads."""
 
     volume: str
     allow: str | None  # the volume's allow option, None if it has none
@@ -217,7 +216,7 @@ class MountGuard:
 
     def _check_refused_are_idle(self, volume: str, allowlist: Allowlist, candidates: list[VolumeUser],
                                 refused: list[VolumeUser]) -> None:
-        """Raise AccessDenied unless the mount is for an allowed container, told by who is locked."""
+        """Raise AccessDenied unless the mount is for an allowed container, judged by which candidates are locked."""
         busy = self._busy(volume, candidates)
         busy_refused = [user for user in refused if user in busy]
         if busy and not busy_refused:
@@ -237,7 +236,7 @@ class MountGuard:
         )
 
     def _busy(self, volume: str, candidates: list[VolumeUser]) -> list[VolumeUser]:
-        """Return the candidates whose inspect does not answer within the probe timeout."""
+        """Return the candidates whose inspect gets no response within the probe timeout."""
         engine = self._require_engine(volume)
         prober = EngineClient(engine.socket_path, timeout=self.probe_timeout)
 

@@ -103,8 +103,8 @@ class AuditLog:
             finally:
                 os.close(fd)
         except OSError as exc:
-            # The decision stands and the logger line above has it; losing the
-            # file record must not turn an allow into a failure.
+            # The decision is still valid and the logger line above records it;
+            # losing the file record must not turn an allow into a failure.
             log.error("audit record not written path=%s error=%s", self.path, exc.strerror)
 
 

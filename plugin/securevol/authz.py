@@ -1,8 +1,8 @@
 """Decisions of the Docker authorization plugin: no API request gives a container a volume it may not see.
 
-With ``dockerd --authorization-plugin=NAME``, dockerd asks ``/AuthZPlugin.AuthZReq``
-before it acts on each API request and ``/AuthZPlugin.AuthZRes`` before it
-returns the answer. This module reads each request exactly as dockerd will
+With ``dockerd --authorization-plugin=NAME``, dockerd sends each API request to
+``/AuthZPlugin.AuthZReq`` before it acts on it, and its response to
+``/AuthZPlugin.AuthZRes`` before it returns that response. This module reads each request exactly as dockerd will
 act on it, or the check could be walked around:
 
 - the path is URL-decoded (dockerd routes ``/containers%2Fcreate`` as a
@@ -35,7 +35,7 @@ Requests checked, and why:
     mount root is refused, since mounting it would bypass the bind check.
 
 Every other request is allowed at once, without an Engine API call or a
-disk read. When the plugin cannot decide (dockerd does not answer, a
+disk read. When the plugin cannot decide (dockerd does not respond, a
 registry file is unreadable), it refuses only requests that may touch
 securevol volumes.
 """
@@ -176,7 +176,7 @@ def _request_body(value: Any) -> bytes | None:
 
 @dataclass(frozen=True)
 class Verdict:
-    """An AuthZ answer: allow, or deny with a message that dockerd shows to the user."""
+    """The response to an AuthZ request: allow, or deny with a message that dockerd shows to the user."""
 
     allow: bool
     message: str = ""
@@ -207,14 +207,14 @@ class VolumeUse:
     via: str  # how the container gets it: "Binds", "Mounts", "VolumesFrom web", ...
 
 
-# -- the registry, as the plugin sees it ----------------------------------------------------
+# -- the registry ----------------------------------------------------------------------------
 
 
 class VolumeCatalog:
     """Names and allowlists of the volumes in the registry's ``volumes/`` directory.
 
     The names are cached until the directory changes, which one stat(2)
-    per checked request tells. An allowlist is read from the volume's record
+    per checked request detects. An allowlist is read from the volume's record
     on each use, because ``securevol allow set`` changes it.
     """
 
@@ -272,7 +272,7 @@ class VolumeCatalog:
 
 @dataclass(frozen=True)
 class CreateSpec:
-    """What a container create asks for, read as dockerd reads it."""
+    """The name, image, labels and mounts of a container create request, read as dockerd reads them."""
 
     name: str
     image: str
@@ -300,7 +300,7 @@ class CreateSpec:
         )
 
     def container(self) -> ContainerInfo:
-        """The allowlist's view of the container; its ID is not known before dockerd creates it."""
+        """Return the allowlist's view of the container, without an ID, which dockerd assigns later."""
         return ContainerInfo(id="", name=self.name, image=self.image, labels=self.labels)
 
 
@@ -346,7 +346,7 @@ def parse_bind(spec: str) -> Bind | None:
 
 
 class Authorizer:
-    """Answers AuthZReq and AuthZRes for one securevol daemon.
+    """Decides the AuthZReq and AuthZRes requests of one securevol daemon.
 
     *driver_names* are the names under which dockerd knows this plugin;
     *protected_paths* the host directories no container may bind (the state
@@ -372,7 +372,7 @@ class Authorizer:
     # -- protocol entry points -------------------------------------------------------------
 
     def authorize_request(self, payload: Mapping[str, Any]) -> Verdict:
-        """Answer one AuthZReq."""
+        """Decide one AuthZReq."""
         try:
             request = AuthzRequest.from_payload(payload)
         except ValueError as exc:
@@ -392,7 +392,7 @@ class Authorizer:
         return ALLOW
 
     def authorize_response(self, payload: Mapping[str, Any]) -> Verdict:
-        """Answer one AuthZRes: the decision was made on the request, so every response passes."""
+        """Decide one AuthZRes: the decision was made on the request, so every response passes."""
         return ALLOW
 
     def _check(self, request: AuthzRequest, action: str, reference: str) -> None:
@@ -522,7 +522,7 @@ class Authorizer:
             return  # no securevol volume exists, so none can be reached
         document = self._inspect(reference, f"the container {reference!r}")
         if document is None:
-            return  # dockerd answers 404
+            return  # dockerd returns 404
         container = info_from_inspect(document)
         if new_name:
             container = dataclasses.replace(container, name=new_name.removeprefix("/"))

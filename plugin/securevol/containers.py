@@ -1,4 +1,4 @@
-"""Which container a process belongs to, read from ``/proc/PID/cgroup``.
+"""Identification of a process's container from ``/proc/PID/cgroup``.
 
 The FUSE process learns only the PID of each caller. The container runtime
 puts every container in a cgroup named after the container ID, and a process
@@ -35,7 +35,7 @@ class UnknownProcess(Exception):
 
 @dataclass(frozen=True)
 class ProcessIdentity:
-    """Where a process runs: on the host (``container_id`` None) or in one container.
+    """The place a process runs: on the host (``container_id`` None) or in one container.
 
     ``runtime`` is ``host``, ``docker``, ``containerd``, ``cri-o``, ``podman``,
     ``buildkit`` (a build step, which has no container ID) or ``unknown`` (a
@@ -54,7 +54,7 @@ HOST_PROCESS = ProcessIdentity(HOST)
 
 
 def identify_process(pid: int, proc: str = "/proc") -> ProcessIdentity:
-    """Return where process (or thread) *pid* runs; raise UnknownProcess if it cannot be told."""
+    """Return where process (or thread) *pid* runs; raise UnknownProcess if that cannot be determined."""
     try:
         with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as cgroup_file:
             text = cgroup_file.read()

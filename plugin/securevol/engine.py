@@ -1,11 +1,11 @@
 """A small client of the Docker Engine API over its Unix socket.
 
-securevol asks dockerd about containers at three points: the authorization
+securevol queries dockerd about containers at three points: the authorization
 plugin (who mounts what with ``VolumesFrom``, ``docker cp``, ``exec``,
 ``rename``), the mount-time check (which container is starting with this
 volume) and the FUSE process (who is this container ID). Each call opens one
 connection with a short timeout, so a hung dockerd turns into an EngineError
-that the caller answers with a refusal, not into a hung plugin.
+that the caller turns into a refusal, not into a hung plugin.
 
 Requests go to unversioned paths, which dockerd serves at its own API
 version; the fields read here exist from API 1.24 on.
@@ -37,11 +37,11 @@ _STARTING_STATES = frozenset({"created", "restarting"})
 
 
 class EngineError(Exception):
-    """The Engine API could not be reached, timed out or answered with an error."""
+    """The Engine API could not be reached, timed out or returned an error."""
 
 
 class EngineTimeout(EngineError):
-    """dockerd accepted the request but did not answer within the timeout."""
+    """dockerd accepted the request but sent no response within the timeout."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class EngineClient:
     # -- requests ----------------------------------------------------------------
 
     def get_json(self, path: str, query: Mapping[str, str] | None = None) -> Any:
-        """GET *path* and return the decoded JSON body, or None if dockerd answers 404."""
+        """GET *path* and return the decoded JSON body, or None if dockerd returns 404."""
         target = path + ("?" + urllib.parse.urlencode(query) if query else "")
         connection = _UnixHTTPConnection(self.socket_path, self.timeout)
         try:
@@ -111,7 +111,7 @@ class EngineClient:
             ) from None
         except TimeoutError:
             raise EngineTimeout(
-                f"The Docker Engine API at {self.socket_path} did not answer GET {path} "
+                f"The Docker Engine API at {self.socket_path} timed out: no response to GET {path} "
                 f"within {self.timeout:g} s."
             ) from None
         except (OSError, http.client.HTTPException) as exc:
@@ -125,13 +125,13 @@ class EngineClient:
         if status == 404:
             return None
         if len(body) > MAX_RESPONSE_BYTES:
-            raise EngineError(f"The Docker Engine API answer to GET {path} is larger than {MAX_RESPONSE_BYTES} bytes.")
+            raise EngineError(f"The Docker Engine API response to GET {path} is larger than {MAX_RESPONSE_BYTES} bytes.")
         if status >= 300:
-            raise EngineError(f"The Docker Engine API answered GET {path} with status {status}: {_message(body)}.")
+            raise EngineError(f"The Docker Engine API returned status {status} for GET {path}: {_message(body)}.")
         try:
             return json.loads(body)
         except ValueError:
-            raise EngineError(f"The Docker Engine API answered GET {path} with a body that is not JSON.") from None
+            raise EngineError(f"The Docker Engine API returned a body that is not JSON for GET {path}.") from None
 
     # -- containers and images ------------------------------------------------------
 
@@ -152,7 +152,7 @@ class EngineClient:
             query["filters"] = json.dumps(dict(filters))
         containers = self.get_json("/containers/json", query)
         if not isinstance(containers, list) or not all(isinstance(item, dict) for item in containers):
-            raise EngineError("The Docker Engine API answered the container list with something other than a list.")
+            raise EngineError("The Docker Engine API returned a container list that is not a list of objects.")
         return containers
 
     def container_info(self, reference: str, *, with_image_refs: bool = False) -> ContainerInfo | None:
@@ -200,7 +200,7 @@ class EngineClient:
         return [user for user in self.volume_users(volume) if user.state not in _GONE_STATES]
 
     def mounting_container(self, volume: str) -> VolumeUser | None:
-        """Return the one container that is being started with *volume*, or None if that cannot be told.
+        """Return the one container that is being started with *volume*, or None if that cannot be determined.
 
         That is the only user in state created or restarting, or else the only
         user at all (``docker start`` of a stopped container, ``docker cp``).
@@ -270,7 +270,7 @@ def _quote(reference: str) -> str:
 def _expect_object(document: Any, what: str) -> dict[str, Any] | None:
     if document is None or isinstance(document, dict):
         return document
-    raise EngineError(f"The Docker Engine API answered a {what} with something other than an object.")
+    raise EngineError(f"The Docker Engine API returned a {what} that is not a JSON object.")
 
 
 def _message(body: bytes) -> str:

@@ -1,6 +1,6 @@
 """The FUSE operations of a volume with an allowlist: each request's caller is checked first.
 
-``GuardedOperations`` asks an ``access.AccessChecker`` before every request
+``GuardedOperations`` consults an ``access.AccessChecker`` before every request
 that reveals or changes the tree: lookup, open, opendir, create, readlink and
 the requests that change names or attributes. A refused caller gets EACCES.
 read, write, readdir and release carry no caller in pyfuse3 and need none:

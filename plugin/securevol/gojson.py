@@ -8,7 +8,7 @@ dockerd 20.10 is built with) in ways a hostile client can use:
 - Go matches an object key to a struct field exactly or, failing that,
   case-insensitively with Unicode simple folding: ``binds``, ``BINDS`` and
   ``Bindſ`` (U+017F LATIN SMALL LETTER LONG S) all fill ``Binds``, and
-  U+212A KELVIN SIGN stands for ``k``. ``Bınds`` (dotless i) does not.
+  U+212A KELVIN SIGN folds to ``k``. ``Bınds`` (dotless i) matches nothing.
 - A repeated key decodes again into the same field: the last string or array
   wins, but a repeated object (``HostConfig``) or map (``Labels``) is merged
   into the first one.
@@ -81,7 +81,7 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 class GoType:
-    """How one Go type decodes a JSON value into its current value."""
+    """A Go type, which decodes a JSON value into the field's current value."""
 
     def zero(self) -> Any:
         return None

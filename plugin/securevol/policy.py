@@ -94,8 +94,8 @@ class ContainerInfo:
     """What the allowlist is matched against: one container as Docker describes it.
 
     ``image`` is the reference the container was created with, as the user wrote
-    it; ``image_refs`` are the image's tags and digests (from an image inspect)
-    when known, normalised; ``image_id`` is ``sha256:HEX``.
+    it. ``image_refs`` are the image's normalised tags and digests, from an image
+    inspect, or None when they were not looked up. ``image_id`` is ``sha256:HEX``.
     """
 
     id: str
@@ -283,8 +283,8 @@ def normalize_image_reference(reference: str) -> str:
     """Return *reference* in the fully qualified form Docker resolves it to.
 
     ``postgres`` becomes ``docker.io/library/postgres:latest``, ``user/app:1``
-    becomes ``docker.io/user/app:1``, ``index.docker.io/x`` becomes
-    ``docker.io/library/x:latest``; a digest reference keeps its digest and
+    becomes ``docker.io/user/app:1``, and ``index.docker.io/x`` becomes
+    ``docker.io/library/x:latest``. A digest reference keeps its digest and
     drops any tag, because Docker pulls it by the digest. An image ID (64 hex
     digits, with or without ``sha256:``) becomes ``sha256:HEX``. Raises
     ImageReferenceError where Docker's reference parser fails.
