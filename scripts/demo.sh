@@ -194,7 +194,7 @@ main() {
     fi
     printf '$ grep -r "correct horse" %s\n' "$backing"
     if grep -r "correct horse" "$backing"; then
-        echo "the plaintext is on disk: securevol is broken" >&2
+        echo "the plaintext was found in the backing store, so securevol did not encrypt it" >&2
         exit 1
     fi
     echo "(no match: the plaintext is not on disk)"

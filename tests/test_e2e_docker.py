@@ -85,8 +85,10 @@ def wait_for_exit(pid: int, timeout: float = 30) -> None:
 
 
 def volume_mountpoint(dockerd, volume: str) -> Path:
-    """Return the mountpoint the plugin reported for *volume*, where its FUSE process serves the plaintext."""
-    return Path(dockerd.docker("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip())
+    """Return the mountpoint the plugin reports for *volume*, which must be mounted."""
+    mountpoint = dockerd.docker("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip()
+    assert mountpoint, f"volume {volume} has no mountpoint, so it is not mounted"
+    return Path(mountpoint)
 
 
 def key_material(plugin, volume: str) -> list[bytes]:
@@ -305,6 +307,22 @@ def test_killed_fuse_process_then_remount(dockerd, busybox_image, securevol_plug
     assert read_file_in_container(dockerd, busybox_image, volume, "kept.txt") == "kept\n"
     dockerd.docker("rm", "-f", container)
     assert read_file_in_container(dockerd, busybox_image, volume, "kept.txt") == "kept\n"
+
+
+def test_container_restart_remounts_volume(dockerd, busybox_image, securevol_plugin):
+    volume = create_volume(dockerd, securevol_plugin)
+    container = dockerd.run("-d", "-v", f"{volume}:/data", busybox_image, *KEEP_RUNNING).stdout.strip()
+    dockerd.docker("exec", container, "sh", "-c", "echo first run > /data/run.txt")
+
+    dockerd.docker("restart", "--time", "5", container)
+
+    assert dockerd.docker("exec", container, "cat", "/data/run.txt").stdout == "first run\n"
+    mountpoint = volume_mountpoint(dockerd, volume)
+    assert str(mountpoint) in mounts_under(securevol_plugin.mount_root)
+    dockerd.docker("rm", "-f", container)
+    assert str(mountpoint) not in mounts_under(securevol_plugin.mount_root), (
+        "the volume stayed mounted after its only container was removed"
+    )
 
 
 def test_image_content_copied_into_new_volume(dockerd, busybox_image, securevol_plugin):
