@@ -1,8 +1,8 @@
 """The FUSE operations of a volume with an allowlist: each request's caller is checked first.
 
 ``GuardedOperations`` consults an ``access.AccessChecker`` before every request
-that reveals or changes the tree: lookup, open, opendir, create, readlink and
-the requests that change names or attributes. A refused caller gets EACCES.
+that reveals or changes the tree: lookup, open, opendir, create, readlink, the
+extended attribute requests and the requests that change names or attributes. A refused caller gets EACCES.
 read, write, readdir and release carry no caller in pyfuse3 and need none:
 they act on a handle that open or opendir granted. getattr and statfs are not
 checked, because host tools such as df and findmnt stat every mountpoint, and
@@ -91,3 +91,19 @@ class GuardedOperations(SecurevolOperations):
     async def create(self, parent_ino, name, mode, flags, ctx):
         self._check(ctx, "create")
         return await super().create(parent_ino, name, mode, flags, ctx)
+
+    async def getxattr(self, ino, name, ctx):
+        self._check(ctx, "getxattr")
+        return await super().getxattr(ino, name, ctx)
+
+    async def setxattr(self, ino, name, value, ctx):
+        self._check(ctx, "setxattr")
+        return await super().setxattr(ino, name, value, ctx)
+
+    async def listxattr(self, ino, ctx):
+        self._check(ctx, "listxattr")
+        return await super().listxattr(ino, ctx)
+
+    async def removexattr(self, ino, name, ctx):
+        self._check(ctx, "removexattr")
+        return await super().removexattr(ino, name, ctx)
