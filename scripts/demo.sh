@@ -2,9 +2,10 @@
 # Show securevol at work: create an encrypted volume, use it from containers,
 # and look at what is on the host's disk. Run as root on Debian 12.
 #
-# Uses the dockerd at /var/run/docker.sock if one responds, otherwise starts a
-# private one. Everything the demo starts (volume, plugin, dockerd, socket,
-# demo directory) is removed when it ends, also after an error or Ctrl-C.
+# Uses the dockerd at DOCKER_HOST (default /var/run/docker.sock) if one
+# responds, otherwise starts a private one. Everything the demo starts
+# (volume, image, plugin, dockerd, socket, demo directory) is removed when it
+# ends, also after an error or Ctrl-C.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -109,9 +110,10 @@ wait_for_socket() {
 }
 
 choose_docker_daemon() {
-    if [ -S /var/run/docker.sock ] && DOCKER_HOST=unix:///var/run/docker.sock docker version >/dev/null 2>&1; then
-        export DOCKER_HOST=unix:///var/run/docker.sock
-        echo "using the running dockerd at /var/run/docker.sock"
+    local running=${DOCKER_HOST:-unix:///var/run/docker.sock}
+    if DOCKER_HOST=$running docker version >/dev/null 2>&1; then
+        export DOCKER_HOST=$running
+        echo "using the running dockerd at $running"
         return
     fi
 
@@ -119,7 +121,7 @@ choose_docker_daemon() {
     mkdir -p "$private_dockerd"
     start_private_dockerd "$private_dockerd"
     export DOCKER_HOST="unix://$private_dockerd/docker.sock"
-    echo "no dockerd responds at /var/run/docker.sock; started a private one at $DOCKER_HOST"
+    echo "no dockerd responds at $running; started a private one at $DOCKER_HOST"
 }
 
 choose_image() {
