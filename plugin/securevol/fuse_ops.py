@@ -18,6 +18,9 @@ Caveats:
   fallocate(2) with EOPNOTSUPP (posix_fallocate(3) then writes zeros itself),
   SEEK_DATA/SEEK_HOLE treat the whole file as data, and POSIX and flock locks
   are kept by the kernel, so they work between processes using this mount.
+- pyfuse3 does not request FUSE_DONT_MASK, so the kernel applies the umask to
+  every new entry, even in a directory with a default ACL, where ext4 ignores
+  the umask. New entries there can get a narrower mask than on ext4.
 """
 
 import errno
@@ -33,7 +36,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from securevol import format as fmt
-from securevol import names, syscalls
+from securevol import names, syscalls, xattrs
 from securevol.contents import EncryptedContents
 from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
@@ -218,7 +221,8 @@ class SecurevolOperations(pyfuse3.Operations):
         names.make_dir(parent.fd, backing.name, 0o700)
         fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         syscalls.fchown_path_fd(fd, uid, gid)
-        os.chmod(f"/proc/self/fd/{fd}", (mode & 0o7777) | (stat.S_ISGID if inherit_gid else 0))
+        mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFDIR | mode)
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | (stat.S_ISGID if inherit_gid else 0))
         return self._remember(fd)
 
     @_handler
@@ -239,6 +243,9 @@ class SecurevolOperations(pyfuse3.Operations):
             os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
         fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         syscalls.fchown_path_fd(fd, uid, gid)
+        if stat.S_ISREG(mode):
+            # Linux has no user.* attributes on device nodes, FIFOs or sockets, so only files inherit ACLs.
+            mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", mode)
         os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))
         return self._remember(fd)
 
@@ -381,6 +388,7 @@ class SecurevolOperations(pyfuse3.Operations):
         fd = os.open(backing.name, open_flags | (flags & _BACKING_OPEN_FLAGS), 0o600, dir_fd=parent.fd)
         try:
             os.fchown(fd, uid, gid)
+            mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFREG | mode)
             os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISVTX)
             path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
         except BaseException:
@@ -450,7 +458,11 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._xattrs.set(self._inode(ino).proc_path, name, value)
+        inode = self._inode(ino)
+        if name == xattrs.ACL_ACCESS:
+            self._set_access_acl(inode, value)
+        else:
+            self._xattrs.set(inode.proc_path, name, value)
 
     @_handler
     def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -535,6 +547,41 @@ class SecurevolOperations(pyfuse3.Operations):
         if parent_st.st_mode & stat.S_ISGID:
             return ctx.uid, parent_st.st_gid, True
         return ctx.uid, ctx.gid, False
+
+    def _set_access_acl(self, inode: Inode, value: bytes) -> None:
+        """Store an access ACL and make the permission bits follow it.
+
+        With FUSE_POSIX_ACL the kernel enforces ACLs but leaves the mode to the
+        filesystem, and it consults the ACL only while the group bits are set.
+        An ACL that says no more than the mode is not stored, as on ext4.
+        """
+        entries = xattrs.parse_acl(value)
+        self._chmod(inode, xattrs.mode_of_acl(entries, os.fstat(inode.fd).st_mode))
+        if not xattrs.is_minimal_acl(entries):
+            self._xattrs.set(inode.proc_path, xattrs.ACL_ACCESS, value)
+            return
+        try:
+            self._xattrs.remove(inode.proc_path, xattrs.ACL_ACCESS)
+        except XattrError:
+            pass  # there was none
+
+    def _inherit_default_acl(self, parent: Inode, path: str, mode: int) -> int:
+        """Give a new entry at *path* the ACLs its directory's default ACL calls for; return its mode.
+
+        A directory inherits the default ACL itself as well. Without a default
+        ACL in *parent*, nothing changes and *mode* is returned as it is.
+        """
+        try:
+            default = self._xattrs.get(parent.proc_path, xattrs.ACL_DEFAULT)
+        except XattrError:
+            return mode
+
+        entries, mode = xattrs.inherit_acl(xattrs.parse_acl(default), mode)
+        if not xattrs.is_minimal_acl(entries):
+            self._xattrs.set(path, xattrs.ACL_ACCESS, xattrs.format_acl(entries))
+        if stat.S_ISDIR(mode):
+            self._xattrs.set(path, xattrs.ACL_DEFAULT, default)
+        return mode
 
     def _chmod(self, inode: Inode, mode: int) -> None:
         st = os.fstat(inode.fd)

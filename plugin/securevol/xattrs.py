@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import secrets
+import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
@@ -40,6 +41,16 @@ SIV_TAG_LEN = 16
 # The largest plaintext name whose backing name fits: base64 makes 3 bytes into 4 characters.
 MAX_NAME_BYTES = (XATTR_NAME_MAX - len(BACKING_PREFIX)) * 3 // 4 - SIV_TAG_LEN
 MAX_VALUE_BYTES = XATTR_SIZE_MAX - NONCE_LEN - SIV_TAG_LEN
+
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+
+# The POSIX ACL xattr format of Linux (include/uapi/linux/posix_acl_xattr.h):
+# a little-endian u32 version 2, then entries of (u16 tag, u16 perm, u32 id).
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_VERSION = 2
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 NAME_AD_LABEL = b"securevol v1 xattr name"
 VALUE_AD_LABEL = b"securevol v1 xattr value"
@@ -150,3 +161,48 @@ def _decode(text: str) -> bytes | None:
     if _encode(data) != text:
         return None
     return data
+
+
+# --- POSIX ACLs ----------------------------------------------------------------------------------
+
+
+def parse_acl(value: bytes) -> list[tuple[int, int, int]]:
+    """Return the (tag, perm, id) entries of an ACL in Linux's xattr format; raise XattrError(EINVAL) if malformed."""
+    body_len = len(value) - _ACL_HEADER.size
+    if body_len < 0 or body_len % _ACL_ENTRY.size or _ACL_HEADER.unpack_from(value)[0] != _ACL_VERSION:
+        raise XattrError("ACL is not in the version 2 xattr format", errno.EINVAL)
+    return [entry for entry in _ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size :])]
+
+
+def format_acl(entries: list[tuple[int, int, int]]) -> bytes:
+    return _ACL_HEADER.pack(_ACL_VERSION) + b"".join(_ACL_ENTRY.pack(*entry) for entry in entries)
+
+
+def mode_of_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
+    """Return *mode* with its permission bits taken from an access ACL, as the kernel's posix_acl_equiv_mode does.
+
+    The group bits are the mask entry's if there is one, else the owning group's.
+    """
+    perms = {tag: perm & 0o7 for tag, perm, _ in entries if tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER)}
+    group = perms.get(ACL_MASK, perms.get(ACL_GROUP_OBJ, 0))
+    return (mode & ~0o777) | perms.get(ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(ACL_OTHER, 0)
+
+
+def is_minimal_acl(entries: list[tuple[int, int, int]]) -> bool:
+    """Tell whether an ACL says no more than the permission bits (owner, group and other entries only)."""
+    return all(tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER) for tag, _, _ in entries)
+
+
+def inherit_acl(default_entries: list[tuple[int, int, int]], mode: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Return the access ACL and mode of a new entry whose directory has the default ACL *default_entries*.
+
+    Follows the kernel's posix_acl_create_masq: the requested *mode* limits the
+    owner, other and mask (or owning group) entries, and the mode's permission
+    bits then follow the resulting ACL.
+    """
+    has_mask = any(tag == ACL_MASK for tag, _, _ in default_entries)
+    limit = {ACL_USER_OBJ: (mode >> 6) & 0o7, ACL_OTHER: mode & 0o7}
+    limit[ACL_MASK if has_mask else ACL_GROUP_OBJ] = (mode >> 3) & 0o7
+
+    entries = [(tag, perm & limit.get(tag, 0o7), ident) for tag, perm, ident in default_entries]
+    return entries, mode_of_acl(entries, mode)
