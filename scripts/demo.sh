@@ -45,7 +45,9 @@ show() {
 
 cleanup() {
     local status=$?
-    trap - EXIT INT TERM
+    # A second Ctrl-C must not cut the cleanup short and leave a dockerd behind.
+    trap - EXIT
+    trap '' INT TERM
     set +e
     if [ "$status" -ne 0 ] && [ -n "$serve_pid" ] && [ -f "$demo_dir/serve.log" ]; then
         echo "last lines of the plugin's log:" >&2
