@@ -88,7 +88,12 @@ def _session_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
     # socket and driver name are unique to this run to keep other runs apart.
     PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
     server = PluginServer(socket_path=plugin_socket_path(unique_driver_name()))
-    server.start()
+    try:
+        server.start()
+    except Exception:
+        # Leave no socket in the shared plugin directory for other dockerds to try.
+        server.cleanup()
+        raise
     log.info("plugin started driver=%s state=%s", server.driver, server.state_dir)
     yield server
 
