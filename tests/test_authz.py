@@ -21,6 +21,7 @@ from securevol.authz import (
     Authorizer,
     CreateSpec,
     VolumeCatalog,
+    older_api_version,
     parse_bind,
     split_request_uri,
 )
@@ -618,6 +619,55 @@ def test_existing_container_requests(state, method, uri):
     assert "Engine API" in verdict.message
 
 
+@pytest.mark.parametrize(
+    ("version", "older"),
+    [("1.23", True), ("1.24", False), ("1.41", False), ("1.3", True), ("1.100", False), ("2", False),
+     ("1..2", True), (".", True)],
+)
+def test_older_api_version(version, older):
+    assert older_api_version(version, "1.24") is older
+
+
+def start(authorizer: Authorizer, uri: str, body: bytes | dict | None = None, headers: dict | None = None):
+    payload = request("POST", uri, body)
+    payload["RequestHeaders"].update(headers or {})
+    return authorizer.authorize_request(payload)
+
+
+def test_start_with_host_config_on_old_api_checked(state):
+    add_volume(state, "db", "name:web")
+    authorizer = make_authorizer(state)
+
+    # No Engine API here, so the container cannot be identified: refused.
+    verdict = start(authorizer, "/v1.23/containers/web/start", {"Binds": ["db:/d"]})
+
+    assert not verdict.allow
+    assert "Engine API" in verdict.message
+
+
+def test_start_body_on_old_api_must_arrive(state):
+    authorizer = make_authorizer(state)
+
+    assert not start(authorizer, "/v1.23/containers/web/start", None, {"Content-Length": "120"}).allow
+    assert not start(authorizer, "/v1.23/containers/web/start", None, {"Transfer-Encoding": "chunked"}).allow
+    assert start(authorizer, "/v1.23/containers/web/start", None, {"Content-Length": "0"}).allow
+    assert start(authorizer, "/v1.23/containers/web/start").allow
+
+
+def test_start_host_config_of_old_api_reaching_state_denied(state):
+    verdict = start(make_authorizer(state), "/v1.20/containers/web/start", {"Binds": [f"{state}:/x"]})
+
+    assert not verdict.allow
+
+
+@pytest.mark.parametrize("uri", ["/v1.24/containers/web/start", "/v1.41/containers/web/start",
+                                 "/containers/web/start"])
+def test_start_body_ignored_where_dockerd_refuses_it(state, uri):
+    add_volume(state, "db", "name:web")
+
+    assert start(make_authorizer(state), uri, {"Binds": ["db:/d"]}).allow
+
+
 def test_response_always_allowed(state):
     payload = request("POST", "/containers/create")
     payload["ResponseStatusCode"] = 201
@@ -947,3 +997,23 @@ def test_e2e_authz_cp_and_exec_follow_allowlist(authz_docker, authz_volume, tmp_
     assert "does not allow container 'az-web'" in copy.stderr
     assert exec_.returncode != 0
     assert "does not allow container 'az-web'" in exec_.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_old_api_start_with_binds(authz_docker, authz_volume):
+    daemon, _, image = authz_docker
+    volume = authz_volume("name:az-web")
+    daemon.docker("create", "--name", "az-plain", image, "sleep", "30")
+    daemon.docker("create", "--name", "az-web", image, "sleep", "30")
+    body = f'{{"Binds": ["{volume}:/d"]}}'.encode()
+
+    # API 1.23 still applies a HostConfig sent with start; dockerd 20.10 accepts it.
+    refused = raw_create(daemon, "/v1.23/containers/az-plain/start", body)
+    allowed = raw_create(daemon, "/v1.23/containers/az-web/start", body)
+
+    assert refused.status == 403, refused.body
+    assert b"does not allow container 'az-plain'" in refused.body
+    assert allowed.status == 204, allowed.body
+    mounts = EngineClient(str(daemon.socket)).inspect_container("az-web")["Mounts"]
+    assert [mount["Name"] for mount in mounts] == [volume]

@@ -33,6 +33,9 @@ Requests checked, and why:
 ``POST /volumes/create``
     a ``local`` volume whose ``device`` reaches the state directory or the
     mount root is refused, since mounting it would bypass the bind check.
+``POST /v1.NN/containers/{id}/start`` with NN below 24
+    these old API versions still take a HostConfig in the start body, which
+    dockerd applies to the container: its mounts are checked as a create's.
 
 Every other request is allowed at once, without an Engine API call or a
 disk read. When the plugin cannot decide (dockerd does not respond, a
@@ -103,19 +106,27 @@ _ROUTES: tuple[tuple[frozenset[str], re.Pattern[str], str], ...] = (
     (frozenset({"GET", "HEAD", "PUT"}), re.compile(r"/containers/(.*)/archive"), "archive"),
     (frozenset({"POST"}), re.compile(r"/containers/(.*)/copy"), "copy"),
     (frozenset({"POST"}), re.compile(r"/containers/(.*)/exec"), "exec"),
+    (frozenset({"POST"}), re.compile(r"/containers/(.*)/start"), "start"),
     (frozenset({"POST"}), re.compile(r"/volumes/create"), "volume-create"),
 )
 
 
 @dataclass(frozen=True)
 class AuthzRequest:
-    """An API request as dockerd will route it: method, decoded path, query and body."""
+    """An API request as dockerd will route it: method, decoded path, query and body.
+
+    ``api_version`` is the ``/vN.NN`` prefix of the path without the v, or ""
+    when the request names none and so gets dockerd's own version.
+    ``headers`` are the request headers with lowercase names.
+    """
 
     method: str
     path: str
     query: dict[str, str]
     body: bytes | None
     user: str = ""
+    api_version: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> "AuthzRequest":
@@ -124,10 +135,25 @@ class AuthzRequest:
         uri = payload.get("RequestUri")
         if not isinstance(method, str) or not isinstance(uri, str):
             raise ValueError("the request has no RequestMethod or RequestUri string")
-        path, query = split_request_uri(uri)
+        path, api_version, query = parse_request_uri(uri)
         user = payload.get("User")
-        return cls(method.upper(), path, query, _request_body(payload.get("RequestBody")),
-                   user if isinstance(user, str) else "")
+        headers = payload.get("RequestHeaders")
+        return cls(
+            method=method.upper(),
+            path=path,
+            query=query,
+            body=_request_body(payload.get("RequestBody")),
+            user=user if isinstance(user, str) else "",
+            api_version=api_version,
+            headers={str(k).lower(): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {},
+        )
+
+    def declares_body(self) -> bool:
+        """Tell whether the headers announce a body of more than 7 bytes, as dockerd's start handler checks."""
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            return True
+        length = self.headers.get("content-length", "0").strip()
+        return not length.isdigit() or int(length) > 7
 
     def route(self) -> tuple[str, str]:
         """Return (action, container reference) for a checked route, or ("", "") for any other."""
@@ -140,6 +166,12 @@ class AuthzRequest:
 
 def split_request_uri(uri: str) -> tuple[str, dict[str, str]]:
     """Return the path dockerd routes (decoded, cleaned, without /vN.NN) and the query of *uri*."""
+    path, _version, query = parse_request_uri(uri)
+    return path, query
+
+
+def parse_request_uri(uri: str) -> tuple[str, str, dict[str, str]]:
+    """Return the routed path, the API version ("" if none) and the query of *uri*."""
     target = uri
     if not target.startswith("/"):
         # An absolute-form request target: http://host/path?query.
@@ -148,14 +180,26 @@ def split_request_uri(uri: str) -> tuple[str, dict[str, str]]:
     raw_path, _, raw_query = target.partition("?")
 
     path = _clean_path(urllib.parse.unquote(raw_path, errors="surrogateescape"))
+    api_version = ""
     version = _VERSION_PREFIX_RE.match(path)
     if version:
+        api_version = version.group(0)[2:]
         path = path[version.end() :]
 
     query: dict[str, str] = {}
     for key, value in urllib.parse.parse_qsl(raw_query, keep_blank_values=True):
         query.setdefault(key, value)
-    return path, query
+    return path, api_version, query
+
+
+def older_api_version(version: str, than: str) -> bool:
+    """Compare dot-separated API versions as dockerd does; a version that is not numbers counts as older."""
+    try:
+        have = [int(part) for part in version.split(".")]
+    except ValueError:
+        return True
+    want = [int(part) for part in than.split(".")]
+    return have < want
 
 
 def _clean_path(path: str) -> str:
@@ -402,6 +446,8 @@ class Authorizer:
             self._check_volume_create(request)
         elif action == "rename":
             self._check_existing(action, reference, new_name=request.query.get("name", ""))
+        elif action == "start":
+            self._check_start(request, reference)
         else:
             self._check_existing(action, reference)
 
@@ -501,6 +547,36 @@ class Authorizer:
         volumes = (image.get("Config") or {}).get("Volumes") or {}
         for target in sorted(volumes):
             yield VolumeUse(ANONYMOUS, self.catalog.new_volume_allowlist(None), f"image VOLUME {target}")
+
+    # -- start with a HostConfig (API before 1.24) ---------------------------------------------
+
+    def _check_start(self, request: AuthzRequest, reference: str) -> None:
+        # From API 1.24 on, and without a version prefix, dockerd refuses a start body.
+        if not request.api_version or not older_api_version(request.api_version, "1.24"):
+            return
+        if not request.body:
+            if request.declares_body():
+                raise Denied(
+                    f"The start request (API {request.api_version}) reached securevol without its HostConfig "
+                    "body, so its mounts cannot be checked; create the container with its mounts instead.",
+                    "start without body",
+                )
+            return
+        try:
+            spec = CreateSpec.from_body(request.body, "")
+        except ValueError as exc:
+            raise Denied(f"The start request body cannot be read as dockerd would read it ({exc}), so securevol "
+                         "cannot check its mounts.", "start body unreadable") from None
+        if not (spec.binds or spec.mounts or spec.volumes_from or spec.volume_driver):
+            return
+
+        document = self._inspect(reference, f"the container {reference!r}")
+        if document is None:
+            return  # dockerd returns 404
+        for path in self._create_host_paths(spec):
+            self._check_host_path(path)
+        uses = [*self._create_volume_uses(spec), *self._volumes_from_uses(spec)]
+        self._check_uses("start", info_from_inspect(document), uses)
 
     # -- volume create ---------------------------------------------------------------------
 
