@@ -87,7 +87,11 @@ def _session_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
     # dockerd finds v1 plugins only in the host-wide /run/docker/plugins, so the
     # socket and driver name are unique to this run to keep other runs apart.
     PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
-    server = PluginServer(socket_path=plugin_socket_path(unique_driver_name()))
+    # The allowlist checks ask the Engine API which container mounts a volume,
+    # so the plugin talks to the session's dockerd, not the host's.
+    server = PluginServer(
+        socket_path=plugin_socket_path(unique_driver_name()), extra_args=("--docker-host", dockerd.host)
+    )
     try:
         server.start()
     except Exception:

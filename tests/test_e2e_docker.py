@@ -224,6 +224,22 @@ def test_invalid_volume_name_rejected(dockerd, securevol_plugin, name):
     assert after == before
 
 
+def test_allowlist_admits_only_named_container(dockerd, busybox_image, securevol_plugin):
+    allowed = f"allowed-{secrets.token_hex(4)}"
+    volume = create_volume(dockerd, securevol_plugin, f"allow=name:{allowed}")
+
+    dockerd.run("--rm", "--name", allowed, "-v", f"{volume}:/data", busybox_image,
+                "sh", "-c", "echo for the allowed container > /data/allowed.txt")
+    refused = dockerd.run("--rm", "--name", f"other-{secrets.token_hex(4)}", "-v", f"{volume}:/data",
+                          busybox_image, "cat", "/data/allowed.txt", check=False)
+    reread = dockerd.run("--rm", "--name", allowed, "-v", f"{volume}:/data", busybox_image, "cat", "/data/allowed.txt")
+
+    assert refused.returncode != 0, "a container not on the allowlist mounted the volume"
+    assert volume in refused.stderr
+    assert "for the allowed container" not in refused.stdout
+    assert reread.stdout == "for the allowed container\n"
+
+
 def test_docker_cp_keeps_volume_mounted(dockerd, busybox_image, securevol_plugin, tmp_path):
     volume = create_volume(dockerd, securevol_plugin)
     container = dockerd.run("-d", "-v", f"{volume}:/data", busybox_image, *KEEP_RUNNING).stdout.strip()
