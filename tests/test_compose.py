@@ -99,14 +99,15 @@ def test_compose_example_backup_mounts_same_volume():
 class ComposeProject:
     """The example as one Compose project in a private dockerd, with a unique project name."""
 
-    def __init__(self, dockerd: PrivateDockerd, driver: str, work: Path) -> None:
+    def __init__(self, dockerd: PrivateDockerd, plugin: PluginServer, work: Path) -> None:
         self.dockerd = dockerd
+        self.plugin = plugin
         self.name = f"svpg{secrets.token_hex(3)}"
         self.volume = f"{self.name}_pgdata"
         override = work / "no-network.yaml"
         override.write_text(NO_NETWORK_OVERRIDE)
         self.files = ["--file", str(COMPOSE_FILE), "--file", str(override)]
-        self.env = dockerd.env | {"PG_IMAGE": LOCAL_PG_IMAGE, "SECUREVOL_DRIVER": driver}
+        self.env = dockerd.env | {"PG_IMAGE": LOCAL_PG_IMAGE, "SECUREVOL_DRIVER": plugin.driver}
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
@@ -114,7 +115,10 @@ class ComposeProject:
             env=self.env, capture_output=True, text=True, timeout=COMPOSE_TIMEOUT, stdin=subprocess.DEVNULL,
         )
         if check:
-            assert result.returncode == 0, f"compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+            assert result.returncode == 0, (
+                f"compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}\n"
+                f"securevol log:\n{self.plugin.log_text()[-6000:]}"
+            )
         return result
 
     def logs(self) -> str:
@@ -157,7 +161,7 @@ def backing_files(server: PluginServer, volume: str) -> list[Path]:
 @pytest.mark.docker
 def test_compose_postgres_end_to_end(dockerd: PrivateDockerd, postgres_image: str, compose_plugin: PluginServer,
                                      tmp_path: Path):
-    project = ComposeProject(dockerd, compose_plugin.driver, tmp_path)
+    project = ComposeProject(dockerd, compose_plugin, tmp_path)
     marker = f"securevol-compose-{secrets.token_hex(8)}"
     try:
         # The database starts on a new encrypted volume and stores a row.

@@ -555,6 +555,9 @@ class ManagedPlugin:
         self.dockerd.docker("plugin", "create", self.name, str(self.plugin_dir), timeout=600)
         # The state directory must exist: dockerd does not create a bind mount's source.
         self.state_dir.mkdir(mode=0o700)
+        self.set_mount_sources()
+
+    def set_mount_sources(self) -> None:
         self.dockerd.docker("plugin", "set", self.name, f"state.source={self.state_dir}",
                             f"docker-socket.source={self.dockerd.socket}")
 
@@ -695,6 +698,9 @@ def test_managed_plugin_upgrade_keeps_volumes(managed_plugin: ManagedPlugin, bus
         # and reads "no" from an empty stdin while still exiting 0.
         dockerd.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check",
                        plugin.name, remote, timeout=600)
+        # dockerd 20.10 still shows the mount sources set before the upgrade, but
+        # starts the upgraded plugin with config.json's defaults unless they are set again.
+        plugin.set_mount_sources()
         plugin.enable()
     finally:
         registry.stop()
