@@ -653,19 +653,20 @@ def test_sizes_never_stale_while_growing(volume):
 
 
 def _endless_writer(path: Path) -> None:
+    """Rewrite random ranges of *path* until killed; O_DIRECT sends every write through the FUSE process at once."""
     rng = random.Random(os.getpid())
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
         while True:
             offset = rng.randrange(0, 256) * 4096 + rng.choice([0, 0, 100, 4000])
-            os.pwrite(fd, rng.randbytes(rng.choice([4096, 65536, 300_000])), offset)
+            os.pwrite(fd, rng.randbytes(rng.choice([4096, 65536, 300_000, 2**20])), offset)
     except OSError:
         return
     finally:
         os.close(fd)
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.5, 0.9])
+@pytest.mark.parametrize("delay", [0.2, 0.35, 0.5, 0.65, 0.8, 0.95])
 def test_kill_9_mid_write_leaves_file_readable(volume, delay):
     path = volume.mountpoint / "busy"
     path.write_bytes(random.Random(9).randbytes(256 * 4096))

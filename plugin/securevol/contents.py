@@ -5,27 +5,68 @@ writing. Every operation derives the plaintext size from the ciphertext size
 (fstat) and reads the file header from the file itself, so open handles and
 path-based truncation of the same file never disagree about its state.
 
+A change is first planned as a list of backing writes and truncations, all
+computed from the file as it is, and then handed to an *apply* function. The
+FUSE layer passes the journal's (securevol.journal), which makes each plan
+atomic against the death of the process.
+
 Callers serialise operations on a file: the FUSE process runs each request to
 completion before the next one starts.
 """
 
-import errno
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 from securevol import format as fmt
 from securevol.errors import IntegrityError
 
 
+class WriteOp(NamedTuple):
+    """Write *data* at *offset* of the backing file."""
+
+    offset: int
+    data: bytes | bytearray
+
+
+class TruncateOp(NamedTuple):
+    """Set the backing file's size to *length* bytes."""
+
+    length: int
+
+
+Op = WriteOp | TruncateOp
+ApplyFunction = Callable[[int, list[Op]], None]
+
+
+def apply_ops(fd: int, ops: list[Op]) -> None:
+    """Carry out *ops* on the backing file *fd* in order, without a journal."""
+    for op in ops:
+        if isinstance(op, WriteOp):
+            pwrite_all(fd, op.data, op.offset)
+        else:
+            os.ftruncate(fd, op.length)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
 class EncryptedContents:
     """Reads and writes plaintext ranges of ciphertext files with one volume's ContentCipher."""
 
-    def __init__(self, cipher: fmt.ContentCipher) -> None:
+    def __init__(self, cipher: fmt.ContentCipher, apply: ApplyFunction = apply_ops) -> None:
         self._cipher = cipher
+        self._apply = apply
 
     # --- public operations -----------------------------------------------------------------------
 
     def plain_size(self, fd: int) -> int:
-        """Return the plaintext size of the file; a damaged tail counts as shown by readable_plain_size."""
+        """Return the plaintext size of the file, a damaged tail left out as readable_plain_size does."""
         return fmt.readable_plain_size(os.fstat(fd).st_size)
 
     def read(self, fd: int, offset: int, size: int) -> memoryview:
@@ -48,40 +89,32 @@ class EncryptedContents:
         return memoryview(plaintext)[offset - run_start : end - run_start]
 
     def write(self, fd: int, offset: int, data: bytes) -> None:
-        """Write *data* at plaintext *offset*, growing the file through a hole if *offset* is past its end."""
+        """Write *data* at plaintext *offset*; a gap past the old end of the file reads as zeros."""
         if not data:
             return
 
         cipher_size = os.fstat(fd).st_size
         plain_size = fmt.plain_size(cipher_size)
-        header, new_header = self._header_for_write(fd, cipher_size)
-
-        if offset > plain_size:
-            self._extend(fd, header, new_header, plain_size, offset)
-            new_header = None
-            plain_size = offset
-            cipher_size = fmt.cipher_size(offset)
-
+        header, ops = self._header_ops(fd, cipher_size)
         blocks = fmt.block_range(offset, len(data))
+
+        if plain_size // fmt.BLOCK_SIZE < blocks.start:
+            ops += self._pad_ops(fd, header, plain_size, cipher_size, offset)
         run = self._merge_run(fd, header, blocks, offset, data, plain_size, cipher_size)
         ciphertext = self._cipher.encrypt_blocks(header.file_id, blocks.start, run)
-
-        self._reserve(fd, cipher_size, fmt.block_offset(blocks.start) + len(ciphertext))
-        if new_header is not None:
-            # Only an empty file needs a header, and then the write starts at block 0.
-            _pwrite_all(fd, new_header + ciphertext, 0)
-        else:
-            _pwrite_all(fd, ciphertext, fmt.block_offset(blocks.start))
+        ops.append(WriteOp(fmt.block_offset(blocks.start), ciphertext))
+        self._apply(fd, ops)
 
     def truncate(self, fd: int, new_size: int) -> None:
         """Set the plaintext size of the file to *new_size*, re-encrypting a partial last block.
 
         Truncating to zero removes the header too, so the next write starts a
         new file ID and blocks of the old contents can never be replayed into
-        the new ones. It works on a damaged file, so that users can recover.
+        the new ones. Truncating to zero works on a damaged file, so that users
+        can recover.
         """
         if new_size == 0:
-            os.ftruncate(fd, 0)
+            self._apply(fd, [TruncateOp(0)])
             return
 
         cipher_size = os.fstat(fd).st_size
@@ -89,13 +122,15 @@ class EncryptedContents:
         if new_size == plain_size:
             return
 
-        header, new_header = self._header_for_write(fd, cipher_size)
+        header, ops = self._header_ops(fd, cipher_size)
         if new_size > plain_size:
-            self._extend(fd, header, new_header, plain_size, new_size)
+            ops += self._pad_ops(fd, header, plain_size, cipher_size, new_size)
         else:
-            self._shrink(fd, header, cipher_size, new_size)
+            ops += self._shrink_ops(fd, header, cipher_size, new_size)
+        ops.append(TruncateOp(fmt.cipher_size(new_size)))
+        self._apply(fd, ops)
 
-    # --- steps -----------------------------------------------------------------------------------
+    # --- planning steps --------------------------------------------------------------------------
 
     def _checked_size_for_read(self, cipher_size: int, offset: int, size: int) -> int:
         """Return the plaintext size, raising IntegrityError if the read reaches a damaged tail."""
@@ -112,12 +147,12 @@ class EncryptedContents:
     def _read_header(self, fd: int) -> fmt.FileHeader:
         return fmt.FileHeader.parse(os.pread(fd, fmt.HEADER_LEN, 0))
 
-    def _header_for_write(self, fd: int, cipher_size: int) -> tuple[fmt.FileHeader, bytes | None]:
-        """Return the file's header, and its bytes if the file has none yet and the caller must write it."""
+    def _header_ops(self, fd: int, cipher_size: int) -> tuple[fmt.FileHeader, list[Op]]:
+        """Return the file's header, and the op that writes a new one if the file has none yet."""
         if cipher_size == 0:
             header = fmt.FileHeader.new()
-            return header, header.to_bytes()
-        return self._read_header(fd), None
+            return header, [WriteOp(0, header.to_bytes())]
+        return self._read_header(fd), []
 
     def _read_blocks(
         self, fd: int, header: fmt.FileHeader, first: int, stop: int, cipher_size: int
@@ -129,6 +164,26 @@ class EncryptedContents:
         if len(ciphertext) != length:
             raise IntegrityError(f"ciphertext ended early: want {length} bytes at {start}, have {len(ciphertext)}")
         return self._cipher.decrypt_blocks(header.file_id, first, ciphertext)
+
+    def _pad_ops(
+        self, fd: int, header: fmt.FileHeader, plain_size: int, cipher_size: int, new_end: int
+    ) -> list[Op]:
+        """Return the op that pads a partial last block with zeros when the file grows past its block.
+
+        Growing within the partial last block, or from a block boundary, needs
+        no op here. Beyond the padded block, the backing filesystem fills the
+        gap with zeros, which read as holes.
+        """
+        last = plain_size // fmt.BLOCK_SIZE
+        partial = plain_size % fmt.BLOCK_SIZE
+        if not partial or new_end <= plain_size:
+            return []
+
+        block_start = last * fmt.BLOCK_SIZE
+        padded_len = min(new_end, block_start + fmt.BLOCK_SIZE) - block_start
+        old_block = self._read_blocks(fd, header, last, last + 1, cipher_size)
+        padded = bytes(old_block) + bytes(padded_len - len(old_block))
+        return [WriteOp(fmt.block_offset(last), self._cipher.encrypt_blocks(header.file_id, last, padded))]
 
     def _merge_run(
         self,
@@ -143,8 +198,8 @@ class EncryptedContents:
         """Return the plaintext of whole blocks *blocks* with *data* written at *offset* into them.
 
         Bytes of the first and last block outside the written range keep their
-        old value; the run ends at the end of the file when that is earlier
-        than the end of the last block.
+        old value, or are zeros past the old end of the file. The run ends at
+        the end of the file when that is earlier than the end of the last block.
         """
         run_start = blocks.start * fmt.BLOCK_SIZE
         end = offset + len(data)
@@ -154,68 +209,23 @@ class EncryptedContents:
 
         run = bytearray(run_end - run_start)
         last = blocks.stop - 1
-        if offset > run_start:
+        head_read = offset > run_start and run_start < plain_size
+        if head_read:
             head = self._read_blocks(fd, header, blocks.start, blocks.start + 1, cipher_size)
             run[: len(head)] = head
-        if run_end > end and (last != blocks.start or offset == run_start):
+        if run_end > end and not (head_read and last == blocks.start):
             tail = self._read_blocks(fd, header, last, last + 1, cipher_size)
             tail_start = last * fmt.BLOCK_SIZE - run_start
             run[tail_start : tail_start + len(tail)] = tail
         run[offset - run_start : end - run_start] = data
         return run
 
-    def _extend(
-        self, fd: int, header: fmt.FileHeader, new_header: bytes | None, old_size: int, new_size: int
-    ) -> None:
-        """Grow the file from *old_size* to *new_size* plaintext bytes; the new bytes read as zeros.
-
-        A partial last block is re-encrypted padded with zeros, up to the end of
-        its block or the new size. The backing filesystem fills the rest with
-        zeros, which read as holes.
-        """
-        if new_header is not None:
-            _pwrite_all(fd, new_header, 0)
-
-        if old_size % fmt.BLOCK_SIZE:
-            last = old_size // fmt.BLOCK_SIZE
-            block_start = last * fmt.BLOCK_SIZE
-            padded_len = min(new_size, block_start + fmt.BLOCK_SIZE) - block_start
-            old_block = self._read_blocks(fd, header, last, last + 1, fmt.cipher_size(old_size))
-            padded = bytes(old_block) + bytes(padded_len - len(old_block))
-            _pwrite_all(fd, self._cipher.encrypt_blocks(header.file_id, last, padded), fmt.block_offset(last))
-
-        os.ftruncate(fd, fmt.cipher_size(new_size))
-
-    def _shrink(self, fd: int, header: fmt.FileHeader, cipher_size: int, new_size: int) -> None:
-        """Cut the file to *new_size* plaintext bytes, re-encrypting the new partial last block."""
+    def _shrink_ops(self, fd: int, header: fmt.FileHeader, cipher_size: int, new_size: int) -> list[Op]:
+        """Return the op that re-encrypts the block that becomes the new partial last block, if any."""
         kept = new_size % fmt.BLOCK_SIZE
-        if kept:
-            last = new_size // fmt.BLOCK_SIZE
-            old_block = self._read_blocks(fd, header, last, last + 1, cipher_size)
-            ciphertext = self._cipher.encrypt_blocks(header.file_id, last, old_block[:kept])
-            _pwrite_all(fd, ciphertext, fmt.block_offset(last))
-
-        os.ftruncate(fd, fmt.cipher_size(new_size))
-
-    def _reserve(self, fd: int, cipher_size: int, new_cipher_size: int) -> None:
-        """Allocate backing space for a write past the end, so that a full disk fails it before any byte lands.
-
-        Without this, ENOSPC part way through a write could leave a last block
-        of impossible length. Filesystems without fallocate(2) skip the check.
-        """
-        if new_cipher_size <= cipher_size:
-            return
-        try:
-            os.posix_fallocate(fd, cipher_size, new_cipher_size - cipher_size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
+        if not kept:
+            return []
+        last = new_size // fmt.BLOCK_SIZE
+        old_block = self._read_blocks(fd, header, last, last + 1, cipher_size)
+        ciphertext = self._cipher.encrypt_blocks(header.file_id, last, old_block[:kept])
+        return [WriteOp(fmt.block_offset(last), ciphertext)]

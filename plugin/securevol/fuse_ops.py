@@ -41,6 +41,7 @@ from securevol.contents import EncryptedContents
 from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
+from securevol.journal import Journal
 from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,10 @@ class SecurevolOperations(pyfuse3.Operations):
         root_fd = os.open(self._backing_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._inodes = InodeTable(root_fd)
         self._names = names.NameCipher(keys.name_key)
-        self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key))
+        # Finish a change cut short by the death of the previous process before serving anything.
+        self._journal = Journal(root_fd, volume)
+        self._journal.recover()
+        self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key), self._journal.apply)
         self._xattrs = ExtendedAttributes(keys.xattr_key)
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
@@ -131,6 +135,7 @@ class SecurevolOperations(pyfuse3.Operations):
             os.close(handle.fd)
         self._files.clear()
         self._dirs.clear()
+        self._journal.close()
         self._inodes.close_all()
 
     # --- lookup and attributes -------------------------------------------------------------------

@@ -5,7 +5,7 @@ It implements the daemon side of the contract in docs/architecture.md:
 - the DEK (32 raw bytes) arrives on ``--key-fd``, which is read and closed;
 - the process detaches (fork, the parent exits 0) so that no daemon worker
   has to reap it;
-- once mounted it writes ``ready PID`` to ``--ready-fd``; on failure it writes
+- once mounted and serving it writes ``ready PID`` to ``--ready-fd``; on failure it writes
   ``error MESSAGE`` (one sentence, no secrets) and exits non-zero;
 - SIGTERM, SIGINT or an external ``fusermount3 -u`` end it cleanly, with
   cached writes in the backing store and the mount removed.
@@ -180,10 +180,12 @@ def _raise_read_ahead(mountpoint: str) -> None:
     """Let the kernel read ahead READ_AHEAD_KB on this mount rather than the default 128 KiB.
 
     Fewer, larger read requests cut the per-request cost of this Python
-    process. The setting belongs to this FUSE connection's own backing device,
-    found in mountinfo by *mountpoint*, which must be resolved already: any
-    stat(2) of the mount would wait for the request loop, which has not started.
+    process. The setting belongs to this FUSE connection's own backing device.
+    It must be made after the FUSE INIT reply, which caps read-ahead at the
+    value the kernel offered at mount time. The stat(2) below returns only once
+    the request loop has answered INIT, so this runs in a thread.
     """
+    os.stat(mountpoint)
     device = _mount_device(mountpoint)
     if device is None:
         log.warning("read-ahead unchanged: mount not found in mountinfo mountpoint=%s", mountpoint)
@@ -232,17 +234,9 @@ def _serve(args: argparse.Namespace, keys) -> int:
         _report(args.ready_fd, f"error mounting FUSE at {args.mountpoint} failed; see the volume log")
         return 1
 
-    _raise_read_ahead(mountpoint)
-    if not _report(args.ready_fd, f"ready {os.getpid()}"):
-        log.error("mount abandoned vol=%s: the ready pipe is closed", args.volume)
-        pyfuse3.close(unmount=True)
-        operations.close()
-        return 1
-    log.info("volume mounted vol=%s mountpoint=%s pid=%d", args.volume, args.mountpoint, os.getpid())
-
-    stopped_by_signal = False
+    unmount = False
     try:
-        stopped_by_signal = trio.run(_run_until_unmounted, args.mountpoint)
+        unmount = trio.run(_run_until_unmounted, mountpoint, args)
     except BaseException:
         log.exception("FUSE loop failed vol=%s", args.volume)
         pyfuse3.close(unmount=True)
@@ -250,23 +244,42 @@ def _serve(args: argparse.Namespace, keys) -> int:
         return 1
 
     # After an external unmount the mountpoint may already belong to a new
-    # mount; only a stop by signal leaves our own mount to remove.
-    pyfuse3.close(unmount=stopped_by_signal)
+    # mount; only a stop by this process leaves its own mount to remove.
+    pyfuse3.close(unmount=unmount)
     operations.close()
     log.info("volume unmounted vol=%s", args.volume)
     return 0
 
 
-async def _run_until_unmounted(mountpoint: str) -> bool:
-    """Serve requests until the filesystem is unmounted or a stop signal arrives; tell which."""
-    stopped_by_signal = False
+async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> bool:
+    """Serve requests until the filesystem is unmounted or this process stops it; tell whether it stopped it."""
+    stopped_here = False
+
+    async def announce_ready() -> None:
+        # The stat in _raise_read_ahead returns once this loop has answered the
+        # kernel's INIT, so "ready" means mounted and serving.
+        nonlocal stopped_here
+        try:
+            await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
+        except OSError as exc:
+            log.error("mount not usable vol=%s error=%s", args.volume, exc)
+            _report(args.ready_fd, f"error the new mount at {mountpoint} is not usable: {exc.strerror}")
+            stopped_here = True
+            pyfuse3.terminate()
+            return
+        if _report(args.ready_fd, f"ready {os.getpid()}"):
+            log.info("volume mounted vol=%s mountpoint=%s pid=%d", args.volume, mountpoint, os.getpid())
+            return
+        log.error("mount abandoned vol=%s: the ready pipe is closed", args.volume)
+        stopped_here = True
+        pyfuse3.terminate()
 
     async def stop_on_signal() -> None:
-        nonlocal stopped_by_signal
+        nonlocal stopped_here
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("stop requested signal=%s", signal.Signals(signum).name)
-                stopped_by_signal = True
+                stopped_here = True
                 # syncfs(2) makes the kernel write its cached pages through this
                 # very loop, so it runs in a thread while the loop keeps serving.
                 try:
@@ -278,9 +291,10 @@ async def _run_until_unmounted(mountpoint: str) -> bool:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(announce_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    return stopped_by_signal
+    return stopped_here
 
 
 def _report(ready_fd: int, line: str) -> bool:

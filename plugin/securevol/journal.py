@@ -1,0 +1,234 @@
+"""A one-record redo journal that makes each change of a backing file atomic if the FUSE process dies.
+
+Why: a SIGKILL (or the OOM killer) that arrives while the kernel copies a
+pwrite(2) into the page cache ends the copy at a page boundary. A ciphertext
+block is 4128 bytes, so it always straddles a page boundary, and a torn block
+reads as EIO for good. A change can also take several system calls (pad the
+old last block, write the new run, truncate), and dying between them leaves a
+file of impossible length.
+
+How: before a change that is not atomic by itself, the whole plan (the bytes
+to write and the truncations, see securevol.contents) goes to the journal
+file, and only then is it marked active. Marking is a write of less than a
+page at offset 0, which a kill cannot tear: the kernel checks for a fatal
+signal between pages, not within one. The plan is then carried out and the
+journal marked idle. At the next mount an active record is carried out again
+(redo): every op is idempotent, so the file ends up exactly as planned. A
+record whose body was torn was never marked active, and its file was not
+touched.
+
+Layout of the journal file ``securevol.journal`` in the backing root::
+
+    offset 0     control: magic "SVJ1" | state u32 (0 idle, 1 active) | sequence u64 | body length u64
+    offset 4096  body:    sequence u64 | backing inode u64 | path length u32 | op count u32 | path
+                          then per op: kind u8 (1 write, 2 truncate) | offset or length u64 |
+                                       data length u64 | data
+
+The path is the target's backing path relative to the backing root
+(ciphertext names only), checked against the inode number at replay.
+
+Limits: the journal protects against the death of the process, not against
+power loss: nothing here is fsynced until a client calls fsync(2), and then the
+target file itself is synced. A file whose path cannot be read (unlinked while
+open, or longer than PATH_MAX) is changed without the journal.
+"""
+
+import errno
+import logging
+import os
+import struct
+
+from securevol.contents import Op, TruncateOp, WriteOp, apply_ops, pwrite_all
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "securevol.journal"
+PAGE_SIZE = 4096
+BODY_OFFSET = PAGE_SIZE
+
+_CONTROL = struct.Struct(">4sIQQ")
+_CONTROL_MAGIC = b"SVJ1"
+_IDLE, _ACTIVE = 0, 1
+_BODY_HEADER = struct.Struct(">QQII")
+_OP_HEADER = struct.Struct(">BQQ")
+_WRITE, _TRUNCATE = 1, 2
+
+
+class Journal:
+    """The journal of one backing store; *root_fd* is its backing root (an O_PATH descriptor is fine)."""
+
+    def __init__(self, root_fd: int, volume: str) -> None:
+        self._root_fd = root_fd
+        self._volume = volume
+        self._root_path = os.readlink(f"/proc/self/fd/{root_fd}")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(FILE_NAME, flags, 0o600, dir_fd=root_fd)
+        self._sequence = self._read_control()[1]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    # --- journaled changes -----------------------------------------------------------------------
+
+    def apply(self, fd: int, ops: list[Op]) -> None:
+        """Carry out *ops* on backing file *fd* so that a death of this process leaves all or none of them."""
+        if _is_atomic(ops):
+            apply_ops(fd, ops)
+            return
+
+        path = self._relative_path(fd)
+        if path is None:
+            _reserve(fd, ops)
+            apply_ops(fd, ops)
+            return
+
+        self._sequence += 1
+        body = _encode_body(self._sequence, os.fstat(fd).st_ino, path, ops)
+        pwrite_all(self._fd, body, BODY_OFFSET)
+        self._write_control(_ACTIVE, len(body))
+
+        _reserve(fd, ops)
+        apply_ops(fd, ops)
+        self._write_control(_IDLE, 0)
+
+    # --- recovery --------------------------------------------------------------------------------
+
+    def recover(self) -> bool:
+        """Redo the change that was in progress when the previous process died; tell whether there was one."""
+        state, sequence, body_len = self._read_control()
+        if state != _ACTIVE:
+            return False
+
+        body = os.pread(self._fd, body_len, BODY_OFFSET)
+        try:
+            body_sequence, ino, path, ops = _decode_body(body)
+        except (ValueError, struct.error) as exc:
+            log.error("journal record unreadable vol=%s error=%s", self._volume, exc)
+            self._finish_recovery()
+            return False
+        if body_sequence != sequence:
+            log.error("journal record out of date vol=%s want=%d have=%d", self._volume, sequence, body_sequence)
+            self._finish_recovery()
+            return False
+
+        self._redo(path, ino, ops)
+        self._finish_recovery()
+        return True
+
+    def _redo(self, path: str, ino: int, ops: list[Op]) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root_fd)
+        except OSError as exc:
+            log.warning("journal target gone vol=%s path=%s error=%s", self._volume, path, exc.strerror)
+            return
+        try:
+            if os.fstat(fd).st_ino != ino:
+                log.warning("journal target replaced vol=%s path=%s", self._volume, path)
+                return
+            apply_ops(fd, ops)
+            os.fsync(fd)
+            log.warning("journal replayed vol=%s path=%s ops=%d", self._volume, path, len(ops))
+        finally:
+            os.close(fd)
+
+    def _finish_recovery(self) -> None:
+        self._write_control(_IDLE, 0)
+        os.fsync(self._fd)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _read_control(self) -> tuple[int, int, int]:
+        data = os.pread(self._fd, _CONTROL.size, 0)
+        if len(data) < _CONTROL.size:
+            return _IDLE, 0, 0
+        magic, state, sequence, body_len = _CONTROL.unpack(data)
+        if magic != _CONTROL_MAGIC:
+            log.error("journal control block invalid vol=%s magic=%s", self._volume, magic.hex())
+            return _IDLE, 0, 0
+        return state, sequence, body_len
+
+    def _write_control(self, state: int, body_len: int) -> None:
+        # Less than a page at offset 0: a kill cannot tear this write.
+        os.pwrite(self._fd, _CONTROL.pack(_CONTROL_MAGIC, state, self._sequence, body_len), 0)
+
+    def _relative_path(self, fd: int) -> str | None:
+        """Return the backing path of *fd* relative to the backing root, or None if it has none."""
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            return None
+        prefix = self._root_path.rstrip("/") + "/"
+        if not target.startswith(prefix) or target.endswith(" (deleted)"):
+            return None
+        return target[len(prefix) :]
+
+
+def _is_atomic(ops: list[Op]) -> bool:
+    """Tell whether *ops* is one system call that a kill cannot tear: a truncate, or a write within one page."""
+    if len(ops) != 1:
+        return False
+    op = ops[0]
+    if isinstance(op, TruncateOp):
+        return True
+    return op.offset // PAGE_SIZE == (op.offset + len(op.data) - 1) // PAGE_SIZE
+
+
+def _reserve(fd: int, ops: list[Op]) -> None:
+    """Allocate backing space for the writes past the end, so that a full disk fails before any byte lands.
+
+    Without this, ENOSPC part way through could leave a last block of
+    impossible length. Filesystems without fallocate(2) skip the check.
+    """
+    size = os.fstat(fd).st_size
+    for op in ops:
+        if isinstance(op, TruncateOp):
+            size = op.length
+            continue
+        start = max(op.offset, size)
+        end = op.offset + len(op.data)
+        if end <= start:
+            continue
+        try:
+            os.posix_fallocate(fd, start, end - start)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        size = end
+
+
+def _encode_body(sequence: int, ino: int, path: str, ops: list[Op]) -> bytearray:
+    path_bytes = os.fsencode(path)
+    body = bytearray(_BODY_HEADER.pack(sequence, ino, len(path_bytes), len(ops)))
+    body += path_bytes
+    for op in ops:
+        if isinstance(op, WriteOp):
+            body += _OP_HEADER.pack(_WRITE, op.offset, len(op.data))
+            body += op.data
+        else:
+            body += _OP_HEADER.pack(_TRUNCATE, op.length, 0)
+    return body
+
+
+def _decode_body(body: bytes) -> tuple[int, int, str, list[Op]]:
+    sequence, ino, path_len, op_count = _BODY_HEADER.unpack_from(body)
+    position = _BODY_HEADER.size
+    path = os.fsdecode(body[position : position + path_len])
+    position += path_len
+
+    ops: list[Op] = []
+    for _ in range(op_count):
+        kind, value, data_len = _OP_HEADER.unpack_from(body, position)
+        position += _OP_HEADER.size
+        if kind == _WRITE:
+            data = body[position : position + data_len]
+            if len(data) != data_len:
+                raise ValueError("journal record ends inside a write")
+            ops.append(WriteOp(value, data))
+            position += data_len
+        elif kind == _TRUNCATE:
+            ops.append(TruncateOp(value))
+        else:
+            raise ValueError(f"journal record has an unknown op kind {kind}")
+    return sequence, ino, path, ops

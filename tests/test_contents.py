@@ -1,0 +1,99 @@
+"""Tests of plaintext writes, reads and truncation on real backing files, against a bytearray model."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from securevol import format as fmt
+from securevol.contents import EncryptedContents
+from securevol.errors import IntegrityError
+
+KEY = bytes(range(32))
+
+offsets = st.one_of(
+    st.integers(0, 3 * 4096 + 50),
+    st.sampled_from([0, 1, 4095, 4096, 4097, 8192]),
+    st.integers(0, 40).map(lambda n: n * 4096),
+)
+lengths = st.one_of(st.integers(1, 3 * 4096), st.sampled_from([1, 4095, 4096, 4097, 3 * 4096]))
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), offsets, lengths, st.integers(0, 255)),
+        st.tuples(st.just("truncate"), offsets),
+    ),
+    max_size=12,
+)
+
+
+@pytest.fixture
+def backing_fd(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations)
+def test_matches_bytearray_model(backing_fd, ops):
+    store = EncryptedContents(fmt.ContentCipher(KEY))
+    os.ftruncate(backing_fd, 0)
+    model = bytearray()
+
+    for op in ops:
+        if op[0] == "write":
+            _, offset, length, fill = op
+            data = bytes([fill]) * length
+            store.write(backing_fd, offset, data)
+            model.extend(bytes(max(0, offset - len(model))))
+            model[offset : offset + length] = data
+        else:
+            _, size = op
+            store.truncate(backing_fd, size)
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+
+        assert os.fstat(backing_fd).st_size == fmt.cipher_size(len(model))
+        assert store.plain_size(backing_fd) == len(model)
+
+    assert bytes(store.read(backing_fd, 0, len(model) + 10)) == bytes(model)
+    for offset in (0, 1, 4095, 4096, len(model) // 2, len(model)):
+        assert bytes(store.read(backing_fd, offset, 5000)) == bytes(model[offset : offset + 5000])
+
+
+def test_write_into_hole_keeps_file_sparse(backing_fd):
+    store = EncryptedContents(fmt.ContentCipher(KEY))
+
+    store.write(backing_fd, 100 * 2**20, b"far away")
+
+    assert os.fstat(backing_fd).st_blocks * 512 < 1 * 2**20
+    assert bytes(store.read(backing_fd, 50 * 2**20, 4096)) == bytes(4096)
+
+
+def test_damaged_tail_is_eio_but_truncate_to_zero_works(backing_fd):
+    store = EncryptedContents(fmt.ContentCipher(KEY))
+    store.write(backing_fd, 0, b"x" * 5000)
+    os.ftruncate(backing_fd, fmt.block_offset(1) + 10)
+
+    assert store.plain_size(backing_fd) == 4096
+    assert bytes(store.read(backing_fd, 0, 4096)) == b"x" * 4096
+    with pytest.raises(fmt.BlockIntegrityError) as info:
+        store.read(backing_fd, 4000, 200)
+    assert info.value.block_no == 1
+    with pytest.raises(IntegrityError):
+        store.write(backing_fd, 0, b"y")
+
+    store.truncate(backing_fd, 0)
+    assert os.fstat(backing_fd).st_size == 0
+
+
+def test_truncate_to_zero_starts_new_file_id(backing_fd):
+    store = EncryptedContents(fmt.ContentCipher(KEY))
+    store.write(backing_fd, 0, b"first contents")
+    first_id = os.pread(backing_fd, fmt.HEADER_LEN, 0)[8:]
+
+    store.truncate(backing_fd, 0)
+    store.write(backing_fd, 0, b"second contents")
+
+    assert os.pread(backing_fd, fmt.HEADER_LEN, 0)[8:] != first_id

@@ -1,0 +1,199 @@
+"""Tests of the redo journal: a process killed in the middle of a change leaves each block old or new.
+
+Each crash test forks a child that starts a real journaled change on real
+files and SIGKILLs itself at the worst moment; the parent then recovers as the
+next FUSE process would, and decrypts every block.
+"""
+
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from securevol import contents
+from securevol import format as fmt
+from securevol import journal as journal_module
+from securevol.contents import EncryptedContents, TruncateOp, WriteOp
+from securevol.journal import Journal
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+def backing(tmp_path):
+    root = tmp_path / "backing"
+    root.mkdir()
+    (root / "dir").mkdir()
+    return root
+
+
+def open_root(root: Path) -> int:
+    return os.open(root, os.O_PATH | os.O_DIRECTORY)
+
+
+def make_file(root: Path, data: bytes) -> Path:
+    """Write *data* as an encrypted file under root/dir without a journal; return its path."""
+    path = root / "dir" / "target"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        EncryptedContents(fmt.ContentCipher(KEY)).write(fd, 0, data)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_file(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return bytes(EncryptedContents(fmt.ContentCipher(KEY)).read(fd, 0, 1 << 30))
+    finally:
+        os.close(fd)
+
+
+def crash_during(root: Path, path: Path, change, tear) -> None:
+    """In a child process, make *change* through a Journal, with *tear* replacing one step; the child SIGKILLs itself."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            tear()
+            root_fd = open_root(root)
+            store = EncryptedContents(fmt.ContentCipher(KEY), Journal(root_fd, "test").apply)
+            fd = os.open(path, os.O_RDWR)
+            change(store, fd)
+        finally:
+            os._exit(3)  # only reached if the tear did not kill the child
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def tear_target_write(after_bytes: int):
+    """Return a patch that lets the first backing write of a change land only partly, then kills the process."""
+
+    def patch():
+        def torn_apply(fd, ops):
+            op = ops[0]
+            assert isinstance(op, WriteOp)
+            os.pwrite(fd, op.data[:after_bytes], op.offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        journal_module.apply_ops = torn_apply
+
+    return patch
+
+
+def tear_journal_body(after_bytes: int):
+    """Return a patch that lets the journal record itself land only partly, then kills the process."""
+
+    def patch():
+        def torn_pwrite_all(fd, data, offset):
+            os.pwrite(fd, bytes(data[:after_bytes]), offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        journal_module.pwrite_all = torn_pwrite_all
+
+    return patch
+
+
+def recover(root: Path) -> bool:
+    root_fd = open_root(root)
+    journal = Journal(root_fd, "test")
+    try:
+        return journal.recover()
+    finally:
+        journal.close()
+        os.close(root_fd)
+
+
+@pytest.mark.parametrize("after_bytes", [1, 4096 - 24, 5000, 3 * 4128 + 7])
+def test_torn_write_is_redone(backing, after_bytes):
+    old = random.Random(1).randbytes(8 * 4096)
+    new = random.Random(2).randbytes(5 * 4096)
+    path = make_file(backing, old)
+
+    crash_during(backing, path, lambda store, fd: store.write(fd, 4096 + 100, new), tear_target_write(after_bytes))
+
+    assert recover(backing) is True
+    assert read_file(path) == old[: 4096 + 100] + new + old[4096 + 100 + len(new) :]
+    assert recover(backing) is False
+
+
+def test_torn_growth_is_redone(backing):
+    old = random.Random(3).randbytes(4096 + 10)
+    path = make_file(backing, old)
+
+    # Growing pads the old partial block, then writes past the end: two backing writes.
+    crash_during(backing, path, lambda store, fd: store.write(fd, 20_000, b"far"), tear_target_write(3000))
+
+    assert recover(backing) is True
+    assert read_file(path) == old + bytes(20_000 - len(old)) + b"far"
+
+
+def test_torn_shrink_is_redone(backing):
+    old = random.Random(4).randbytes(6 * 4096)
+    path = make_file(backing, old)
+
+    crash_during(backing, path, lambda store, fd: store.truncate(fd, 2 * 4096 + 5), tear_target_write(1000))
+
+    assert recover(backing) is True
+    assert read_file(path) == old[: 2 * 4096 + 5]
+
+
+def test_torn_record_leaves_file_untouched(backing):
+    old = random.Random(5).randbytes(4 * 4096)
+    path = make_file(backing, old)
+    before = path.read_bytes()
+
+    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(3 * 4096)), tear_journal_body(2000))
+
+    assert recover(backing) is False
+    assert path.read_bytes() == before
+    assert read_file(path) == old
+
+
+def test_replaced_target_not_touched(backing):
+    old = random.Random(6).randbytes(3 * 4096)
+    path = make_file(backing, old)
+    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(2 * 4096)), tear_target_write(10))
+    os.rename(path, backing / "dir" / "moved")
+    replacement = make_file(backing, b"a different file")
+
+    assert recover(backing) is True
+    assert read_file(replacement) == b"a different file"
+
+
+def test_atomic_changes_skip_the_journal(backing):
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    path = make_file(backing, b"small")
+    fd = os.open(path, os.O_RDWR)
+    journal_file = backing / journal_module.FILE_NAME
+    try:
+        journal.apply(fd, [WriteOp(30, b"within one page")])
+        journal.apply(fd, [TruncateOp(100)])
+        assert journal_file.stat().st_size == 0
+        journal.apply(fd, [WriteOp(4000, bytes(200))])
+        assert journal_file.stat().st_size > journal_module.BODY_OFFSET
+    finally:
+        os.close(fd)
+        journal.close()
+        os.close(root_fd)
+
+
+def test_journal_is_a_reserved_name():
+    from securevol import names
+
+    assert names.is_reserved(journal_module.FILE_NAME)
+    assert not names.is_long_name(journal_module.FILE_NAME)
+
+
+def test_apply_ops_in_order(tmp_path):
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        contents.apply_ops(fd, [WriteOp(0, b"abcdef"), TruncateOp(3), WriteOp(5, b"x")])
+    finally:
+        os.close(fd)
+
+    assert path.read_bytes() == b"abc\0\0x"
