@@ -145,8 +145,8 @@ def drop_page_cache() -> None:
 
 def sync_twice() -> None:
     # The first sync(2) makes the kernel write back the dirty pages of FUSE
-    # mounts, which their processes then write to the backing store's page
-    # cache; the second sync(2) flushes those to disk.
+    # mounts, and their processes write them into the backing store's page
+    # cache. The second sync(2) flushes those pages to the disk.
     os.sync()
     os.sync()
 
@@ -220,7 +220,7 @@ class Filesystem:
 
 
 class PlainDirectory(Filesystem):
-    """The baseline: a directory on the same filesystem that holds the others' backing stores."""
+    """The baseline: a directory on the same filesystem as the others' backing stores."""
 
     name = "plain"
 
@@ -577,7 +577,7 @@ def prepare_tarball(config: Config, workdir: Path) -> None:
 
 @dataclass
 class Results:
-    # values[filesystem][metric] holds one value per round.
+    # values[filesystem][metric] is a list with one value per round.
     values: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
 
     def add(self, filesystem: str, metric: str, value: float) -> None:
@@ -788,7 +788,7 @@ _FRAME_LINE = re.compile(r":\d+\)$")
 
 
 def summarize_profiles(profile_dir: Path, top: int = 12) -> str:
-    """Sum py-spy's raw (collapsed) stacks per workload and list the functions that held the most samples.
+    """Sum py-spy's raw (collapsed) stacks per workload and list the functions with the most samples.
 
     py-spy leaves out idle samples, so the totals cover only the time the
     FUSE process was running Python code or a C call made from it, such as
@@ -914,7 +914,7 @@ def run_revision(revision: str, argv: list[str]) -> int:
     """Run this script again with securevol's package taken from *revision* of the repository.
 
     The FUSE processes inherit PYTHONPATH from the benchmark (securevol.mounter
-    passes it on), so they run that revision too, whatever the work tree holds.
+    passes it on), so they run that revision too, whatever the work tree contains.
     """
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{revision}^{{commit}}"],
                             capture_output=True, text=True)
