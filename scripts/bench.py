@@ -772,7 +772,7 @@ def build_report(results: Results, config: Config, verdicts: list[dict], started
             "tar_bytes": config.tar_bytes,
             "workloads": list(config.workloads), "filesystems": list(config.filesystems),
         },
-        "units": {m.name: m.unit for m in METRICS},
+        "metrics": {m.name: {"unit": m.unit, "description": m.description} for m in METRICS},
         "rounds": {name: dict(results.values[name]) for name in names},
         "median": {name: {metric: results.median(name, metric) for metric in results.values[name]}
                    for name in names},
@@ -944,13 +944,14 @@ def run_revision(revision: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config, args = parse_args(argv)
+
+    # SIGTERM unwinds like Ctrl-C, so every mount and the work directory are
+    # cleaned up, and with --revision the child run is stopped first.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.revision and "SECUREVOL_BENCH_REVISION" not in os.environ:
         return run_revision(args.revision, argv)
     if config.profile_dir is not None:
         config.profile_dir.mkdir(parents=True, exist_ok=True)
-
-    # SIGTERM unwinds like Ctrl-C, so every mount and the work directory are cleaned up.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     machine = machine_facts()
