@@ -298,7 +298,10 @@ def test_kill_9_gives_clean_error_and_lazy_unmount(volume):
     os.kill(volume.pid, signal.SIGKILL)
     volume.wait_exit()
 
-    expect_errno(errno.ENOTCONN, os.stat, volume.mountpoint / "f")
+    # ENOTCONN, or ECONNABORTED for a request that was in flight when the connection ended.
+    with pytest.raises(OSError) as info:
+        os.stat(volume.mountpoint / "f")
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     subprocess.run(["fusermount3", "-uz", str(volume.mountpoint)], check=True)
     assert not is_mounted(volume.mountpoint)
 
