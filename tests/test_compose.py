@@ -185,9 +185,9 @@ def test_compose_postgres_end_to_end(dockerd: PrivateDockerd, postgres_image: st
         assert project.psql("SELECT body FROM notes;").strip() == marker
 
         # A service that is not on the allowlist does not get the volume.
-        refused = project.run("run", "--rm", "backup", check=False)
-        assert refused.returncode != 0, f"backup was allowed to mount the volume:\n{refused.stdout}"
-        assert "PG_VERSION" not in refused.stdout
+        rejected = project.run("run", "--rm", "backup", check=False)
+        assert rejected.returncode != 0, f"backup was allowed to mount the volume:\n{rejected.stdout}"
+        assert "PG_VERSION" not in rejected.stdout
 
         # down -v removes the volume, its key and its ciphertext.
         project.run("down", "--volumes")

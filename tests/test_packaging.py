@@ -317,9 +317,9 @@ def test_installed_unit_verifies(installed_root: Path):
     broken_dir.mkdir()
     broken = broken_dir / "securevol.service"
     broken.write_text(unit.read_text().replace("/bin/securevol serve", "/bin/missing serve"))
-    refused = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True, text=True)
-    assert refused.returncode != 0
-    assert "missing" in refused.stderr
+    rejected = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True, text=True)
+    assert rejected.returncode != 0
+    assert "missing" in rejected.stderr
 
 
 @pytest.mark.slow
@@ -451,7 +451,7 @@ def test_uninstall_keeps_state_unless_purged():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_purge_refused_while_volume_mounted():
+def test_purge_rejected_while_volume_mounted():
     root = private_root()
     mountpoint = root / "var/lib/securevol/mnt/db"
     mountpoint.mkdir(parents=True)
@@ -663,7 +663,7 @@ def test_managed_plugin_set_and_reenable_keep_data(managed_plugin: ManagedPlugin
 
 @pytest.mark.slow
 @pytest.mark.docker
-def test_managed_plugin_refuses_unsettable_value(managed_plugin: ManagedPlugin):
+def test_managed_plugin_rejects_unsettable_value(managed_plugin: ManagedPlugin):
     plugin = managed_plugin
     plugin.disable()
     try:
