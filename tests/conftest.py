@@ -48,17 +48,22 @@ def _stop_dockerd(daemon: PrivateDockerd) -> None:
         daemon.stop()
 
 
-@pytest.fixture(scope="session")
+# The dockerd fixtures are per module, not per session, because a dockerd
+# keeps every v1 plugin it has used. Once a module's plugin stops and its
+# socket is gone, dockerd 20.10 retries that plugin with backoff whenever it
+# looks up a volume name it does not know; in one run that added about 10
+# minutes to the next module. A fresh dockerd and image take a few seconds.
+@pytest.fixture(scope="module")
 def dockerd() -> Iterator[PrivateDockerd]:
-    """A private dockerd shared by the whole session, stopped by PID at the end."""
+    """A private dockerd shared by the tests of one module, stopped by PID at the end."""
     daemon = _start_dockerd()
     yield daemon
     _stop_dockerd(daemon)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def busybox_image(dockerd: PrivateDockerd) -> str:
-    """The name of a busybox image in the session's dockerd, built offline."""
+    """The name of a busybox image in the module's dockerd, built offline."""
     return build_busybox_image(dockerd, BUSYBOX_IMAGE)
 
 
@@ -82,13 +87,13 @@ def dockerd_factory() -> Iterator[Callable[..., PrivateDockerd]]:
         _stop_dockerd(daemon)
 
 
-@pytest.fixture(scope="session")
-def _session_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
+@pytest.fixture(scope="module")
+def _module_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
     # dockerd finds v1 plugins only in the host-wide /run/docker/plugins, so the
     # socket and driver name are unique to this run to keep other runs apart.
     PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
     # The allowlist checks ask the Engine API which container mounts a volume,
-    # so the plugin talks to the session's dockerd, not the host's.
+    # so the plugin talks to the module's dockerd, not the host's.
     server = PluginServer(
         socket_path=plugin_socket_path(unique_driver_name()), extra_args=("--docker-host", dockerd.host)
     )
@@ -112,15 +117,15 @@ def _session_plugin(dockerd: PrivateDockerd) -> Iterator[PluginServer]:
 
 
 @pytest.fixture
-def securevol_plugin(_session_plugin: PluginServer) -> PluginServer:
-    """The session's `securevol serve` on a unique socket in /run/docker/plugins, known to ``dockerd``.
+def securevol_plugin(_module_plugin: PluginServer) -> PluginServer:
+    """The module's `securevol serve` on a unique socket in /run/docker/plugins, known to ``dockerd``.
 
     Its ``driver`` is the name for ``docker volume create -d``. A test that
     stopped the daemon and failed before starting it again must not break the
     tests after it, so the daemon is started again here when it is not running.
     """
-    process = _session_plugin.process
+    process = _module_plugin.process
     if process is None or process.poll() is not None:
-        log.warning("plugin was not running; starting it again driver=%s", _session_plugin.driver)
-        _session_plugin.start()
-    return _session_plugin
+        log.warning("plugin was not running; starting it again driver=%s", _module_plugin.driver)
+        _module_plugin.start()
+    return _module_plugin

@@ -1,6 +1,6 @@
 """End-to-end tests: securevol volumes used by real containers of a private dockerd.
 
-The session's plugin runs `securevol serve` on a socket in /run/docker/plugins
+The module's plugin runs `securevol serve` on a socket in /run/docker/plugins
 under a driver name unique to the run (see conftest.py), with its state in a
 private temp dir. Each test makes its own volumes with unique names, so the
 tests do not depend on each other's order.
