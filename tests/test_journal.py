@@ -87,11 +87,11 @@ def tear_journal_body(after_bytes: int):
     """Return a patch that lets the journal record itself land only partly, then kills the process."""
 
     def patch():
-        def torn_pwrite_all(fd, data, offset):
-            os.pwrite(fd, bytes(data[:after_bytes]), offset)
+        def torn_pwritev_all(fd, parts, offset):
+            os.pwrite(fd, b"".join(parts)[:after_bytes], offset)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        journal_module.pwrite_all = torn_pwrite_all
+        journal_module._pwritev_all = torn_pwritev_all
 
     return patch
 
@@ -138,6 +138,28 @@ def test_torn_shrink_is_redone(backing):
 
     assert recover(backing) is True
     assert read_file(path) == old[: 2 * 4096 + 5]
+
+
+def test_torn_append_is_undone(backing):
+    old = random.Random(7).randbytes(3 * 4096)
+    path = make_file(backing, old)
+    before = path.read_bytes()
+
+    # Only new blocks past the end: the journal keeps the old size, not the data.
+    crash_during(backing, path, lambda store, fd: store.write(fd, 3 * 4096, bytes(5 * 4096)), tear_target_write(9000))
+
+    assert recover(backing) is True
+    assert path.read_bytes() == before
+    assert read_file(path) == old
+
+
+def test_torn_first_write_of_new_file_is_undone(backing):
+    path = make_file(backing, b"")
+
+    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(3 * 4096)), tear_target_write(6000))
+
+    assert recover(backing) is True
+    assert path.stat().st_size == 0
 
 
 def test_torn_record_leaves_file_untouched(backing):

@@ -7,21 +7,25 @@ reads as EIO for good. A change can also take several system calls (pad the
 old last block, write the new run, truncate), and dying between them leaves a
 file of impossible length.
 
-How: before a change that is not atomic by itself, the whole plan (the bytes
-to write and the truncations, see securevol.contents) goes to the journal
-file, and only then is it marked active. Marking is a write of less than a
-page at offset 0, which a kill cannot tear: the kernel checks for a fatal
-signal between pages, not within one. The plan is then carried out and the
-journal marked idle. At the next mount an active record is carried out again
-(redo): every op is idempotent, so the file ends up exactly as planned. A
-record whose body was torn was never marked active, and its file was not
-touched.
+How: before a change that is not atomic by itself, a record of the ops that
+repair it goes to the journal file, and only then is it marked active.
+Marking is a write of less than a page at offset 0, which a kill cannot tear:
+the kernel checks for a fatal signal between pages, not within one. The change
+is then carried out and the journal marked idle. At the next mount the ops of
+an active record are carried out. A record whose body was torn was never
+marked active, and its file was not touched.
+
+The repair ops are the change itself (redo), so the file ends up exactly as
+planned, because every op is idempotent. A change that only writes past the
+end of the file, the common case of appending, is repaired by truncating the
+file back to its old size (undo) instead, which spares copying its data into
+the journal.
 
 Layout of the journal file ``securevol.journal`` in the backing root::
 
     offset 0     control: magic "SVJ1" | state u32 (0 idle, 1 active) | sequence u64 | body length u64
     offset 4096  body:    sequence u64 | backing inode u64 | path length u32 | op count u32 | path
-                          then per op: kind u8 (1 write, 2 truncate) | offset or length u64 |
+                          then per repair op: kind u8 (1 write, 2 truncate) | offset or length u64 |
                                        data length u64 | data
 
 The path is the target's backing path relative to the backing root
@@ -82,10 +86,17 @@ class Journal:
             apply_ops(fd, ops)
             return
 
+        st = os.fstat(fd)
+        if all(isinstance(op, WriteOp) and op.offset >= st.st_size for op in ops):
+            repair: list[Op] = [TruncateOp(st.st_size)]
+        else:
+            repair = ops
+
         self._sequence += 1
-        body = _encode_body(self._sequence, os.fstat(fd).st_ino, path, ops)
-        pwrite_all(self._fd, body, BODY_OFFSET)
-        self._write_control(_ACTIVE, len(body))
+        body = _encode_body(self._sequence, st.st_ino, path, repair)
+        body_len = sum(len(part) for part in body)
+        _pwritev_all(self._fd, body, BODY_OFFSET)
+        self._write_control(_ACTIVE, body_len)
 
         _reserve(fd, ops)
         apply_ops(fd, ops)
@@ -198,17 +209,25 @@ def _reserve(fd: int, ops: list[Op]) -> None:
         size = end
 
 
-def _encode_body(sequence: int, ino: int, path: str, ops: list[Op]) -> bytearray:
+def _encode_body(sequence: int, ino: int, path: str, ops: list[Op]) -> list[bytes | bytearray]:
+    """Return the journal body for *ops* as a list of buffers, so that written data is not copied."""
     path_bytes = os.fsencode(path)
-    body = bytearray(_BODY_HEADER.pack(sequence, ino, len(path_bytes), len(ops)))
-    body += path_bytes
+    parts: list[bytes | bytearray] = [_BODY_HEADER.pack(sequence, ino, len(path_bytes), len(ops)), path_bytes]
     for op in ops:
         if isinstance(op, WriteOp):
-            body += _OP_HEADER.pack(_WRITE, op.offset, len(op.data))
-            body += op.data
+            parts.append(_OP_HEADER.pack(_WRITE, op.offset, len(op.data)))
+            parts.append(op.data)
         else:
-            body += _OP_HEADER.pack(_TRUNCATE, op.length, 0)
-    return body
+            parts.append(_OP_HEADER.pack(_TRUNCATE, op.length, 0))
+    return parts
+
+
+def _pwritev_all(fd: int, parts: list[bytes | bytearray], offset: int) -> None:
+    written = os.pwritev(fd, parts, offset)
+    total = sum(len(part) for part in parts)
+    if written < total:
+        # A short write of a regular file is rare (a signal, a full disk); finish it the plain way.
+        pwrite_all(fd, b"".join(parts)[written:], offset + written)
 
 
 def _decode_body(body: bytes) -> tuple[int, int, str, list[Op]]:
