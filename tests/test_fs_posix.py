@@ -126,6 +126,18 @@ def test_hard_link_to_symlink(volume):
     assert (volume.mountpoint / "s2").lstat().st_nlink == 2
 
 
+def test_rename_onto_own_hard_link_keeps_both(volume, plain_dir):
+    long_name = "h" * 220
+    for root in (plain_dir, volume.mountpoint):
+        (root / long_name).write_bytes(b"one inode, two names")
+        os.link(root / long_name, root / "short")
+        os.rename(root / long_name, root / "short")
+    volume.remount()
+
+    assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain_dir)
+    assert (volume.mountpoint / long_name).read_bytes() == b"one inode, two names"
+
+
 def test_rename_replaces_atomically(volume):
     target = volume.mountpoint / "config"
     target.write_bytes(b"old contents")

@@ -331,6 +331,8 @@ class SecurevolOperations(pyfuse3.Operations):
             syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_NOREPLACE)
         else:
             self._rename_replacing(old_parent, old, new_parent, new)
+        # The kernel answers a rename onto another hard link of the same inode
+        # itself, so here *old* is always gone and so is its side record.
         names.remove_side_record(old_parent.fd, old.name)
 
     # --- directories -----------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class ExtendedAttributes:
         if len(xattr_key) != 64:
             raise ValueError(f"an xattr key has 64 bytes, not {len(xattr_key)}")
         self._siv = AESSIV(xattr_key)
+        # The kernel asks for security.capability before every write(2), so
+        # backing names are computed once per attribute name.
+        self._backing_names: dict[bytes, str] = {}
 
     def __repr__(self) -> str:
         return "ExtendedAttributes(<redacted>)"
@@ -117,6 +120,14 @@ class ExtendedAttributes:
 
     def backing_name(self, name: bytes) -> str:
         """Return the backing attribute name of plaintext attribute *name*."""
+        backing_name = self._backing_names.get(name)
+        if backing_name is None:
+            backing_name = self._encrypt_name(name)
+            if len(self._backing_names) < 4096:
+                self._backing_names[name] = backing_name
+        return backing_name
+
+    def _encrypt_name(self, name: bytes) -> str:
         if not name or b"\0" in name:
             raise XattrError("attribute name is empty or contains NUL", errno.EINVAL)
         if len(name) > MAX_NAME_BYTES:
