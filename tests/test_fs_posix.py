@@ -711,3 +711,42 @@ def test_backing_store_has_no_xattr_or_name_plaintext(volume):
 
     assert b"visible" not in stored
     volume.start()
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A volume whose backing store is a 4 MiB tmpfs that this test mounts itself."""
+    from tests.fs_helpers import Volume, require_fuse
+
+    require_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "securevol-test", str(backing)], check=True)
+    vol = Volume(backing, tmp_path / "mnt", tmp_path / "fuse.log")
+    try:
+        vol.start()
+        yield vol
+    finally:
+        vol.cleanup()
+        subprocess.run(["umount", str(backing)], check=True)
+    assert vol.unexpected_errors() == []
+
+
+def test_disk_full_fails_cleanly(small_volume):
+    path = small_volume.mountpoint / "big"
+    kept = random.Random(8).randbytes(1 * 2**20)
+    path.write_bytes(kept)
+
+    with pytest.raises(OSError) as info:
+        with open(path, "ab") as f:
+            for _ in range(8):
+                f.write(os.urandom(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    assert info.value.errno == errno.ENOSPC
+    small_volume.remount()
+
+    data = path.read_bytes()
+    assert data[: len(kept)] == kept
+    assert len(data) == path.stat().st_size
+    assert fmt.cipher_size(len(data)) <= 4 * 2**20
