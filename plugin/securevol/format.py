@@ -16,8 +16,8 @@ fails authentication.
 A ciphertext block of all zero bytes (nonce, body and tag) reads as zero
 plaintext. Such blocks appear when a file grows through a hole (ftruncate or a
 write past the end), because the backing filesystem fills the gap with zeros.
-The trade-off, the same as gocryptfs makes: whoever can write the backing store
-can zero a whole aligned block and it reads as zeros rather than as an error.
+The trade-off, the same as gocryptfs makes: someone who can write the backing
+store can zero a whole aligned block, and it reads as zeros rather than as an error.
 docs/format.md describes the format and its limits in full.
 """
 
@@ -85,8 +85,8 @@ class FileHeader:
     def parse(cls, data: bytes) -> "FileHeader":
         """Parse the first HEADER_LEN bytes of a ciphertext file.
 
-        Raises IntegrityError naming the field that is wrong, with the expected
-        and the found value; the file ID is random, so it is never checked here.
+        Raises IntegrityError naming the wrong field with the expected and the
+        found value. The file ID is random, so only the blocks can check it.
         """
         if len(data) < HEADER_LEN:
             raise IntegrityError(f"file header too short: want {HEADER_LEN} bytes, have {len(data)}")
@@ -254,7 +254,7 @@ class ContentCipher:
     def _decrypt_block(self, file_id: bytes, block_no: int, c_block: memoryview, p_block: memoryview) -> None:
         nonce = c_block[:NONCE_LEN]
         # A real nonce is all zero with probability 2**-128, so only a zero
-        # nonce needs the full comparison that tells a hole from tampering.
+        # nonce needs the full comparison that separates a hole from tampering.
         if nonce == _ZERO_NONCE and c_block == _ZERO_CIPHER_BLOCK[: len(c_block)]:
             return  # a hole: *p_block* is already zero
 

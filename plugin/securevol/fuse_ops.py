@@ -1,8 +1,8 @@
 """The pyfuse3 Operations of a securevol volume: POSIX semantics over the encrypted backing store.
 
 Names go through securevol.names, file contents through securevol.contents
-(the format of securevol.format). Each inode the kernel knows is an O_PATH
-descriptor in an InodeTable (securevol.inodes), and every operation works
+(the format of securevol.format). Each inode the kernel has looked up is an
+O_PATH descriptor in an InodeTable (securevol.inodes), and every operation works
 relative to descriptors, never with paths built from names.
 
 Concurrency: no handler awaits anything, so trio runs each request to
@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 # attributes can only go stale if someone edits the backing store directly.
 CACHE_TIMEOUT = 3600.0
 
-# Open flags that change how the data reaches the disk; the rest describe the
-# caller's view (O_APPEND is resolved by the kernel's writeback cache, and
-# O_DIRECT would require aligned backing I/O that 4128-byte blocks never are).
+# Open flags passed on to the backing file, because they change how data
+# reaches the disk. The kernel's writeback cache resolves O_APPEND itself, and
+# O_DIRECT would need aligned backing I/O, which 4128-byte blocks never are.
 _BACKING_OPEN_FLAGS = os.O_SYNC | os.O_DSYNC
 
 
@@ -104,7 +104,7 @@ class OpenDir:
 
 
 class SecurevolOperations(pyfuse3.Operations):
-    """Serves one volume: *backing_root* holds its ciphertext, *keys* are its sub-keys."""
+    """Serves one volume: *backing_root* contains its ciphertext, *keys* are its sub-keys."""
 
     enable_writeback_cache = True
     supports_dot_lookup = True
@@ -331,7 +331,7 @@ class SecurevolOperations(pyfuse3.Operations):
             syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_NOREPLACE)
         else:
             self._rename_replacing(old_parent, old, new_parent, new)
-        # The kernel answers a rename onto another hard link of the same inode
+        # The kernel handles a rename onto another hard link of the same inode
         # itself, so here *old* is always gone and so is its side record.
         names.remove_side_record(old_parent.fd, old.name)
 
@@ -560,7 +560,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
         With FUSE_POSIX_ACL the kernel enforces ACLs but leaves the mode to the
         filesystem, and it consults the ACL only while the group bits are set.
-        An ACL that says no more than the mode is not stored, as on ext4.
+        An ACL that grants nothing beyond the mode is not stored, as on ext4.
         """
         entries = xattrs.parse_acl(value)
         self._chmod(inode, xattrs.mode_of_acl(entries, os.fstat(inode.fd).st_mode))
@@ -619,7 +619,7 @@ class SecurevolOperations(pyfuse3.Operations):
     ) -> None:
         """Rename *old* to *new*, atomically replacing an existing *new*.
 
-        A backing directory is never empty (it holds its IV), so a directory
+        A backing directory is never empty (it contains its IV), so a directory
         replacing an empty directory goes by exchange, then the old target is
         removed from its new place.
         """
@@ -641,7 +641,7 @@ class SecurevolOperations(pyfuse3.Operations):
         names.remove_dir(old_parent.fd, old.name)
 
     def _is_empty_dir(self, parent: Inode, backing: names.BackingName) -> bool:
-        """Tell whether a backing directory holds nothing but reserved files, by the rule names.remove_dir uses."""
+        """Tell whether a backing directory contains nothing but reserved files, by the rule names.remove_dir uses."""
         fd = os.open(backing.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
             entries = os.listdir(fd)

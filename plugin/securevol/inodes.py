@@ -1,4 +1,4 @@
-"""The FUSE process's table of inodes the kernel knows, each held by an O_PATH descriptor.
+"""The FUSE process's table of the inodes the kernel has looked up, each held by an O_PATH descriptor.
 
 A FUSE inode number is the backing inode number, except that the backing
 root and backing inode 1 trade places, because FUSE fixes the root at 1. Each
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Inode:
-    """One backing inode that the kernel knows."""
+    """One backing inode with a lookup count above zero or an open handle."""
 
     __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv")
 
@@ -50,7 +50,7 @@ class InodeTable:
         root_stat = os.fstat(root_fd)
         self._root_backing_ino = root_stat.st_ino
         root = Inode(pyfuse3.ROOT_INODE, root_fd, is_dir=True)
-        root.lookups = 1  # the kernel never forgets the root while mounted
+        root.lookups = 1  # the root stays in the table for the whole mount
         self._inodes: dict[int, Inode] = {root.ino: root}
 
     @property

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m securevol.mount", description=__doc__.splitlines()[0])
     parser.add_argument("--volume", required=True, help="volume name, used in log lines")
     parser.add_argument("--volume-id", required=True, help="volume ID as 32 hex digits")
-    parser.add_argument("--backing", required=True, help="backing directory that holds the ciphertext")
+    parser.add_argument("--backing", required=True, help="backing directory that contains the ciphertext")
     parser.add_argument("--mountpoint", required=True, help="directory to mount the plaintext view on")
     parser.add_argument("--key-fd", type=int, required=True, help="descriptor to read the 32-byte DEK from")
     parser.add_argument("--ready-fd", type=int, required=True, help="descriptor to write 'ready PID' to")
@@ -160,7 +160,7 @@ def _detach() -> None:
 
 
 def _raise_open_file_limit() -> None:
-    """Raise RLIMIT_NOFILE as far as allowed: every inode the kernel knows holds a descriptor."""
+    """Raise RLIMIT_NOFILE as far as allowed: every inode the kernel has looked up keeps a descriptor open."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:

@@ -45,8 +45,8 @@ MAX_VALUE_BYTES = XATTR_SIZE_MAX - NONCE_LEN - SIV_TAG_LEN
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 
-# The POSIX ACL xattr format of Linux (include/uapi/linux/posix_acl_xattr.h):
-# a little-endian u32 version 2, then entries of (u16 tag, u16 perm, u32 id).
+# Linux's xattr format for POSIX ACLs: a little-endian u32 version 2, then
+# entries of (u16 tag, u16 perm, u32 id).
 _ACL_HEADER = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")
 _ACL_VERSION = 2
@@ -71,8 +71,8 @@ class ExtendedAttributes:
         if len(xattr_key) != 64:
             raise ValueError(f"an xattr key has 64 bytes, not {len(xattr_key)}")
         self._siv = AESSIV(xattr_key)
-        # The kernel asks for security.capability before every write(2), so
-        # backing names are computed once per attribute name.
+        # The kernel requests security.capability before every write(2), so
+        # each attribute name is encrypted once.
         self._backing_names: dict[bytes, str] = {}
 
     def __repr__(self) -> str:
@@ -190,9 +190,10 @@ def format_acl(entries: list[tuple[int, int, int]]) -> bytes:
 
 
 def mode_of_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
-    """Return *mode* with its permission bits taken from an access ACL, as the kernel's posix_acl_equiv_mode does.
+    """Return *mode* with its permission bits taken from an access ACL.
 
-    The group bits are the mask entry's if there is one, else the owning group's.
+    Owner and other bits come from their entries. The group bits come from the
+    mask entry if there is one, else from the owning group's entry.
     """
     perms = {tag: perm & 0o7 for tag, perm, _ in entries if tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER)}
     group = perms.get(ACL_MASK, perms.get(ACL_GROUP_OBJ, 0))
@@ -200,16 +201,16 @@ def mode_of_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
 
 
 def is_minimal_acl(entries: list[tuple[int, int, int]]) -> bool:
-    """Tell whether an ACL says no more than the permission bits (owner, group and other entries only)."""
+    """Tell whether an ACL grants nothing beyond the permission bits (owner, group and other entries only)."""
     return all(tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER) for tag, _, _ in entries)
 
 
 def inherit_acl(default_entries: list[tuple[int, int, int]], mode: int) -> tuple[list[tuple[int, int, int]], int]:
     """Return the access ACL and mode of a new entry whose directory has the default ACL *default_entries*.
 
-    Follows the kernel's posix_acl_create_masq: the requested *mode* limits the
-    owner, other and mask (or owning group) entries, and the mode's permission
-    bits then follow the resulting ACL.
+    The requested *mode* limits the owner, other and mask (or, without a mask,
+    owning group) entries, and the mode's permission bits then follow the
+    resulting ACL. tests/test_fs_posix.py compares the result with ext4's.
     """
     has_mask = any(tag == ACL_MASK for tag, _, _ in default_entries)
     limit = {ACL_USER_OBJ: (mode >> 6) & 0o7, ACL_OTHER: mode & 0o7}
