@@ -214,7 +214,7 @@ def require_fuse() -> None:
 
 
 class Volume(FuseMount):
-    """A FuseMount that knows which ERROR log lines its test expects."""
+    """A FuseMount with the list of ERROR log lines its test expects."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

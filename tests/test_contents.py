@@ -71,7 +71,7 @@ def test_write_into_hole_keeps_file_sparse(backing_fd):
     assert bytes(store.read(backing_fd, 50 * 2**20, 4096)) == bytes(4096)
 
 
-def test_damaged_tail_is_eio_but_truncate_to_zero_works(backing_fd):
+def test_damaged_tail_read_and_reset(backing_fd):
     store = EncryptedContents(fmt.ContentCipher(KEY))
     store.write(backing_fd, 0, b"x" * 5000)
     os.ftruncate(backing_fd, fmt.block_offset(1) + 10)

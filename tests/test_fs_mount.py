@@ -228,7 +228,7 @@ def _backing_file_of(volume: Volume, size: int) -> Path:
     return matches[0]
 
 
-def test_tampered_block_reads_as_eio_with_one_log_line(volume):
+def test_tampered_block_eio_and_log(volume):
     data = random.Random(3).randbytes(5 * 4096)
     (volume.mountpoint / "victim").write_bytes(data)
     volume.stop()
@@ -287,7 +287,8 @@ def test_swapped_files_read_as_eio(volume):
             results.append(exc.errno)
 
     assert errno.EIO in results
-    assert b"B" * 5000 not in results[:1] and b"A" * 5000 not in results[1:]
+    assert results[0] != b"B" * 5000
+    assert results[1] != b"A" * 5000
 
 
 # --- process lifecycle ---------------------------------------------------------------------------

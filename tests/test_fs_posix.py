@@ -255,7 +255,7 @@ def test_posix_fallocate_extends(volume):
 
 @pytest.mark.parametrize("mode", [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, 0])
 def test_fallocate_fails_cleanly(volume, mode):
-    # pyfuse3 3.5 has no fallocate handler, so the kernel answers EOPNOTSUPP and changes nothing.
+    # pyfuse3 3.5 has no fallocate handler, so the kernel returns EOPNOTSUPP and changes nothing.
     path = volume.mountpoint / "f"
     data = random.Random(1).randbytes(20_000)
     path.write_bytes(data)
@@ -464,8 +464,8 @@ def test_acl_enforced_and_kept(volume):
 
 
 def test_default_acl_inherited_like_ext4(volume, plain_dir):
-    # Umask 0, because the FUSE kernel module applies the umask before the
-    # filesystem sees the mode, where ext4 ignores it under a default ACL.
+    # Umask 0, because the FUSE kernel module applies the umask before the mode
+    # reaches the filesystem, where ext4 ignores it under a default ACL.
     listings = []
     for root in (plain_dir, volume.mountpoint):
         (root / "d").mkdir()

@@ -1,7 +1,7 @@
 """Tests of the redo journal: a process killed in the middle of a change leaves each block old or new.
 
 Each crash test forks a child that starts a real journaled change on real
-files and SIGKILLs itself at the worst moment; the parent then recovers as the
+files and SIGKILLs itself at the worst moment. The parent then recovers as the
 next FUSE process would, and decrypts every block.
 """
 
@@ -65,7 +65,8 @@ def crash_during(root: Path, path: Path, change, tear) -> None:
         finally:
             os._exit(3)  # only reached if the tear did not kill the child
     _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGKILL
 
 
 def tear_target_write(after_bytes: int):
