@@ -325,6 +325,26 @@ def test_sigterm_writes_cached_data_and_unmounts(volume):
     assert (volume.mountpoint / "f").read_bytes() == data
 
 
+def test_sigterm_with_open_file_detaches(volume):
+    (volume.mountpoint / "f").write_bytes(b"x" * 10_000)
+    held = os.open(volume.mountpoint / "f", os.O_RDONLY)
+    try:
+        os.kill(volume.pid, signal.SIGTERM)
+        volume.wait_exit()
+
+        assert not is_mounted(volume.mountpoint)
+        assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+    finally:
+        # The connection is gone, so close(2) may report that; the descriptor is released anyway.
+        try:
+            os.close(held)
+        except OSError as exc:
+            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+    volume.start()
+    assert (volume.mountpoint / "f").read_bytes() == b"x" * 10_000
+
+
 def test_fusermount_unmount_ends_process(volume):
     pid = volume.pid
     (volume.mountpoint / "f").write_bytes(b"x" * 100_000)
