@@ -224,11 +224,8 @@ class SecurevolOperations(pyfuse3.Operations):
 
         self._write_side_record(parent, backing)
         names.make_dir(parent.fd, backing.name, 0o700)
-        fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-        syscalls.fchown_path_fd(fd, uid, gid)
-        mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFDIR | mode)
-        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | (stat.S_ISGID if inherit_gid else 0))
-        return self._remember(fd)
+        setgid = stat.S_ISGID if inherit_gid else 0
+        return self._set_up_entry(parent, backing.name, uid, gid, stat.S_IFDIR | mode | setgid)
 
     @_handler
     def mknod(
@@ -246,13 +243,7 @@ class SecurevolOperations(pyfuse3.Operations):
             mode &= ~stat.S_ISVTX
         else:
             os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
-        fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-        syscalls.fchown_path_fd(fd, uid, gid)
-        if stat.S_ISREG(mode):
-            # Linux has no user.* attributes on device nodes, FIFOs or sockets, so only files inherit ACLs.
-            mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", mode)
-        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))
-        return self._remember(fd)
+        return self._set_up_entry(parent, backing.name, uid, gid, mode)
 
     @_handler
     def symlink(
@@ -264,9 +255,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
         self._write_side_record(parent, backing)
         self._names.write_symlink(parent.fd, backing.name, target)
-        fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-        syscalls.fchown_path_fd(fd, uid, gid)
-        return self._remember(fd)
+        return self._set_up_entry(parent, backing.name, uid, gid, None)
 
     @_handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -554,6 +543,28 @@ class SecurevolOperations(pyfuse3.Operations):
         if parent_st.st_mode & stat.S_ISGID:
             return ctx.uid, parent_st.st_gid, True
         return ctx.uid, ctx.gid, False
+
+    def _set_up_entry(
+        self, parent: Inode, backing_name: str, uid: int, gid: int, mode: int | None
+    ) -> pyfuse3.EntryAttributes:
+        """Give a new backing entry its owner, inherited ACL and *mode*, then count its lookup.
+
+        *mode* includes the file type; None leaves the mode alone (symlinks).
+        Only regular files and directories inherit a default ACL, because
+        Linux has no user.* attributes on device nodes, FIFOs and sockets.
+        """
+        fd = os.open(backing_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        path = f"/proc/self/fd/{fd}"
+        try:
+            syscalls.fchown_path_fd(fd, uid, gid)
+            if mode is not None:
+                if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                    mode = self._inherit_default_acl(parent, path, mode)
+                os.chmod(path, stat.S_IMODE(mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._remember(fd)
 
     def _set_access_acl(self, inode: Inode, value: bytes) -> None:
         """Store an access ACL and make the permission bits follow it.
