@@ -24,12 +24,13 @@ python=${PYTHON:-python3}
 #   docker-registry      a loopback registry for the managed plugin's push and upgrade test
 #   systemd              systemd-analyze verify of the packaged unit (systemd need not be running)
 #   sqlite3 attr acl     workloads and xattr/ACL checks on a mounted volume
+#   libcap2-bin          setcap and getcap, for the file capability test on a mounted volume
 #   postgresql           the PostgreSQL workload test (initdb, pgbench, pg_amcheck) on a mounted volume
 #   git                  the tests and CI work on a clone
 apt_packages=(
     docker.io fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
     gocryptfs securefs fio busybox-static debootstrap docker-registry systemd
-    sqlite3 attr acl git postgresql
+    sqlite3 attr acl libcap2-bin git postgresql
 )
 
 log() {
