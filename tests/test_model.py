@@ -191,15 +191,20 @@ class MountModel(RuleBasedStateMachine):
         """Run *function* on the mount's root, then on the plain root, and assert that both outcomes are equal."""
         mounted = outcome(function, self.mnt)
         plain = outcome(function, self.plain)
-        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}"
+        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}{self.log_errors()}"
         return mounted
 
     def both_handles(self, index: int, function: Callable[[int], object]) -> object:
         mounted_fd, plain_fd = self.handles[index % len(self.handles)]
         mounted = outcome(function, mounted_fd)
         plain = outcome(function, plain_fd)
-        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}"
+        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}{self.log_errors()}"
         return mounted
+
+    def log_errors(self) -> str:
+        """Return the volume log's ERROR lines as the tail of an assertion message."""
+        errors = self.volume.log_lines("ERROR")
+        return "\nvolume log ERROR lines:\n" + "\n".join(errors[-5:]) if errors else ""
 
     # --- whole files by path ----------------------------------------------------------------------
 
@@ -261,7 +266,7 @@ class MountModel(RuleBasedStateMachine):
         if mounted == ("error", errno.errorcode[errno.EOPNOTSUPP]):
             return
         plain = outcome(allocate, self.plain)
-        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}"
+        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}{self.log_errors()}"
 
     @rule(path=PATHS, mode=MODES)
     def chmod(self, path, mode):
@@ -303,7 +308,7 @@ class MountModel(RuleBasedStateMachine):
         for kind, value in (mounted, plain):
             if kind == "ok":
                 os.close(value)
-        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}"
+        assert mounted == plain, f"mount returned {mounted}, plain directory returned {plain}{self.log_errors()}"
 
     @precondition(lambda self: self.handles)
     @rule(index=st.integers(0, MAX_OPEN_HANDLES - 1), offset=OFFSETS, length=LENGTHS, seed=SEEDS)
@@ -357,9 +362,12 @@ class MountModel(RuleBasedStateMachine):
 
     @invariant()
     def trees_match(self):
-        mounted = model_snapshot(self.mnt)
+        try:
+            mounted = model_snapshot(self.mnt)
+        except OSError as exc:
+            raise AssertionError(f"reading the mount failed: {exc!r}{self.log_errors()}") from exc
         plain = model_snapshot(self.plain)
-        assert mounted == plain, first_difference(mounted, plain)
+        assert mounted == plain, first_difference(mounted, plain) + self.log_errors()
 
     def teardown(self):
         try:

@@ -190,6 +190,12 @@ class PostgresServer:
         self.process = None
         assert status == 0, f"postgres exited with status {status}: {self.log_tail()}"
 
+    def stop_immediately(self) -> None:
+        """Shut down with SIGQUIT (immediate shutdown: no checkpoint), so the next start must replay the WAL."""
+        self.process.send_signal(signal.SIGQUIT)
+        self.process.wait(timeout=COMMAND_TIMEOUT)
+        self.process = None
+
     def cleanup(self) -> None:
         """End the postmaster by its PID whatever state it is in. Its backends exit when it does."""
         if self.process is None or self.process.poll() is not None:
@@ -264,13 +270,16 @@ def test_postgres_pgbench_restart_remount(postgres, volume):
     assert processed in result.stdout, result.stdout
     postgres.query("bench", "CREATE TABLE marker (note text)")
     postgres.query("bench", f"INSERT INTO marker SELECT '{marker}-' || i FROM generate_series(1, {MARKER_ROWS}) i")
-    postgres.query("bench", "CHECKPOINT")
     check_pgbench_tables(postgres)
 
-    # A clean restart, then a remount, so that postgres reads its pages back from the ciphertext.
-    postgres.stop()
+    # An immediate shutdown leaves the committed work only in the WAL, which the next start replays.
+    postgres.stop_immediately()
     postgres.start()
+    assert "redo done" in postgres.log_tail(), "postgres did not replay its WAL after the immediate shutdown"
     check_pgbench_tables(postgres)
+    assert postgres.query("bench", "SELECT count(*) FROM marker") == str(MARKER_ROWS)
+
+    # A clean stop, then a remount, so that postgres reads its pages back from the ciphertext.
     postgres.stop()
     volume.remount()
     postgres.start()
