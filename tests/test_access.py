@@ -291,7 +291,7 @@ def test_mount_guard_with_candidates(tmp_path, dockerd, busybox_image):
         dockerd.docker("volume", "rm", volume, check=False)
 
 
-# -- end to end: a real plugin and dockerd, without the authorization plugin ----------------------------------
+# -- end to end: a real plugin and dockerd, without the authorization plugin --------------------------
 #
 # With no authorization plugin, the mount-time check and the FUSE process are
 # all that stand between a container and the plaintext.
@@ -374,7 +374,8 @@ def test_e2e_allowed_container_uses_volume(dockerd, busybox_image, volume, guard
 def test_e2e_mount_refused_for_other_container(dockerd, busybox_image, volume, guarded_plugin):
     name = volume("name:acc-web")
 
-    refused = dockerd.run("--rm", "--name", "acc-evil", "-v", f"{name}:/d", busybox_image, "true", check=False)
+    refused = dockerd.run("--rm", "--name", "acc-evil", "-v", f"{name}:/d", busybox_image, "true",
+                          check=False)
 
     assert refused.returncode != 0
     assert f"Volume '{name}' does not allow container 'acc-evil'" in refused.stderr
@@ -413,8 +414,8 @@ def test_e2e_fuse_refuses_host_and_other_containers(dockerd, busybox_image, volu
         os.listdir(mountpoint)
 
     # A container that reaches the mountpoint through a bind of the mount root.
-    sneaky = dockerd.run("--rm", "--name", "acc-sneaky", "-v", f"{guarded_plugin.mount_root}:/m", busybox_image,
-                         "cat", f"/m/{name}/f", check=False)
+    sneaky = dockerd.run("--rm", "--name", "acc-sneaky", "-v", f"{guarded_plugin.mount_root}:/m",
+                         busybox_image, "cat", f"/m/{name}/f", check=False)
     assert sneaky.returncode != 0
     assert "Permission denied" in sneaky.stderr
 
@@ -424,7 +425,8 @@ def test_e2e_fuse_refuses_host_and_other_containers(dockerd, busybox_image, volu
     assert "secret" in copied
 
     records = audit_lines(guarded_plugin.state_dir / "log")
-    denied = [r for r in records if r["point"] == "access" and r["decision"] == "deny" and r["volume"] == name]
+    denied = [r for r in records
+              if r["point"] == "access" and r["decision"] == "deny" and r["volume"] == name]
     assert {r["container_name"] for r in denied} >= {"", "acc-sneaky"}
 
 
@@ -482,7 +484,8 @@ def test_e2e_image_files_copied_into_new_volume(dockerd, busybox_image, volume, 
     # its shell from the encrypted volume.
     name = volume("name:acc-copy")
 
-    result = dockerd.run("--rm", "--name", "acc-copy", "-v", f"{name}:/bin", busybox_image, "ls", "/bin/busybox")
+    result = dockerd.run("--rm", "--name", "acc-copy", "-v", f"{name}:/bin", busybox_image,
+                         "ls", "/bin/busybox")
 
     assert result.stdout.strip() == "/bin/busybox"
     backing = guarded_plugin.volume_dir(name) / "data"

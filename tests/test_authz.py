@@ -177,8 +177,8 @@ def test_go_unknown_and_non_folding_keys_ignored():
 
 
 def test_go_null_leaves_string_but_clears_slice_map_pointer():
-    decoded = decode('{"Name": "a", "Name": null, "List": ["x"], "List": null, "Map": {"k": "v"}, "Map": null, '
-                     '"Inner": {"X": "1"}, "Inner": null}')
+    decoded = decode('{"Name": "a", "Name": null, "List": ["x"], "List": null, '
+                     '"Map": {"k": "v"}, "Map": null, "Inner": {"X": "1"}, "Inner": null}')
 
     assert decoded["Name"] == "a"
     assert decoded["List"] is None
@@ -273,8 +273,9 @@ def test_create_with_unreadable_body_denied(state, body):
 
 @pytest.mark.parametrize(
     "uri",
-    ["/v1.41/containers/create", "/containers/create", "/v1.41/containers%2Fcreate", "/v1.41/containers%2fcreate",
-     "//v1.41/containers/create", "/v1.41/./containers/create", "http://docker/containers/create"],
+    ["/v1.41/containers/create", "/containers/create", "/v1.41/containers%2Fcreate",
+     "/v1.41/containers%2fcreate", "//v1.41/containers/create", "/v1.41/./containers/create",
+     "http://docker/containers/create"],
 )
 def test_create_path_variants_are_checked(state, uri):
     verdict = create(make_authorizer(state), None, uri=uri)
@@ -327,7 +328,9 @@ def test_create_denied_names_volume_and_rules(state):
 def test_create_without_name_denied_by_name_rule(state):
     add_volume(state, "db", "name:*")
 
-    verdict = create(make_authorizer(state), {"Image": "busybox", "HostConfig": {"Binds": ["db:/data"]}}, name="")
+    body = {"Image": "busybox", "HostConfig": {"Binds": ["db:/data"]}}
+
+    verdict = create(make_authorizer(state), body, name="")
 
     assert not verdict.allow
     assert "without a name" in verdict.message
@@ -374,7 +377,9 @@ def test_create_open_volume_allowed(state):
 def test_create_volume_without_allowlist_denied_by_default_setting(state):
     add_volume(state, "shared")
 
-    verdict = create(make_authorizer(state, deny_by_default=True), {"HostConfig": {"Binds": ["shared:/data"]}})
+    body = {"HostConfig": {"Binds": ["shared:/data"]}}
+
+    verdict = create(make_authorizer(state, deny_by_default=True), body)
 
     assert not verdict.allow
     assert "no allowlist" in verdict.message
@@ -395,16 +400,20 @@ def test_create_labels_and_service(state):
     authorizer = make_authorizer(state)
     compose_labels = {"com.docker.compose.service": "db", "com.docker.compose.project": "shop"}
 
-    assert create(authorizer, {"Labels": compose_labels, "HostConfig": {"Binds": ["db:/d"]}}, name="x").allow
-    assert create(authorizer, {"Labels": {"role": "db"}, "HostConfig": {"Binds": ["db:/d"]}}, name="x").allow
-    assert not create(authorizer, {"Labels": {"role": "web"}, "HostConfig": {"Binds": ["db:/d"]}}, name="x").allow
+    host_config = {"Binds": ["db:/d"]}
+
+    assert create(authorizer, {"Labels": compose_labels, "HostConfig": host_config}, name="x").allow
+    assert create(authorizer, {"Labels": {"role": "db"}, "HostConfig": host_config}, name="x").allow
+    assert not create(authorizer, {"Labels": {"role": "web"}, "HostConfig": host_config}, name="x").allow
 
 
 def test_create_image_rule_by_configured_reference(state):
     add_volume(state, "db", "image:postgres:16")
     authorizer = make_authorizer(state)
 
-    assert create(authorizer, {"Image": "docker.io/library/postgres:16", "HostConfig": {"Binds": ["db:/d"]}}).allow
+    body = {"Image": "docker.io/library/postgres:16", "HostConfig": {"Binds": ["db:/d"]}}
+
+    assert create(authorizer, body).allow
 
 
 def test_create_image_rule_needs_engine_when_reference_differs(state):
@@ -472,8 +481,8 @@ DENIED_BODIES = {
     "escaped key": b'{"HostConfig": {"\\u0042inds": ["db:/d"]}}',
     "repeated HostConfig merges": b'{"HostConfig": {"Binds": ["db:/d"]}, "HostConfig": {"Memory": 1}}',
     "null Binds element reuses": b'{"HostConfig": {"Binds": ["db:/d"], "Binds": [null]}}',
-    "Mounts element reuses Source": b'{"HostConfig": {"Mounts": [{"Type": "volume", "Source": "db", "Target": "/d"}],'
-                                    b' "mounts": [{"type": "volume", "target": "/e"}]}}',
+    "Mounts element reuses Source": b'{"HostConfig": {"Mounts": [{"Type": "volume", "Source": "db", '
+                                    b'"Target": "/d"}], "mounts": [{"type": "volume", "target": "/e"}]}}',
     "last Binds wins": b'{"HostConfig": {"Binds": ["other:/d"], "Binds": ["db:/d"]}}',
     "trailing garbage": b'{"HostConfig": {"Binds": ["db:/d"]}} {"HostConfig": {}}',
     "bind with mode": b'{"HostConfig": {"Binds": ["db:/d:ro,z"]}}',
@@ -534,15 +543,16 @@ def host_path_cases(state: Path) -> dict[str, tuple[str, bool]]:
     }
 
 
-@pytest.mark.parametrize("case", ["state dir", "mount root", "a live mountpoint", "backing store", "parent",
-                                  "root", "dot-dot", "double slash", "trailing slash", "sibling with same prefix",
-                                  "unrelated"])
+@pytest.mark.parametrize("case", ["state dir", "mount root", "a live mountpoint", "backing store",
+                                  "parent", "root", "dot-dot", "double slash", "trailing slash",
+                                  "sibling with same prefix", "unrelated"])
 def test_create_bind_of_host_path(state, case):
     source, allowed = host_path_cases(state)[case]
     authorizer = make_authorizer(state)
 
     bind = create(authorizer, {"HostConfig": {"Binds": [f"{source}:/x"]}})
-    mount = create(authorizer, {"HostConfig": {"Mounts": [{"Type": "bind", "Source": source, "Target": "/x"}]}})
+    bind_mount = {"Type": "bind", "Source": source, "Target": "/x"}
+    mount = create(authorizer, {"HostConfig": {"Mounts": [bind_mount]}})
 
     assert bind.allow is allowed
     assert mount.allow is allowed
@@ -568,7 +578,8 @@ def test_create_local_volume_with_device_denied(state):
 
 @pytest.mark.parametrize("driver", ["", "local"])
 def test_volume_create_with_device_denied(state, driver):
-    body = {"Name": "sneaky", "Driver": driver, "DriverOpts": {"type": "none", "o": "bind", "device": f"{state}/mnt"}}
+    options = {"type": "none", "o": "bind", "device": f"{state}/mnt"}
+    body = {"Name": "sneaky", "Driver": driver, "DriverOpts": options}
 
     verdict = make_authorizer(state).authorize_request(request("POST", "/v1.41/volumes/create", body))
 
@@ -589,7 +600,8 @@ def test_volume_create_elsewhere_allowed(state):
     ("method", "uri"),
     [("GET", "/v1.41/containers/json"), ("GET", "/_ping"), ("POST", "/v1.41/containers/web/start"),
      ("GET", "/v1.41/containers/web/json"), ("POST", "/v1.41/images/create?fromImage=x"),
-     ("DELETE", "/v1.41/containers/web"), ("GET", "/v1.41/containers/create"), ("POST", "/v1.41/exec/abc/start")],
+     ("DELETE", "/v1.41/containers/web"), ("GET", "/v1.41/containers/create"),
+     ("POST", "/v1.41/exec/abc/start")],
 )
 def test_other_requests_pass_without_reading_registry(tmp_path, method, uri):
     # A catalog over a file, not a directory, fails on any read, and no Engine API is configured.
@@ -753,29 +765,33 @@ def test_audit_file_mode(state):
 # -- the same bodies, read by a real dockerd ------------------------------------------------------------
 
 # Body fragments whose reading differs between Go and Python's json; the
-# Image and Cmd of the test image are added to each.
+# Image and Cmd of the test image are added to each. They bind host paths
+# rather than named volumes: creating a named volume makes dockerd ask every
+# plugin socket on the host whether the name exists, which is slow while
+# other test runs come and go.
 AGREEMENT_BODIES = {
-    "top-level Binds": b'"Binds": ["agree-a:/a"]',
-    "top-level Binds ignored": b'"Binds": ["agree-a:/a"], "HostConfig": {}',
-    "HostConfig null": b'"HostConfig": {"Binds": ["agree-b:/b"]}, "HostConfig": null, "Binds": ["agree-a:/a"]',
-    "HostConfig merged": b'"HostConfig": {"Binds": ["agree-a:/a"]}, "HostConfig": {"Memory": 0}',
-    "long s": '"HostConfig": {"Bind\u017f": ["agree-a:/a"]}'.encode(),
-    "dotless i": '"HostConfig": {"B\u0131nds": ["agree-a:/a"]}'.encode(),
-    "uppercase": b'"HOSTCONFIG": {"BINDS": ["agree-a:/a"]}',
-    "null element": b'"HostConfig": {"Binds": ["agree-a:/a", "agree-b:/b"], "Binds": [null]}',
-    "last wins": b'"HostConfig": {"Binds": ["agree-a:/a"], "binds": ["agree-b:/b"]}',
-    "empty array": b'"HostConfig": {"Binds": ["agree-a:/a"], "Binds": []}',
-    "mounts reuse": b'"HostConfig": {"Mounts": [{"Type": "volume", "Source": "agree-a", "Target": "/a"}], '
+    "top-level Binds": b'"Binds": ["/tmp/agree-a:/a"]',
+    "top-level Binds ignored": b'"Binds": ["/tmp/agree-a:/a"], "HostConfig": {}',
+    "HostConfig null": b'"HostConfig": {"Binds": ["/tmp/agree-b:/b"]}, "HostConfig": null, '
+                       b'"Binds": ["/tmp/agree-a:/a"]',
+    "HostConfig merged": b'"HostConfig": {"Binds": ["/tmp/agree-a:/a"]}, "HostConfig": {"Memory": 0}',
+    "long s": '"HostConfig": {"Bind\u017f": ["/tmp/agree-a:/a"]}'.encode(),
+    "dotless i": '"HostConfig": {"B\u0131nds": ["/tmp/agree-a:/a"]}'.encode(),
+    "uppercase": b'"HOSTCONFIG": {"BINDS": ["/tmp/agree-a:/a"]}',
+    "null element": b'"HostConfig": {"Binds": ["/tmp/agree-a:/a", "/tmp/agree-b:/b"], "Binds": [null]}',
+    "last wins": b'"HostConfig": {"Binds": ["/tmp/agree-a:/a"], "binds": ["/tmp/agree-b:/b"]}',
+    "empty array": b'"HostConfig": {"Binds": ["/tmp/agree-a:/a"], "Binds": []}',
+    "mounts reuse": b'"HostConfig": {"Mounts": [{"Type": "bind", "Source": "/tmp", "Target": "/a"}], '
                     b'"Mounts": [{"Target": "/m"}]}',
     "labels merge": b'"Labels": {"a": "1"}, "labels": {"b": "2", "a": null}',
     "volume driver filled": b'"VolumeDriver": "local", "HostConfig": {}',
     "volume driver kept": b'"VolumeDriver": "other", "HostConfig": {"VolumeDriver": "local"}',
-    "escaped key": b'"HostConfig": {"\\u0042inds": ["agree-a:/a"]}',
+    "escaped key": b'"HostConfig": {"\\u0042inds": ["/tmp/agree-a:/a"]}',
 }
 
 
 def create_in_dockerd(dockerd, image: str, fragment: bytes, name: str) -> tuple[bytes, dict]:
-    """Create container *name* from the body fragment through dockerd's API; return the body and its inspect."""
+    """Create container *name* from a body fragment through dockerd's API; return the body and inspect."""
     body = b'{"Image": "' + image.encode() + b'", "Cmd": ["true"], ' + fragment + b"}"
     response = plugin_request(dockerd.socket, f"/v1.41/containers/create?name={name}", body,
                               headers={"Content-Type": "application/json"})
@@ -813,10 +829,9 @@ def test_create_body_read_as_dockerd_reads_it(dockerd, busybox_image, fragment):
         assert securevol_reading(CreateSpec.from_body(body, "")) == dockerd_reading(document)
     finally:
         dockerd.docker("rm", "-f", "agreement-probe", check=False)
-        dockerd.docker("volume", "rm", "agree-a", "agree-b", check=False)
 
 
-# -- end to end: dockerd --authorization-plugin with the real plugin ------------------------------------------
+# -- end to end: dockerd --authorization-plugin with the real plugin ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -878,7 +893,8 @@ def test_e2e_authz_allows_listed_and_refuses_others(authz_docker, authz_volume):
     daemon, plugin, image = authz_docker
     volume = authz_volume("name:az-web,service:db")
 
-    allowed = daemon.run("--rm", "--name", "az-web", "-v", f"{volume}:/d", image, "sh", "-c", "echo ok > /d/f")
+    allowed = daemon.run("--rm", "--name", "az-web", "-v", f"{volume}:/d", image, "sh", "-c",
+                         "echo ok > /d/f")
     refused = daemon.run("--rm", "--name", "az-evil", "-v", f"{volume}:/d", image, "true", check=False)
 
     assert allowed.returncode == 0
@@ -910,16 +926,18 @@ def test_e2e_authz_raw_api_bypasses_refused(authz_docker, authz_volume):
     daemon, _, image = authz_docker
     volume = authz_volume("name:az-web")
     bodies = {
-        "az-top": ("/v1.41/containers/create?name=az-top", f'{{"Image": "{image}", "Binds": ["{volume}:/d"]}}'),
+        "az-top": ("/v1.41/containers/create?name=az-top",
+                   f'{{"Image": "{image}", "Binds": ["{volume}:/d"]}}'),
         "az-fold": ("/v1.41/containers/create?name=az-fold",
                     f'{{"Image": "{image}", "hostconfig": {{"Bind\u017f": ["{volume}:/d"]}}}}'),
         "az-path": ("/v1.41/containers%2Fcreate?name=az-path",
                     f'{{"Image": "{image}", "HostConfig": {{"Binds": ["{volume}:/d"]}}}}'),
         "az-dup": ("/v1.41/containers/create?name=az-dup",
-                   f'{{"Image": "{image}", "HostConfig": {{"Binds": ["{volume}:/d"]}}, "HostConfig": {{"Memory": 0}}}}'),
+                   f'{{"Image": "{image}", "HostConfig": {{"Binds": ["{volume}:/d"]}}, '
+                   '"HostConfig": {"Memory": 0}}'),
         "az-mounts": ("/containers/create?name=az-mounts",
-                      f'{{"Image": "{image}", "HostConfig": {{"Mounts": [{{"Type": "volume", "Source": "{volume}", '
-                      f'"Target": "/d"}}], "Mounts": [{{"Target": "/e"}}]}}}}'),
+                      f'{{"Image": "{image}", "HostConfig": {{"Mounts": [{{"Type": "volume", '
+                      f'"Source": "{volume}", "Target": "/d"}}], "Mounts": [{{"Target": "/e"}}]}}}}'),
     }
 
     for name, (path, body) in bodies.items():
@@ -948,8 +966,8 @@ def test_e2e_authz_refuses_binds_of_securevol_directories(authz_docker, tmp_path
                        check=False)
     assert mount.returncode != 0
 
-    local = daemon.docker("volume", "create", "-o", "type=none", "-o", "o=bind", "-o", f"device={plugin.state_dir}",
-                          "az-sneaky", check=False)
+    local = daemon.docker("volume", "create", "-o", "type=none", "-o", "o=bind",
+                          "-o", f"device={plugin.state_dir}", "az-sneaky", check=False)
     assert local.returncode != 0
     assert "bind a path outside it" in local.stderr
 
@@ -964,7 +982,8 @@ def test_e2e_authz_volumes_from_and_rename(authz_docker, authz_volume):
     volume = authz_volume("name:az-web*")
     daemon.docker("create", "--name", "az-web1", "-v", f"{volume}:/d", image, "true")
 
-    borrowed = daemon.run("--rm", "--name", "az-borrow", "--volumes-from", "az-web1", image, "true", check=False)
+    borrowed = daemon.run("--rm", "--name", "az-borrow", "--volumes-from", "az-web1", image, "true",
+                          check=False)
     assert borrowed.returncode != 0
     assert f"Volume '{volume}' does not allow container 'az-borrow'" in borrowed.stderr
 

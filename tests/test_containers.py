@@ -45,7 +45,8 @@ RECORDED = {
     "recorded_v1_hybrid_unified_root": (v1_lines(f"/docker/{ID_A}", "/"), ProcessIdentity("docker", ID_A)),
     "recorded_v1_systemd_driver": (
         v1_lines(f"/system.slice/docker-{ID_A}.scope"), ProcessIdentity("docker", ID_A)),
-    "recorded_v2_systemd_driver": (f"0::/system.slice/docker-{ID_A}.scope\n", ProcessIdentity("docker", ID_A)),
+    "recorded_v2_systemd_driver": (
+        f"0::/system.slice/docker-{ID_A}.scope\n", ProcessIdentity("docker", ID_A)),
     "recorded_v2_cgroupfs_driver": (f"0::/docker/{ID_A}\n", ProcessIdentity("docker", ID_A)),
     "recorded_v2_rootless": (
         f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{ID_A}.scope\n",
@@ -55,7 +56,8 @@ RECORDED = {
     "recorded_v2_nested_scope_spoof": (
         f"0::/system.slice/docker-{ID_A}.scope/system.slice/docker-{ID_B}.scope\n",
         ProcessIdentity("docker", ID_A)),
-    "recorded_v1_docker_in_docker": (v1_lines(f"/docker/{ID_A}/docker/{ID_B}"), ProcessIdentity("docker", ID_A)),
+    "recorded_v1_docker_in_docker": (
+        v1_lines(f"/docker/{ID_A}/docker/{ID_B}"), ProcessIdentity("docker", ID_A)),
     "recorded_v2_cri_containerd": (
         "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c.slice/"
         f"cri-containerd-{ID_A}.scope\n",
@@ -68,8 +70,10 @@ RECORDED = {
         f"0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID_A}.scope/container\n",
         ProcessIdentity("podman", ID_A)),
     "recorded_v2_custom_cgroup_parent": (f"0::/batch/{ID_A}\n", ProcessIdentity("unknown", ID_A)),
-    "recorded_v2_seen_from_plugin_cgroupns": (f"0::/../docker-{ID_A}.scope\n", ProcessIdentity("docker", ID_A)),
-    "recorded_v2_buildkit_step": ("0::/docker/buildkit/q8ne0nn7p7vjb2qt4xkfzmzvb\n", ProcessIdentity("buildkit")),
+    "recorded_v2_seen_from_plugin_cgroupns": (
+        f"0::/../docker-{ID_A}.scope\n", ProcessIdentity("docker", ID_A)),
+    "recorded_v2_buildkit_step": (
+        "0::/docker/buildkit/q8ne0nn7p7vjb2qt4xkfzmzvb\n", ProcessIdentity("buildkit")),
     "recorded_v2_host_session": ("0::/user.slice/user-0.slice/session-3.scope\n", HOST_PROCESS),
     "recorded_v2_dockerd_itself": ("0::/system.slice/docker.service\n", HOST_PROCESS),
     "recorded_v2_conmon_is_host": (f"0::/machine.slice/libpod-conmon-{ID_A}.scope\n", HOST_PROCESS),
@@ -78,7 +82,8 @@ RECORDED = {
     "recorded_v1_sandbox_32_hex_is_host": (
         "4:memory:/process_api/30ac8ffa52a2f523a4fce678fb45e24d\n0::/\n", HOST_PROCESS),
     "recorded_empty": ("", HOST_PROCESS),
-    "recorded_malformed_lines_ignored": (f"garbage\n0::/docker-{ID_A}.scope\n", ProcessIdentity("docker", ID_A)),
+    "recorded_malformed_lines_ignored": (
+        f"garbage\n0::/docker-{ID_A}.scope\n", ProcessIdentity("docker", ID_A)),
     "recorded_uppercase_id_is_not_an_id": (f"0::/docker/{ID_A.upper()}\n", HOST_PROCESS),
     "recorded_short_id_is_not_an_id": (f"0::/docker/{ID_A[:63]}\n", HOST_PROCESS),
 }
@@ -292,7 +297,8 @@ def test_engine_mount_candidates(dockerd, busybox_image, engine):
     volume = "candidates-probe"
     try:
         dockerd.docker("create", "--name", "cand-a", "-v", f"{volume}:/d", busybox_image, "true")
-        dockerd.docker("create", "--name", "cand-other", "-v", "/tmp:/candidates-probe", busybox_image, "true")
+        dockerd.docker("create", "--name", "cand-other", "-v", "/tmp:/candidates-probe", busybox_image,
+                       "true")
 
         users = engine.volume_users(volume)
         assert [user.container.name for user in users] == ["cand-a"]

@@ -23,7 +23,9 @@ HEX_B = "b" * 64
 
 
 def container(**fields) -> ContainerInfo:
-    defaults = {"id": "c" * 64, "name": "web", "image": "busybox", "image_id": f"sha256:{HEX_A}", "labels": {}}
+    defaults = {
+        "id": "c" * 64, "name": "web", "image": "busybox", "image_id": f"sha256:{HEX_A}", "labels": {},
+    }
     defaults.update(fields)
     return ContainerInfo(**defaults)
 
@@ -182,8 +184,8 @@ def test_normalize_image_reference(reference, normalized):
 
 @pytest.mark.parametrize(
     "reference",
-    ["", ":16", "Postgres", "a/B", "app:", "app:-x", "app:" + "t" * 129, "a..b", "a_-b", "bad_host./x", "/app", "app/",
-     "app@sha256:short", "a" * 256, "host:port:5000/app"],
+    ["", ":16", "Postgres", "a/B", "app:", "app:-x", "app:" + "t" * 129, "a..b", "a_-b", "bad_host./x",
+     "/app", "app/", "app@sha256:short", "a" * 256, "host:port:5000/app"],
 )
 def test_normalize_image_reference_rejects(reference):
     with pytest.raises(ImageReferenceError):
@@ -252,9 +254,10 @@ def test_match_name(text, name, allowed):
         ("image:postgres:16", f"sha256:{HEX_A}", None, False),
         ("image:postgres:16", f"sha256:{HEX_A}", frozenset({"docker.io/library/postgres:16"}), True),
         ("image:postgres:16", "postgres:16", frozenset(), True),
-        (f"image:postgres@sha256:{HEX_B}", "postgres:16", frozenset({f"docker.io/library/postgres@sha256:{HEX_B}"}),
-         True),
-        (f"image:postgres@sha256:{HEX_B}", "postgres:16", frozenset({"docker.io/library/postgres:16"}), False),
+        (f"image:postgres@sha256:{HEX_B}", "postgres:16",
+         frozenset({f"docker.io/library/postgres@sha256:{HEX_B}"}), True),
+        (f"image:postgres@sha256:{HEX_B}", "postgres:16",
+         frozenset({"docker.io/library/postgres:16"}), False),
         (f"image:sha256:{HEX_A}", "anything", None, True),
         (f"image:sha256:{HEX_B}", "anything", None, False),
         # An image ID rule never matches a configured reference, only the ID.
@@ -281,7 +284,8 @@ def test_match_image(text, image, refs, allowed):
         ("service:db", {"com.docker.compose.service": "web"}, False),
         ("service:db", {"role": "db"}, False),
         ("service:shop/db", {"com.docker.compose.service": "db", "com.docker.compose.project": "shop"}, True),
-        ("service:shop/db", {"com.docker.compose.service": "db", "com.docker.compose.project": "blog"}, False),
+        ("service:shop/db",
+         {"com.docker.compose.service": "db", "com.docker.compose.project": "blog"}, False),
         ("service:shop/db", {"com.docker.compose.service": "db"}, False),
     ],
 )

@@ -175,7 +175,7 @@ class MountGuard:
         self.probe_timeout = probe_timeout
 
     def check_mount(self, volume: str, allow_option: str | None, access_file: str | os.PathLike[str]) -> None:
-        """Refuse with AccessDenied unless the container being mounted for is allowed; write the access file."""
+        """Raise AccessDenied unless the container being mounted for is allowed; write the access file."""
         allowlist = self._allowlist(volume, allow_option)
         approved: dict[str, str] = {}
         if not allowlist.open:
@@ -189,7 +189,8 @@ class MountGuard:
         try:
             return resolve_allowlist(allow_option, deny_by_default=self.deny_by_default)
         except AllowlistError as exc:
-            self.audit.record(allowed=False, point="mount", action="mount", volume=volume, reason="invalid allowlist")
+            self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
+                              reason="invalid allowlist")
             raise AccessDenied(f"Volume {volume!r} has an invalid allowlist ({exc}); fix it with "
                                "'securevol allow set'.") from None
 
@@ -216,7 +217,7 @@ class MountGuard:
 
     def _check_refused_are_idle(self, volume: str, allowlist: Allowlist, candidates: list[VolumeUser],
                                 refused: list[VolumeUser]) -> None:
-        """Raise AccessDenied unless the mount is for an allowed container, judged by which candidates are locked."""
+        """Raise AccessDenied unless the mount is for an allowed container, judged by who is locked."""
         busy = self._busy(volume, candidates)
         busy_refused = [user for user in refused if user in busy]
         if busy and not busy_refused:
@@ -224,15 +225,16 @@ class MountGuard:
 
         user = busy_refused[0] if busy_refused else refused[0]
         reason = "container not on allowlist" if busy_refused else "cannot tell which container mounts"
-        self.audit.record(allowed=False, point="mount", action="mount", volume=volume, container=user.container,
-                          reason=reason)
+        self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
+                          container=user.container, reason=reason)
         who = f"container {user.container.name!r} ({user.container.short_id()})"
         if busy_refused:
             raise AccessDenied(f"Volume {volume!r} does not allow {who}: it matches none of the rules "
                                f"{allowlist.text!r}.")
         raise AccessDenied(
-            f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol cannot tell "
-            "which container this mount is for; remove that container or add it to the allowlist."
+            f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol "
+            "cannot tell which container this mount is for; remove that container or add it to the "
+            "allowlist."
         )
 
     def _busy(self, volume: str, candidates: list[VolumeUser]) -> list[VolumeUser]:
@@ -268,7 +270,8 @@ class MountGuard:
         try:
             return call(engine)
         except EngineError as exc:
-            self.audit.record(allowed=False, point="mount", action="mount", volume=volume, reason="engine unavailable")
+            self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
+                              reason="engine unavailable")
             raise AccessDenied(f"Volume {volume!r} has an allowlist, and securevol cannot ask dockerd which "
                                f"container is starting: {exc}") from None
 
@@ -397,7 +400,9 @@ class AccessChecker:
         rule = self._allowlist.match(container)
         return container, rule, "" if rule else "not on allowlist"
 
-    def _record(self, rule: Rule | None, operation: str, container: ContainerInfo | None, reason: str) -> None:
+    def _record(
+        self, rule: Rule | None, operation: str, container: ContainerInfo | None, reason: str
+    ) -> None:
         self._audit.record(allowed=rule is not None, point="access", action=operation, volume=self.volume,
                            container=container, rule=rule, reason=reason if rule is None else "")
 
@@ -434,7 +439,8 @@ class AccessChecker:
 
     def _fail(self, why: str) -> None:
         if not self._failing:
-            log.error("access denied to all vol=%s reason=%s", self.volume or self.access_file.parent.name, why)
+            volume = self.volume or self.access_file.parent.name
+            log.error("access denied to all vol=%s reason=%s", volume, why)
         self._failing = True
         self._stamp = None
         self._allowlist = None

@@ -2,8 +2,9 @@
 
 With ``dockerd --authorization-plugin=NAME``, dockerd sends each API request to
 ``/AuthZPlugin.AuthZReq`` before it acts on it, and its response to
-``/AuthZPlugin.AuthZRes`` before it returns that response. This module reads each request exactly as dockerd will
-act on it, or the check could be walked around:
+``/AuthZPlugin.AuthZRes`` before it returns that response. This module reads
+each request exactly as dockerd will act on it, or the check could be walked
+around:
 
 - the path is URL-decoded (dockerd routes ``/containers%2Fcreate`` as a
   create), cleaned, and read with or without its ``/v1.NN`` prefix; the
@@ -149,7 +150,7 @@ class AuthzRequest:
         )
 
     def declares_body(self) -> bool:
-        """Tell whether the headers announce a body of more than 7 bytes, as dockerd's start handler checks."""
+        """Tell whether the headers announce a body of more than 7 bytes (dockerd's start handler test)."""
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             return True
         length = self.headers.get("content-length", "0").strip()
@@ -235,7 +236,9 @@ ALLOW = Verdict(True)
 class Denied(Exception):
     """A refusal; the message is one sentence for the user, *reason* a few words for the audit log."""
 
-    def __init__(self, message: str, reason: str, volume: str = "", container: ContainerInfo | None = None) -> None:
+    def __init__(
+        self, message: str, reason: str, volume: str = "", container: ContainerInfo | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.volume = volume
@@ -296,12 +299,14 @@ class VolumeCatalog:
 
     def allowlist(self, name: str) -> Allowlist:
         """Return the allowlist volume *name* enforces now; raise Denied if it cannot be read."""
-        new_allowlist = self.new_volume_allowlist
         try:
-            return new_allowlist(self.read_allow_option(name))
+            return self.new_volume_allowlist(self.read_allow_option(name))
         except AllowlistError as exc:
-            raise Denied(f"Volume {name!r} has an invalid allowlist ({exc}); fix it with 'securevol allow set'.",
-                         "invalid allowlist", name) from None
+            raise Denied(
+                f"Volume {name!r} has an invalid allowlist ({exc}); fix it with 'securevol allow set'.",
+                "invalid allowlist",
+                name,
+            ) from None
         except SecurevolError as exc:
             raise Denied(f"The allowlist of volume {name!r} cannot be read: {exc}", "registry unreadable",
                          name) from None
@@ -471,7 +476,11 @@ class Authorizer:
 
         for path in self._create_host_paths(spec):
             self._check_host_path(path)
-        uses = [*self._create_volume_uses(spec), *self._volumes_from_uses(spec), *self._image_volume_uses(spec)]
+        uses = [
+            *self._create_volume_uses(spec),
+            *self._volumes_from_uses(spec),
+            *self._image_volume_uses(spec),
+        ]
         self._check_uses("create", spec.container(), uses)
 
     def _create_host_paths(self, spec: CreateSpec) -> Iterator[str]:
@@ -518,8 +527,9 @@ class Authorizer:
             try:
                 allowlist = self.catalog.new_volume_allowlist(options.get("allow"))
             except AllowlistError as exc:
-                raise Denied(f"The new volume {volume!r} has an invalid allowlist: {exc}", "invalid allowlist",
-                             volume) from None
+                raise Denied(
+                    f"The new volume {volume!r} has an invalid allowlist: {exc}", "invalid allowlist", volume
+                ) from None
             yield VolumeUse(volume, allowlist, "Mounts")
 
     def _volumes_from_uses(self, spec: CreateSpec) -> Iterator[VolumeUse]:
@@ -541,7 +551,9 @@ class Authorizer:
         """
         if not self._is_ours(spec.volume_driver) or not self.catalog.deny_by_default or not spec.image:
             return
-        image = self._engine_call(lambda engine: engine.inspect_image(spec.image), f"the image {spec.image!r}")
+        image = self._engine_call(
+            lambda engine: engine.inspect_image(spec.image), f"the image {spec.image!r}"
+        )
         if image is None:
             return  # dockerd refuses the create: no such image
         volumes = (image.get("Config") or {}).get("Volumes") or {}
@@ -565,8 +577,11 @@ class Authorizer:
         try:
             spec = CreateSpec.from_body(request.body, "")
         except ValueError as exc:
-            raise Denied(f"The start request body cannot be read as dockerd would read it ({exc}), so securevol "
-                         "cannot check its mounts.", "start body unreadable") from None
+            raise Denied(
+                f"The start request body cannot be read as dockerd would read it ({exc}), so securevol "
+                "cannot check its mounts.",
+                "start body unreadable",
+            ) from None
         if not (spec.binds or spec.mounts or spec.volumes_from or spec.volume_driver):
             return
 
@@ -588,7 +603,8 @@ class Authorizer:
         except ValueError:
             return  # dockerd rejects the same body
         options = volume.get("DriverOpts") or {}
-        if _plugin_name(volume.get("Driver") or "local") == "local" and options.get("device", "").startswith("/"):
+        is_local = _plugin_name(volume.get("Driver") or "local") == "local"
+        if is_local and options.get("device", "").startswith("/"):
             self._check_host_path(options["device"])
 
     # -- existing containers: rename, docker cp, exec -----------------------------------------
@@ -625,11 +641,13 @@ class Authorizer:
                               container=container, rule=rule)
 
     def _match(self, use: VolumeUse, container: ContainerInfo) -> tuple[Rule | None, ContainerInfo]:
-        """Match *container* against the use's allowlist, looking up the image's tags only if a rule needs them."""
+        """Match *container* against the use's allowlist; look up image tags only if a rule needs them."""
         rule = use.allowlist.match(container)
         if rule is not None or container.image_refs is not None or not use.allowlist.has_kind("image"):
             return rule, container
-        container = self._engine_call(lambda engine: engine.with_image_refs(container), f"the image {container.image!r}")
+        container = self._engine_call(
+            lambda engine: engine.with_image_refs(container), f"the image {container.image!r}"
+        )
         return use.allowlist.match(container), container
 
     def _check_host_path(self, source: str) -> None:
@@ -655,8 +673,10 @@ class Authorizer:
 
     def _engine_call(self, call: Callable[[EngineClient], Any], what: str) -> Any:
         if self.engine is None:
-            raise Denied(f"securevol cannot check {what} because it has no Docker Engine API socket configured.",
-                         "no engine")
+            raise Denied(
+                f"securevol cannot check {what} because it has no Docker Engine API socket configured.",
+                "no engine",
+            )
         try:
             return call(self.engine)
         except EngineError as exc:

@@ -125,13 +125,19 @@ class EngineClient:
         if status == 404:
             return None
         if len(body) > MAX_RESPONSE_BYTES:
-            raise EngineError(f"The Docker Engine API response to GET {path} is larger than {MAX_RESPONSE_BYTES} bytes.")
+            raise EngineError(
+                f"The Docker Engine API response to GET {path} is larger than {MAX_RESPONSE_BYTES} bytes."
+            )
         if status >= 300:
-            raise EngineError(f"The Docker Engine API returned status {status} for GET {path}: {_message(body)}.")
+            raise EngineError(
+                f"The Docker Engine API returned status {status} for GET {path}: {_message(body)}."
+            )
         try:
             return json.loads(body)
         except ValueError:
-            raise EngineError(f"The Docker Engine API returned a body that is not JSON for GET {path}.") from None
+            raise EngineError(
+                f"The Docker Engine API returned a body that is not JSON for GET {path}."
+            ) from None
 
     # -- containers and images ------------------------------------------------------
 
@@ -152,7 +158,9 @@ class EngineClient:
             query["filters"] = json.dumps(dict(filters))
         containers = self.get_json("/containers/json", query)
         if not isinstance(containers, list) or not all(isinstance(item, dict) for item in containers):
-            raise EngineError("The Docker Engine API returned a container list that is not a list of objects.")
+            raise EngineError(
+                "The Docker Engine API returned a container list that is not a list of objects."
+            )
         return containers
 
     def container_info(self, reference: str, *, with_image_refs: bool = False) -> ContainerInfo | None:

@@ -53,7 +53,7 @@ class GoObject:
 
 
 def loads(body: bytes) -> Any:
-    """Parse the first JSON value of *body*, keeping objects as GoObject; raise ValueError if it is not JSON."""
+    """Parse the first JSON value of *body*, objects as GoObject; raise ValueError if it is not JSON."""
     text = body.decode("utf-8", errors="replace")
     decoder = json.JSONDecoder(object_pairs_hook=GoObject)
     value, _end = decoder.raw_decode(text, _skip_whitespace(text))
