@@ -415,6 +415,17 @@ def test_foreign_backing_directory_refused(tmp_path):
         mount.cleanup()
 
 
+def test_second_process_on_same_backing_refused(volume, tmp_path):
+    second = FuseMount(volume.backing, tmp_path / "second-mnt", tmp_path / "second.log")
+    try:
+        with pytest.raises(MountFailed, match="^error backing store .* is in use by another FUSE process$"):
+            second.start()
+        assert not is_mounted(second.mountpoint)
+    finally:
+        second.cleanup()
+    assert (volume.mountpoint / "still-works").write_bytes(b"x") == 1
+
+
 def test_wrong_key_hides_names(volume):
     (volume.mountpoint / "f").write_bytes(b"data")
     volume.stop()

@@ -38,6 +38,7 @@ open, or longer than PATH_MAX) is changed without the journal.
 """
 
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -58,6 +59,10 @@ _OP_HEADER = struct.Struct(">BQQ")
 _WRITE, _TRUNCATE = 1, 2
 
 
+class BackingStoreInUse(Exception):
+    """Another process holds the journal lock of this backing store, so it serves the volume already."""
+
+
 class Journal:
     """The journal of one backing store; *root_fd* is its backing root (an O_PATH descriptor is fine)."""
 
@@ -67,6 +72,13 @@ class Journal:
         self._root_path = os.readlink(f"/proc/self/fd/{root_fd}")
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(FILE_NAME, flags, 0o600, dir_fd=root_fd)
+        # Two FUSE processes on one backing store would each believe they
+        # alone change it, so the second one stops here.
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise BackingStoreInUse(f"backing store {self._root_path} is in use by another FUSE process") from None
         self._sequence = self._read_control()[1]
 
     def close(self) -> None:

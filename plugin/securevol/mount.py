@@ -28,6 +28,7 @@ from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey, derive_volume_keys
 from securevol.errors import IntegrityError
 from securevol.fuse_access import GuardedOperations
 from securevol.fuse_ops import SecurevolOperations
+from securevol.journal import BackingStoreInUse
 from securevol.log import setup_logging
 
 # Named explicitly: run with -m, this module is "__main__".
@@ -221,11 +222,12 @@ def _serve(args: argparse.Namespace, keys) -> int:
     # Resolved before mounting: afterwards a stat(2) of the mountpoint would
     # wait for this very process, which does not serve requests yet.
     mountpoint = os.path.realpath(args.mountpoint)
-    if args.access_file:
-        checker = AccessChecker(args.access_file)
-        operations = GuardedOperations(args.volume, args.backing, keys, checker)
-    else:
-        operations = SecurevolOperations(args.volume, args.backing, keys)
+    try:
+        operations = _make_operations(args, keys)
+    except BackingStoreInUse as exc:
+        log.error("mount failed vol=%s error=%s", args.volume, exc)
+        _report(args.ready_fd, f"error {exc}")
+        return 1
     try:
         pyfuse3.init(operations, args.mountpoint, set(MOUNT_OPTIONS))
     except RuntimeError:
@@ -249,6 +251,13 @@ def _serve(args: argparse.Namespace, keys) -> int:
     operations.close()
     log.info("volume unmounted vol=%s", args.volume)
     return 0
+
+
+def _make_operations(args: argparse.Namespace, keys) -> SecurevolOperations:
+    if args.access_file:
+        checker = AccessChecker(args.access_file)
+        return GuardedOperations(args.volume, args.backing, keys, checker)
+    return SecurevolOperations(args.volume, args.backing, keys)
 
 
 async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> bool:
