@@ -389,6 +389,8 @@ class AccessChecker:
         unknown = ContainerInfo(id=container_id, name="")
         if self._engine is None:
             return unknown, None, "no engine"
+        # NOTE: this call blocks the FUSE request loop, up to FUSE_ENGINE_TIMEOUT
+        # when dockerd hangs; containers approved at mount time never get here.
         try:
             container = self._engine.container_info(container_id,
                                                     with_image_refs=self._allowlist.has_kind("image"))
