@@ -13,10 +13,11 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 # SIGINT lets pytest run its fixture teardown (stop dockerd, unmount, remove
-# the plugin socket) and print its summary before it exits.
+# the plugin socket) and print its summary before it exits. The slowest tests
+# are listed, so that a run creeping towards CI's limit shows where.
 status=0
 timeout --foreground --signal=INT --kill-after=120 "${SECUREVOL_TEST_TIMEOUT:-40m}" \
-    .venv/bin/pytest tests "$@" || status=$?
+    .venv/bin/pytest --durations=15 tests "$@" || status=$?
 
 case $status in
     5)
