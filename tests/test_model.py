@@ -2,8 +2,8 @@
 
 A hypothesis state machine applies each operation to both trees and asserts
 that both return the same result or fail with the same errno. After every
-step the two trees must hold the same names, types, modes, link counts, sizes
-and contents. Remounting drops the kernel's page cache, so later reads come
+step the two trees must hold the same names, types, modes, link counts, sizes,
+contents and user.* extended attributes. Remounting drops the kernel's page cache, so later reads come
 from the ciphertext in the backing store. Whenever the volume is unmounted,
 and once more after the run, the backing store must contain none of the
 names, link targets or file data written through the mount.
@@ -12,6 +12,7 @@ names, link targets or file data written through the mount.
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -37,6 +38,7 @@ NAMES = ["alpha-name", "bravo-name", "charlie-name", "delta-" + "l" * 240]
 # Directories that exist when an example starts. Rules may remove, rename or replace them.
 INITIAL_DIRS = ["alpha-name", "alpha-name/bravo-name"]
 PARENTS = ["", "", *INITIAL_DIRS]
+XATTR_NAMES = ["user.echo-attribute", "user.foxtrot-attribute"]
 
 # Offsets and sizes around block boundaries, plus anything up to a few blocks and far past the end.
 BOUNDARIES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK - 1, 2 * BLOCK, 3 * BLOCK + 5, 16 * BLOCK, 50_000]
@@ -103,7 +105,7 @@ def model_snapshot(root: Path) -> dict[str, tuple]:
             if stat.S_ISLNK(info.st_mode):
                 snapshot[relative] = ("link", os.readlink(path))
             elif stat.S_ISDIR(info.st_mode):
-                snapshot[relative] = ("dir", stat.S_IMODE(info.st_mode))
+                snapshot[relative] = ("dir", stat.S_IMODE(info.st_mode), user_xattrs(path))
             else:
                 data = path.read_bytes()
                 snapshot[relative] = (
@@ -113,8 +115,15 @@ def model_snapshot(root: Path) -> dict[str, tuple]:
                     info.st_size,
                     len(data),
                     hashlib.sha256(data).hexdigest(),
+                    user_xattrs(path),
                 )
     return snapshot
+
+
+def user_xattrs(path: Path) -> list[tuple[str, bytes]]:
+    """Return the user.* extended attributes of *path* (not following symlinks) with their values."""
+    names = sorted(name for name in os.listxattr(path, follow_symlinks=False) if name.startswith("user."))
+    return [(name, os.getxattr(path, name, follow_symlinks=False)) for name in names]
 
 
 def first_difference(mounted: dict, plain: dict) -> str:
@@ -138,7 +147,7 @@ class Written:
     """Names and data samples written through the mount, which the backing store must not contain."""
 
     def __init__(self) -> None:
-        self.needles: set[bytes] = {name.encode() for name in NAMES}
+        self.needles: set[bytes] = {name.encode() for name in NAMES + XATTR_NAMES}
 
     def add_data(self, data: bytes) -> None:
         if len(data) >= MIN_LEAK_NEEDLE:
@@ -272,6 +281,22 @@ class MountModel(RuleBasedStateMachine):
     def chmod(self, path, mode):
         self.both(lambda root: os.chmod(root / path, mode))
 
+    @rule(
+        path=PATHS,
+        name=st.sampled_from(XATTR_NAMES),
+        seed=SEEDS,
+        length=st.integers(0, 300),
+        flags=st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE]),
+    )
+    def set_xattr(self, path, name, seed, length, flags):
+        value = pattern(seed, length)
+        self.written.add_data(value)
+        self.both(lambda root: os.setxattr(root / path, name, value, flags))
+
+    @rule(path=PATHS, name=st.sampled_from(XATTR_NAMES))
+    def remove_xattr(self, path, name):
+        self.both(lambda root: os.removexattr(root / path, name))
+
     # --- names ------------------------------------------------------------------------------------
 
     # Name operations mostly fail on a path that does not exist. One rule for
@@ -316,6 +341,24 @@ class MountModel(RuleBasedStateMachine):
         data = pattern(seed, length)
         self.written.add_data(data)
         self.both_handles(index, lambda fd: os.pwrite(fd, data, offset))
+
+    @precondition(lambda self: self.handles)
+    @rule(index=st.integers(0, MAX_OPEN_HANDLES - 1), offset=OFFSETS, length=LENGTHS, seed=SEEDS)
+    def handle_mmap_write(self, index, offset, length, seed):
+        data = pattern(seed, length)
+        self.written.add_data(data)
+
+        # A shared mapping cannot grow the file, so the write is clipped to the current size.
+        def write_mapped(fd: int) -> int:
+            size = os.fstat(fd).st_size
+            start, end = min(offset, size), min(offset + length, size)
+            if start < end:
+                with mmap.mmap(fd, size) as mapping:
+                    mapping[start:end] = data[: end - start]
+                    mapping.flush()
+            return end - start
+
+        self.both_handles(index, write_mapped)
 
     @precondition(lambda self: self.handles)
     @rule(index=st.integers(0, MAX_OPEN_HANDLES - 1), offset=OFFSETS, length=LENGTHS)
@@ -408,7 +451,7 @@ QUICK = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-LONG = settings(QUICK, max_examples=150, stateful_step_count=80)
+LONG = settings(QUICK, max_examples=60, stateful_step_count=80)
 
 
 def test_model_matches_plain_directory(tmp_path):
