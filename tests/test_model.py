@@ -91,7 +91,7 @@ def outcome(function: Callable, *args) -> tuple:
 
 
 def model_snapshot(root: Path) -> dict[str, tuple]:
-    """Describe every entry under *root*: type, permission bits, link count, size and content digest.
+    """Describe every entry under *root*: type, mode bits, link count, size, content digest and user.* xattrs.
 
     Unlike tests.fs_helpers.tree_snapshot it records the link count of files,
     because the model makes hard links.

@@ -448,6 +448,9 @@ def test_tar_extract_matches_source_tree(volume, workdir):
         original = tree_snapshot(Path("/", source))
         assert len(extracted) == len(original), f"{source}: {len(extracted)} entries extracted, {len(original)} in the source"
         assert extracted == original, f"{source} differs after a remount"
+        assert owners_and_mtimes(volume.mountpoint / source) == owners_and_mtimes(Path("/", source)), (
+            f"{source}: owners or modification times differ after a remount"
+        )
 
     # A sample of the extracted files' contents must not appear in the ciphertext.
     samples = sample_contents(Path("/", TAR_SOURCES[0]), count=20)
@@ -461,6 +464,20 @@ def test_tar_extract_matches_source_tree(volume, workdir):
     assert os.listdir(volume.mountpoint) == []
     leftovers = [name for name in os.listdir(volume.backing) if not name.startswith("securevol.")]
     assert leftovers == [], f"backing store entries left after deleting everything: {leftovers[:5]}"
+
+
+def owners_and_mtimes(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Return the owner, group and whole-second modification time of every entry under *root*.
+
+    Whole seconds, because the GNU tar format stores no fractions of a second.
+    """
+    entries = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            info = path.lstat()
+            entries[str(path.relative_to(root))] = (info.st_uid, info.st_gid, int(info.st_mtime))
+    return entries
 
 
 def sample_contents(root: Path, count: int) -> list[bytes]:
