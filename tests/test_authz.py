@@ -1,7 +1,7 @@
 """Authorization plugin decisions (securevol.authz) and Go-style JSON reading (securevol.gojson).
 
 The registry and the audit log are real files under a temp dir. Tests that
-need dockerd's answers (VolumesFrom, rename, exec, docker cp, and whether
+need dockerd's responses (VolumesFrom, rename, exec, docker cp, and whether
 dockerd reads a body the way securevol does) use a real private dockerd.
 """
 
@@ -176,7 +176,7 @@ def test_go_unknown_and_non_folding_keys_ignored():
     assert decode('{"N\u0430me": "cyrillic a", "Other": 1}') == {}
 
 
-def test_go_null_leaves_string_but_clears_slice_map_pointer():
+def test_go_null_semantics():
     decoded = decode('{"Name": "a", "Name": null, "List": ["x"], "List": null, '
                      '"Map": {"k": "v"}, "Map": null, "Inner": {"X": "1"}, "Inner": null}')
 
@@ -666,7 +666,7 @@ def test_start_body_on_old_api_must_arrive(state):
     assert start(authorizer, "/v1.23/containers/web/start").allow
 
 
-def test_start_host_config_of_old_api_reaching_state_denied(state):
+def test_old_api_start_bind_of_state_denied(state):
     verdict = start(make_authorizer(state), "/v1.20/containers/web/start", {"Binds": [f"{state}:/x"]})
 
     assert not verdict.allow
@@ -836,7 +836,7 @@ def test_create_body_read_as_dockerd_reads_it(dockerd, busybox_image, fragment):
 
 @pytest.fixture(scope="module")
 def authz_docker():
-    """A private dockerd that asks a real `securevol serve` to authorize every API request.
+    """A private dockerd that sends every API request to a real `securevol serve` for authorization.
 
     The plugin starts first: dockerd refuses every request while its
     authorization plugin cannot be reached.

@@ -118,8 +118,8 @@ def test_own_process_matches_own_cgroup_file():
 
 
 def test_own_process_is_host():
-    # The tests start their own dockerd, whose containers must be told apart
-    # from the test runner: so the runner must not sit in a container cgroup.
+    # The tests start their own dockerd, whose containers must be distinguished
+    # from the test runner, so the runner must not run in a container cgroup.
     assert identify_process(os.getpid()).is_host
 
 
@@ -131,7 +131,7 @@ def test_child_and_thread_share_identity():
         child.kill()
         child.wait()
 
-    # FUSE reports the calling thread's ID, which /proc also answers for.
+    # FUSE reports the calling thread's ID, which /proc also has an entry for.
     thread_ids = []
     worker = threading.Thread(target=lambda: thread_ids.append(threading.get_native_id()))
     worker.start()
@@ -206,14 +206,14 @@ def test_engine_socket_without_listener(tmp_path):
     path = tmp_path / "dead.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
-    server.close()  # the file stays, nobody listens
+    server.close()  # the socket file stays, with no listener
 
     with pytest.raises(EngineError, match="not reachable"):
         EngineClient(str(path), timeout=1).inspect_container("web")
 
 
 def test_engine_silent_peer_times_out(tmp_path):
-    # A real socket whose peer accepts the connection and never answers, as a hung dockerd does.
+    # A real socket whose peer accepts the connection and never responds, as a hung dockerd does.
     path = tmp_path / "silent.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
@@ -281,8 +281,8 @@ def test_engine_inspect_and_info(dockerd, busybox_image, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", ["../../info", "a/../../info", "..%2F..%2Finfo"])
 def test_engine_reference_stays_one_path_segment(dockerd, engine, reference):
-    # Unquoted, these references would be GET /info; dockerd answers a
-    # quoted one with 404 or a redirect, never with the daemon's info.
+    # Unquoted, these references would be GET /info; for a quoted one dockerd
+    # returns 404 or a redirect, never the daemon's info.
     try:
         document = engine.inspect_container(reference)
     except EngineError:
