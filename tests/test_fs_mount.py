@@ -12,6 +12,7 @@ import random
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,30 @@ def test_modes_of_new_entries_ignore_process_umask(volume):
 
     assert stat.S_IMODE((volume.mountpoint / "f").stat().st_mode) == 0o4755
     assert stat.S_IMODE((volume.mountpoint / "d").stat().st_mode) == 0o1777
+
+
+# --- caches and deferred work of the FUSE process --------------------------------------------------
+
+def _open_deleted_files(pid: int, backing: Path) -> list[str]:
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith(f"{backing}/") and target.endswith(" (deleted)"):
+            targets.append(target)
+    return targets
+
+
+def test_unlinked_file_descriptor_closed(volume):
+    path = volume.mountpoint / "big"
+    path.write_bytes(os.urandom(2**20))
+    os.stat(path)  # the kernel has looked the file up, so the FUSE process holds its descriptor
+
+    os.unlink(path)
+    # The kernel sends FORGET for the unlinked inode, and a background thread closes its descriptor.
+    deadline = time.monotonic() + 10
+    while _open_deleted_files(volume.pid, volume.backing) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_deleted_files(volume.pid, volume.backing) == []

@@ -9,12 +9,17 @@ the backing filesystem cannot reuse the inode number while the kernel still
 knows it.
 
 An inode stays in the table while the kernel's lookup count or the number of
-open file handles is above zero.
+open file handles is above zero. Descriptors of dropped inodes are closed by a
+background thread: closing the last descriptor of an unlinked backing file
+makes the backing filesystem free its blocks inside close(2), which would
+otherwise stall the request loop on every FORGET after an unlink.
 """
 
 import logging
 import os
+import queue
 import stat
+import threading
 
 import pyfuse3
 
@@ -52,6 +57,7 @@ class InodeTable:
         root = Inode(pyfuse3.ROOT_INODE, root_fd, is_dir=True)
         root.lookups = 1  # the root stays in the table for the whole mount
         self._inodes: dict[int, Inode] = {root.ino: root}
+        self._closer = _DescriptorCloser()
 
     @property
     def root(self) -> Inode:
@@ -110,9 +116,41 @@ class InodeTable:
         for inode in self._inodes.values():
             os.close(inode.fd)
         self._inodes.clear()
+        self._closer.stop()
 
     def _drop_if_unused(self, inode: Inode) -> None:
         if inode.lookups > 0 or inode.opens > 0 or inode.ino == pyfuse3.ROOT_INODE:
             return
         del self._inodes[inode.ino]
-        os.close(inode.fd)
+        # The record is gone, so nothing uses this descriptor any more, and its
+        # number cannot be handed out again before the closer closes it.
+        self._closer.close_later(inode.fd)
+
+
+class _DescriptorCloser:
+    """A thread that closes descriptors handed to it, in order, off the request loop."""
+
+    _STOP = -1
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="securevol-closer", daemon=True)
+        self._thread.start()
+
+    def close_later(self, fd: int) -> None:
+        self._queue.put(fd)
+
+    def stop(self) -> None:
+        """Close every queued descriptor, then end the thread."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            fd = self._queue.get()
+            if fd == self._STOP:
+                return
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.warning("closing a dropped inode failed fd=%d error=%s", fd, exc)
