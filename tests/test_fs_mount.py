@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import time
+import time
 from pathlib import Path
 
 import pytest
@@ -453,6 +454,52 @@ def test_modes_of_new_entries_ignore_process_umask(volume):
 
 
 # --- caches and deferred work of the FUSE process --------------------------------------------------
+
+def _open_deleted_files(pid: int, backing: Path) -> list[str]:
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith(f"{backing}/") and target.endswith(" (deleted)"):
+            targets.append(target)
+    return targets
+
+
+def test_unlinked_file_descriptor_closed(volume):
+    path = volume.mountpoint / "big"
+    path.write_bytes(os.urandom(2**20))
+    os.stat(path)  # the kernel has looked the file up, so the FUSE process holds its descriptor
+
+    os.unlink(path)
+    # The kernel sends FORGET for the unlinked inode, and a background thread closes its descriptor.
+    deadline = time.monotonic() + 10
+    while _open_deleted_files(volume.pid, volume.backing) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_deleted_files(volume.pid, volume.backing) == []
+
+
+# --- caches and deferred work of the FUSE process --------------------------------------------------
+
+# A version 2 file capability that grants CAP_NET_BIND_SERVICE (bit 10), as setcap(8) writes it.
+CAPABILITY_V2 = (0x02000000).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
+
+
+def test_capability_set_after_write_is_seen(volume):
+    path = volume.mountpoint / "f"
+    path.write_bytes(b"x" * 10_000)  # the kernel asks for security.capability with the writes
+    expect_errno(errno.ENODATA, os.getxattr, path, "security.capability")
+
+    os.setxattr(path, "security.capability", CAPABILITY_V2)
+    assert os.getxattr(path, "security.capability") == CAPABILITY_V2
+
+    os.removexattr(path, "security.capability")
+    expect_errno(errno.ENODATA, os.getxattr, path, "security.capability")
+    os.setxattr(path, "security.capability", CAPABILITY_V2)
+    volume.remount()
+    assert os.getxattr(path, "security.capability") == CAPABILITY_V2
+
 
 def _open_deleted_files(pid: int, backing: Path) -> list[str]:
     targets = []

@@ -55,6 +55,8 @@ CACHE_TIMEOUT = 3600.0
 # O_DIRECT would need aligned backing I/O, which 4128-byte blocks never are.
 _BACKING_OPEN_FLAGS = os.O_SYNC | os.O_DSYNC
 
+_CAPABILITY = b"security.capability"
+
 
 def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
     """Turn errors of a request handler into FUSEError, the only exception pyfuse3 accepts.
@@ -446,8 +448,18 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         inode = self._inode(ino)
+        # With the writeback cache the kernel requests security.capability
+        # before writes to a file. Only this process sets attributes, so a
+        # miss stays valid until setxattr or removexattr on this inode.
+        is_capability = name == _CAPABILITY
+        if is_capability and inode.lacks_capability:
+            raise FUSEError(errno.ENODATA)
         try:
             return self._xattrs.get(inode.proc_path, name)
+        except XattrError as exc:
+            if is_capability and exc.errno == errno.ENODATA:
+                inode.lacks_capability = True
+            raise
         except IntegrityError as exc:
             self._report_damage(inode, exc)
             raise FUSEError(errno.EIO) from None
@@ -455,6 +467,7 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._inode(ino)
+        inode.lacks_capability = False
         if name == xattrs.ACL_ACCESS:
             self._set_access_acl(inode, value)
         else:
@@ -466,7 +479,9 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._xattrs.remove(self._inode(ino).proc_path, name)
+        inode = self._inode(ino)
+        inode.lacks_capability = False
+        self._xattrs.remove(inode.proc_path, name)
 
     # --- helpers ---------------------------------------------------------------------------------
 
