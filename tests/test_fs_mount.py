@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import time
-import time
 from pathlib import Path
 
 import pytest
@@ -455,33 +454,6 @@ def test_modes_of_new_entries_ignore_process_umask(volume):
 
 # --- caches and deferred work of the FUSE process --------------------------------------------------
 
-def _open_deleted_files(pid: int, backing: Path) -> list[str]:
-    targets = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if target.startswith(f"{backing}/") and target.endswith(" (deleted)"):
-            targets.append(target)
-    return targets
-
-
-def test_unlinked_file_descriptor_closed(volume):
-    path = volume.mountpoint / "big"
-    path.write_bytes(os.urandom(2**20))
-    os.stat(path)  # the kernel has looked the file up, so the FUSE process holds its descriptor
-
-    os.unlink(path)
-    # The kernel sends FORGET for the unlinked inode, and a background thread closes its descriptor.
-    deadline = time.monotonic() + 10
-    while _open_deleted_files(volume.pid, volume.backing) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _open_deleted_files(volume.pid, volume.backing) == []
-
-
-# --- caches and deferred work of the FUSE process --------------------------------------------------
-
 # A version 2 file capability that grants CAP_NET_BIND_SERVICE (bit 10), as setcap(8) writes it.
 CAPABILITY_V2 = (0x02000000).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
 
@@ -499,6 +471,45 @@ def test_capability_set_after_write_is_seen(volume):
     os.setxattr(path, "security.capability", CAPABILITY_V2)
     volume.remount()
     assert os.getxattr(path, "security.capability") == CAPABILITY_V2
+
+
+def _open_iv_files(pid: int) -> list[str]:
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        if target.endswith("/securevol.diriv"):
+            targets.append(target)
+    return targets
+
+
+def test_mkdir_iv_synced_by_next_fsync(volume):
+    (volume.mountpoint / "d").mkdir()
+    pending = _open_iv_files(volume.pid)
+    assert len(pending) == 1
+    assert len(Path(pending[0]).read_bytes()) == 16
+
+    with open(volume.mountpoint / "d" / "f", "wb") as f:
+        f.write(b"durable")
+        f.flush()
+        os.fsync(f.fileno())
+    assert _open_iv_files(volume.pid) == []
+
+
+def test_mkdir_iv_synced_by_fsyncdir(volume):
+    (volume.mountpoint / "a").mkdir()
+    (volume.mountpoint / "a" / "b").mkdir()
+    assert len(_open_iv_files(volume.pid)) == 2
+
+    fd = os.open(volume.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert _open_iv_files(volume.pid) == []
+    assert sorted(p.name for p in (volume.mountpoint / "a").iterdir()) == ["b"]
 
 
 def _open_deleted_files(pid: int, backing: Path) -> list[str]:

@@ -340,15 +340,16 @@ def new_dir_iv() -> bytes:
     return secrets.token_bytes(DIR_IV_LEN)
 
 
-def write_dir_iv(dir_fd: int, dir_iv: bytes | None = None) -> bytes:
+def write_dir_iv(dir_fd: int, dir_iv: bytes | None = None, fsync: bool = True) -> bytes:
     """Store a directory IV (a new one unless *dir_iv* is given) in *dir_fd* and return it.
 
     Raises FileExistsError when the directory has an IV already: replacing it would make every
-    name in the directory unreadable.
+    name in the directory unreadable. With *fsync* false the IV survives the death of the process
+    but not a power loss until the caller fsyncs the IV file.
     """
     dir_iv = new_dir_iv() if dir_iv is None else dir_iv
     _check_dir_iv(dir_iv)
-    _create_file(dir_fd, DIR_IV_NAME, dir_iv, 0o400)
+    _create_file(dir_fd, DIR_IV_NAME, dir_iv, 0o400, fsync)
     return dir_iv
 
 
@@ -367,17 +368,18 @@ def read_dir_iv(dir_fd: int) -> bytes:
     return dir_iv
 
 
-def make_dir(parent_fd: int, backing_name: str, mode: int = 0o700) -> bytes:
+def make_dir(parent_fd: int, backing_name: str, mode: int = 0o700, fsync: bool = True) -> bytes:
     """Create the backing directory *backing_name* in *parent_fd* with a new IV; return the IV.
 
     Raises FileExistsError like mkdir(2). If the IV cannot be written, the new directory is
     removed again, so no directory without an IV is left behind (unless the process dies).
+    *fsync* is passed on to write_dir_iv.
     """
     os.mkdir(backing_name, mode, dir_fd=parent_fd)
     try:
         child_fd = os.open(backing_name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
         try:
-            return write_dir_iv(child_fd)
+            return write_dir_iv(child_fd, fsync=fsync)
         finally:
             os.close(child_fd)
     except BaseException:
@@ -538,8 +540,8 @@ def _read_file(dir_fd: int, name: str, max_len: int) -> bytes:
         os.close(fd)
 
 
-def _write_temp_file(dir_fd: int, data: bytes, mode: int) -> str:
-    """Write *data* to a new reserved temporary file in *dir_fd*, fsync it, return its name."""
+def _write_temp_file(dir_fd: int, data: bytes, mode: int, fsync: bool = True) -> str:
+    """Write *data* to a new reserved temporary file in *dir_fd*, fsync it unless told not to, return its name."""
     temp_name = TEMP_PREFIX + secrets.token_hex(8)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temp_name, flags, 0o600, dir_fd=dir_fd)
@@ -550,7 +552,8 @@ def _write_temp_file(dir_fd: int, data: bytes, mode: int) -> str:
             view = view[written:]
         # fchmod after open, because the umask would drop bits from open's mode.
         os.fchmod(fd, mode)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(temp_name, dir_fd=dir_fd)
@@ -559,12 +562,12 @@ def _write_temp_file(dir_fd: int, data: bytes, mode: int) -> str:
     return temp_name
 
 
-def _create_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+def _create_file(dir_fd: int, name: str, data: bytes, mode: int, fsync: bool = True) -> None:
     """Create *name* with *data* atomically: it appears complete or not at all.
 
     Raises FileExistsError when *name* exists (linkat never replaces).
     """
-    temp_name = _write_temp_file(dir_fd, data, mode)
+    temp_name = _write_temp_file(dir_fd, data, mode, fsync)
     try:
         os.link(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     finally:
