@@ -322,10 +322,27 @@ class AccessChecker:
             return False  # the access file cannot be read: fail closed
         if self._allowlist.open:
             return True
+        return self.still_allows(self.identify(pid), operation)
 
+    def identify(self, pid: int) -> str | None:
+        """Return the caller key of *pid*: its container ID, or a key for a host process; None if unknown.
+
+        Handles remember the key of the process that opened them, so that a
+        later read can be checked against the rules in force then.
+        """
         try:
-            key = self._identity_key(pid)
+            return self._identity_key(pid)
         except UnknownProcess:
+            return None
+
+    def still_allows(self, key: str | None, operation: str) -> bool:
+        """Tell whether the caller with *key* (from ``identify``) may perform *operation* now."""
+        self._reload()
+        if self._allowlist is None:
+            return False
+        if self._allowlist.open:
+            return True
+        if key is None:
             return False
 
         decision = self._decisions.get(key)

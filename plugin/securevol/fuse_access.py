@@ -3,10 +3,18 @@
 ``GuardedOperations`` consults an ``access.AccessChecker`` before every request
 that reveals or changes the tree: lookup, open, opendir, create, readlink, the
 extended attribute requests and the requests that change names or attributes. A refused caller gets EACCES.
-read, write, readdir and release carry no caller in pyfuse3 and need none:
-they act on a handle that open or opendir granted. getattr and statfs are not
-checked, because host tools such as df and findmnt stat every mountpoint, and
-they reveal no names or contents.
+read, write, readdir and release carry no caller in pyfuse3. Each handle
+remembers who opened it, and read and readdir check that opener again, so a
+container that a changed allowlist leaves out loses the handles it holds too.
+getattr and statfs are not checked, because host tools such as df and findmnt
+stat every mountpoint, and they reveal no names or contents.
+
+Caveats:
+- write is not checked again: with the writeback cache the kernel flushes
+  dirty pages through any writable handle of the file, so refusing one opener's
+  handle could drop the writes of an allowed process.
+- Pages already in the kernel's page cache are served without a read request,
+  so a revoked opener can still read what is cached.
 """
 
 import errno
@@ -28,6 +36,8 @@ class GuardedOperations(SecurevolOperations):
     def __init__(self, volume: str, backing_root: str, keys: VolumeKeys, checker: AccessChecker) -> None:
         super().__init__(volume, backing_root, keys)
         self.checker = checker
+        # File and directory handle -> caller key of the process that opened it.
+        self._openers: dict[int, str | None] = {}
 
     def _check(self, ctx: pyfuse3.RequestContext, operation: str) -> None:
         try:
@@ -38,6 +48,23 @@ class GuardedOperations(SecurevolOperations):
             allowed = False
         if not allowed:
             log.debug("access denied vol=%s op=%s pid=%d", self.volume, operation, ctx.pid)
+            raise FUSEError(errno.EACCES)
+
+    def _opener(self, ctx: pyfuse3.RequestContext) -> str | None:
+        try:
+            return self.checker.identify(ctx.pid)
+        except Exception:
+            log.exception("caller identification failed vol=%s pid=%d", self.volume, ctx.pid)
+            return None
+
+    def _check_handle(self, fh: int, operation: str) -> None:
+        try:
+            allowed = self.checker.still_allows(self._openers.get(fh), operation)
+        except Exception:
+            log.exception("access check failed vol=%s op=%s fh=%d", self.volume, operation, fh)
+            allowed = False
+        if not allowed:
+            log.debug("access denied vol=%s op=%s fh=%d", self.volume, operation, fh)
             raise FUSEError(errno.EACCES)
 
     async def lookup(self, parent_ino, name, ctx):
@@ -82,15 +109,37 @@ class GuardedOperations(SecurevolOperations):
 
     async def opendir(self, ino, ctx):
         self._check(ctx, "opendir")
-        return await super().opendir(ino, ctx)
+        fh = await super().opendir(ino, ctx)
+        self._openers[fh] = self._opener(ctx)
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        self._check_handle(fh, "readdir")
+        return await super().readdir(fh, start_id, token)
+
+    async def releasedir(self, fh):
+        self._openers.pop(fh, None)
+        return await super().releasedir(fh)
 
     async def open(self, ino, flags, ctx):
         self._check(ctx, "open")
-        return await super().open(ino, flags, ctx)
+        file_info = await super().open(ino, flags, ctx)
+        self._openers[file_info.fh] = self._opener(ctx)
+        return file_info
 
     async def create(self, parent_ino, name, mode, flags, ctx):
         self._check(ctx, "create")
-        return await super().create(parent_ino, name, mode, flags, ctx)
+        file_info, attributes = await super().create(parent_ino, name, mode, flags, ctx)
+        self._openers[file_info.fh] = self._opener(ctx)
+        return file_info, attributes
+
+    async def read(self, fh, offset, size):
+        self._check_handle(fh, "read")
+        return await super().read(fh, offset, size)
+
+    async def release(self, fh):
+        self._openers.pop(fh, None)
+        return await super().release(fh)
 
     async def getxattr(self, ino, name, ctx):
         self._check(ctx, "getxattr")

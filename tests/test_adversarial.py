@@ -1,0 +1,138 @@
+"""Attacks on securevol found in adversarial review, each kept as a test of its fix.
+
+The FUSE tests run a real securevol FUSE process with an access file. The test
+runner is a host process, so the ``host`` rule decides whether it may use the
+volume, and removing that rule revokes it.
+"""
+
+import contextlib
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from securevol.access import AccessPolicy, update_access_file, write_access_file
+from tests.fs_helpers import FuseMount, require_fuse
+
+BLOCK = 4096
+REVOKE_TIMEOUT = 30.0
+
+
+class GuardedMount(FuseMount):
+    """A FuseMount that serves GuardedOperations, checking each caller against *access_file*."""
+
+    def __init__(self, *args, access_file: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.access_file = access_file
+
+    def command_args(self) -> list[str]:
+        return super().command_args() + ["--access-file", str(self.access_file)]
+
+
+def host_policy(tmp_path: Path, allow: str | None) -> AccessPolicy:
+    return AccessPolicy(volume="testvol", allow=allow, deny_by_default=False,
+                        docker_socket="unix:///nonexistent/docker.sock",
+                        audit_log=str(tmp_path / "audit.jsonl"))
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    """Return a function that mounts the backing store under an access file allowing *allow*."""
+    require_fuse()
+    mounts: list[GuardedMount] = []
+
+    def start(allow: str | None) -> GuardedMount:
+        access_file = tmp_path / "access.json"
+        write_access_file(access_file, host_policy(tmp_path, allow))
+        mount = GuardedMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log",
+                             access_file=access_file)
+        mounts.append(mount)
+        mount.start()
+        return mount
+
+    yield start
+    for mount in mounts:
+        mount.cleanup()
+
+
+def revoke_host(mount: GuardedMount, new_allow: str) -> None:
+    """Replace the allowlist and wait until the FUSE process refuses the test runner's new requests."""
+    update_access_file(mount.access_file, new_allow)
+    deadline = time.monotonic() + REVOKE_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.listdir(mount.mountpoint)
+        except PermissionError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the FUSE process kept allowing the host after the allowlist became {new_allow!r}")
+
+
+def policy_loads(mount: GuardedMount) -> int:
+    return sum("access policy loaded" in line for line in mount.log_lines())
+
+
+def wait_for_policy_load(mount: GuardedMount, loads_before: int) -> None:
+    """Wait until the FUSE process has loaded its access file again since *loads_before* loads."""
+    deadline = time.monotonic() + REVOKE_TIMEOUT
+    while time.monotonic() < deadline:
+        # A lookup of a new name makes the FUSE process look at its access file.
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(mount.mountpoint / "no-such-name")
+        if policy_loads(mount) > loads_before:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the FUSE process did not load its changed access file")
+
+
+def write_file_then_remount(guarded, allow: str, name: str, data: bytes) -> GuardedMount:
+    """Write *data* through one mount, then serve it from a new one, so no page of it is cached."""
+    first = guarded(allow)
+    (first.mountpoint / name).write_bytes(data)
+    first.stop()
+    return guarded(allow)
+
+
+def test_revoked_file_handle_cannot_read(guarded):
+    data = os.urandom(1024 * BLOCK) + b"distinctive tail"
+    mount = write_file_then_remount(guarded, "host", "secret.bin", data)
+    fd = os.open(mount.mountpoint / "secret.bin", os.O_RDONLY)
+    try:
+        assert os.pread(fd, BLOCK, 0) == data[:BLOCK]
+
+        revoke_host(mount, "name:web")
+
+        # The last block was never read, so the kernel has to ask the FUSE process for it.
+        with pytest.raises(PermissionError):
+            os.pread(fd, BLOCK, len(data) - 16)
+    finally:
+        os.close(fd)
+
+
+def test_revoked_dir_handle_cannot_list(guarded):
+    mount = write_file_then_remount(guarded, "host", "plaintext-name.txt", b"x")
+    fd = os.open(mount.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        revoke_host(mount, "name:web")
+
+        with pytest.raises(OSError) as raised:
+            os.listdir(fd)
+        assert raised.value.errno == errno.EACCES
+    finally:
+        os.close(fd)
+
+
+def test_allowed_handle_keeps_reading(guarded):
+    data = os.urandom(1024 * BLOCK)
+    mount = write_file_then_remount(guarded, "host", "kept.bin", data)
+    fd = os.open(mount.mountpoint / "kept.bin", os.O_RDONLY)
+    try:
+        loads_before = policy_loads(mount)
+        update_access_file(mount.access_file, "host,name:web")
+        wait_for_policy_load(mount, loads_before)
+
+        assert os.pread(fd, BLOCK, len(data) - BLOCK) == data[-BLOCK:]
+    finally:
+        os.close(fd)
