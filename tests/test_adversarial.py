@@ -15,6 +15,7 @@ import pytest
 
 from securevol.access import AccessPolicy, update_access_file, write_access_file
 from tests.fs_helpers import FuseMount, require_fuse
+from tests.plugin_server import PluginServer
 
 BLOCK = 4096
 REVOKE_TIMEOUT = 30.0
@@ -136,3 +137,33 @@ def test_allowed_handle_keeps_reading(guarded):
         assert os.pread(fd, BLOCK, len(data) - BLOCK) == data[-BLOCK:]
     finally:
         os.close(fd)
+
+
+# -- key material in core dumps ----------------------------------------------------------------
+
+
+def core_file_limits(pid: int) -> tuple[str, str]:
+    """Return the soft and hard RLIMIT_CORE of *pid* as /proc/PID/limits shows them."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            soft, hard = line.split()[4:6]
+            return soft, hard
+    raise AssertionError(f"/proc/{pid}/limits has no core file size line")
+
+
+def test_fuse_process_dumps_no_core(tmp_path):
+    require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    mount.start()
+    try:
+        # The hard limit too, or the process (holding the DEK) could raise it again.
+        assert core_file_limits(mount.pid) == ("0", "0")
+    finally:
+        mount.cleanup()
+
+
+def test_daemon_and_workers_dump_no_core():
+    with PluginServer(workers=2) as server:
+        pids = [server.process.pid, *server.wait_for_workers(2)]
+        for pid in pids:
+            assert core_file_limits(pid) == ("0", "0"), f"process {pid}"

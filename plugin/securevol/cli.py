@@ -22,6 +22,7 @@ from securevol.errors import SecurevolError
 from securevol.log import setup_logging
 from securevol.policy import parse_allowlist
 from securevol.registry import Registry
+from securevol.syscalls import forbid_core_dumps
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def _check_socket_mode(server) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the plugin daemon until it receives SIGTERM or SIGINT."""
+    # The daemon holds the KEK and unwrapped DEKs; its gunicorn workers inherit this.
+    forbid_core_dumps()
     try:
         settings = config.resolve(vars(args))
     except config.ConfigError as exc:

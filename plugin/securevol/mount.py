@@ -30,6 +30,7 @@ from securevol.fuse_access import GuardedOperations
 from securevol.fuse_ops import SecurevolOperations
 from securevol.journal import BackingStoreInUse
 from securevol.log import setup_logging
+from securevol.syscalls import forbid_core_dumps
 
 # Named explicitly: run with -m, this module is "__main__".
 log = logging.getLogger("securevol.mount")
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the DEK is read: a core dump would write it to disk next to the ciphertext.
+    forbid_core_dumps()
     args = parse_args(argv)
     _setup_logging(args)
 

@@ -8,12 +8,14 @@ rename flags. Each raises OSError with the errno, like the os module.
 
 import ctypes
 import os
+import resource
 
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
+PR_SET_DUMPABLE = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -52,3 +54,16 @@ def rename_at(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str, fl
     """Rename with renameat2(2), so that RENAME_NOREPLACE and RENAME_EXCHANGE work."""
     result = _libc.renameat2(old_dir_fd, os.fsencode(old_name), new_dir_fd, os.fsencode(new_name), flags)
     _check(result, "renameat2")
+
+
+def forbid_core_dumps() -> None:
+    """Keep this process's memory (DEKs, the KEK, plaintext) out of core dumps.
+
+    RLIMIT_CORE 0 stops core files. A core dump piped to a program such as
+    systemd-coredump ignores that limit (core(5)), but a process that is not
+    dumpable is not dumped at all.
+    Forked children inherit both settings; execve(2) makes a process dumpable
+    again, so each securevol program calls this itself.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl")
