@@ -167,3 +167,29 @@ def test_daemon_and_workers_dump_no_core():
         pids = [server.process.pid, *server.wait_for_workers(2)]
         for pid in pids:
             assert core_file_limits(pid) == ("0", "0"), f"process {pid}"
+
+
+# -- key provider settings ---------------------------------------------------------------------
+
+
+def test_missing_master_key_not_replaced_while_volumes_exist():
+    server = PluginServer(workers=1)
+    server.start()
+    try:
+        assert server.call("Create", {"Name": "kept"}).err == ""
+        server.stop()
+        # As if the administrator moved the key elsewhere and forgot SECUREVOL_MASTER_KEY.
+        old_key = server.state_dir / "master.key"
+        old_key.rename(server.base_dir / "moved.key")
+
+        with pytest.raises(RuntimeError, match="master key file .* is missing"):
+            server.start()
+        assert not old_key.exists()
+    finally:
+        server.cleanup()
+
+
+def test_master_key_created_when_volumes_use_none():
+    with PluginServer(workers=1) as server:
+        assert server.call("Create", {"Name": "first"}).err == ""
+        assert (server.state_dir / "master.key").is_file()

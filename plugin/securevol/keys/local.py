@@ -19,6 +19,7 @@ thief of the whole disk; an external KMS (``transit``) covers that case.
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from securevol.crypto import DEK_LEN, DataKey
 from securevol.errors import KeyProviderError
 from securevol.keys import KeyProvider, check_record_provider
+from securevol.registry import DEK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,34 @@ def create_provider(settings: Any) -> LocalKeyProvider:
     if settings.master_key is not None:
         return LocalKeyProvider(load_master_key(Path(settings.master_key)))
     path = Path(settings.state_dir) / MASTER_KEY_FILE
+    if not path.exists():
+        _check_no_volume_needs_key(Path(settings.state_dir), path)
     return LocalKeyProvider(load_or_create_master_key(path))
+
+
+def _check_no_volume_needs_key(state_dir: Path, path: Path) -> None:
+    """Raise KeyProviderError if a volume's DEK is wrapped by a local master key, now missing from *path*.
+
+    A new key would unwrap none of those volumes. It would also put a KEK on the
+    state directory's disk for an administrator who moved the old one to other
+    storage and forgot to set SECUREVOL_MASTER_KEY.
+    """
+    wrapped = sorted(record.parent.name for record in state_dir.glob(f"volumes/*/{DEK_FILE}")
+                     if _may_be_local_record(record))
+    if wrapped:
+        raise KeyProviderError(
+            f"The master key file {path} is missing, but {len(wrapped)} volume(s), for example "
+            f"{wrapped[0]!r}, have keys wrapped by a local master key; restore the file, or set "
+            "SECUREVOL_MASTER_KEY to where it is now."
+        )
+
+
+def _may_be_local_record(record: Path) -> bool:
+    # A record that cannot be read counts, because its volume may need the missing key.
+    try:
+        return json.loads(record.read_bytes()).get("provider") == LocalKeyProvider.name
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def load_or_create_master_key(path: Path) -> bytes:
