@@ -551,6 +551,26 @@ def test_invalid_setting_reported():
     assert result.stderr.strip() == "securevol: Invalid value '0' for --workers: must be at least 1."
 
 
+def test_serve_as_non_root_rejected(tmp_path):
+    # The child imports securevol as root, then drops to nobody, because the
+    # virtualenv's interpreter need not be executable by nobody.
+    state_dir = tmp_path / "state"
+    drop_to_nobody = (
+        "import os, sys; from securevol import cli; "
+        "os.setgid(65534); os.setuid(65534); sys.exit(cli.main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", drop_to_nobody, "serve",
+         "--socket", str(tmp_path / "svtest.sock"), "--state-dir", str(state_dir)],
+        capture_output=True, text=True,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo.")
+    assert not state_dir.exists()
+    assert not (tmp_path / "svtest.sock").exists()
+
+
 # -- mounts --------------------------------------------------------------------------
 
 

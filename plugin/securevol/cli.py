@@ -97,6 +97,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
     setup_logging(settings.log_level)
+    if os.geteuid() != 0:
+        # As another user the daemon fails later and less clearly: it cannot
+        # create /var/lib/securevol, chown a volume's root to its uid option, or
+        # make FUSE mounts that dockerd and the containers may open.
+        log.error("daemon start failed error=not running as root euid=%d", os.geteuid())
+        print("securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo.", file=sys.stderr)
+        return 1
+
     try:
         driver = VolumeDriver.from_settings(settings)
         settings.socket.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
