@@ -566,7 +566,8 @@ def test_serve_as_non_root_rejected(tmp_path):
     )
 
     assert result.returncode == 1
-    assert result.stderr.strip().endswith("securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo.")
+    expected = "securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo."
+    assert result.stderr.strip().endswith(expected)
     assert not state_dir.exists()
     assert not (tmp_path / "svtest.sock").exists()
 

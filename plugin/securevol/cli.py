@@ -102,7 +102,10 @@ def serve(args: argparse.Namespace) -> int:
         # create /var/lib/securevol, chown a volume's root to its uid option, or
         # make FUSE mounts that dockerd and the containers may open.
         log.error("daemon start failed error=not running as root euid=%d", os.geteuid())
-        print("securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo.", file=sys.stderr)
+        print(
+            "securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo.",
+            file=sys.stderr,
+        )
         return 1
 
     try:
