@@ -103,7 +103,8 @@ def serve(args: argparse.Namespace) -> int:
         # make FUSE mounts that dockerd and the containers may open.
         log.error("daemon start failed error=not running as root euid=%d", os.geteuid())
         print(
-            "securevol: securevol serve needs root to mount FUSE filesystems for dockerd, so run it with sudo.",
+            "securevol: securevol serve needs root to mount FUSE filesystems for dockerd, "
+            "so run it with sudo.",
             file=sys.stderr,
         )
         return 1
