@@ -645,7 +645,7 @@ def test_remove_refused_while_mounted(server):
 
     response = server.call("Remove", {"Name": name})
 
-    assert_one_sentence_error(response, name, "still mounted")
+    assert_one_sentence_error(response, name, "still mounted", f"fusermount3 -u {server.mount_root / name}")
     assert (server.volume_dir(name) / "dek.json").exists()
     unmount(server, name, "busy")
     assert server.call("Remove", {"Name": name}).err == ""

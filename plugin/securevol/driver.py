@@ -113,8 +113,8 @@ class VolumeDriver:
             return
         if self.mounter.is_serving(state.pid, mountpoint) or is_mounted(mountpoint):
             raise VolumeInUse(
-                f"Volume {name!r} is still mounted ({state.total} mount(s)); "
-                "stop the containers that use it, then remove it."
+                f"Volume {name!r} is still mounted ({state.total} mount(s)); stop the containers that "
+                f"use it, or if none does, unmount it with 'fusermount3 -u {mountpoint}', then remove it."
             )
         # Docker only removes volumes that no container uses, and nothing is
         # mounted: the counts are left over from a lost Unmount.
