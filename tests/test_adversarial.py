@@ -5,7 +5,6 @@ runner is a host process, so the ``host`` rule decides whether it may use the
 volume, and removing that rule revokes it.
 """
 
-import contextlib
 import errno
 import os
 import time
@@ -79,9 +78,9 @@ def wait_for_policy_load(mount: GuardedMount, loads_before: int) -> None:
     """Wait until the FUSE process has loaded its access file again since *loads_before* loads."""
     deadline = time.monotonic() + REVOKE_TIMEOUT
     while time.monotonic() < deadline:
-        # A lookup of a new name makes the FUSE process look at its access file.
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(mount.mountpoint / "no-such-name")
+        # opendir is checked, so it makes the FUSE process look at its access file;
+        # a lookup might not, because the kernel caches negative entries.
+        os.listdir(mount.mountpoint)
         if policy_loads(mount) > loads_before:
             return
         time.sleep(0.1)
@@ -193,3 +192,26 @@ def test_master_key_created_when_volumes_use_none():
     with PluginServer(workers=1) as server:
         assert server.call("Create", {"Name": "first"}).err == ""
         assert (server.state_dir / "master.key").is_file()
+
+
+# -- volume records ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="mounting needs /dev/fuse and root")
+def test_create_keeps_volume_that_lost_its_record():
+    with PluginServer(workers=1) as server:
+        assert server.call("Create", {"Name": "data"}).err == ""
+        mountpoint = Path(server.call("Mount", {"Name": "data", "ID": "m1"}).json["Mountpoint"])
+        (mountpoint / "table").write_bytes(b"rows" * 1000)
+        assert server.call("Unmount", {"Name": "data", "ID": "m1"}).err == ""
+
+        volume_dir = server.volume_dir("data")
+        wrapped_dek = (volume_dir / "dek.json").read_bytes()
+        (volume_dir / "volume.json").unlink()
+
+        # dockerd sends Create for a name that Get does not find, e.g. for 'docker run -v data:/x'.
+        response = server.call("Create", {"Name": "data"})
+
+        assert "volume.json" in response.err
+        assert (volume_dir / "dek.json").read_bytes() == wrapped_dek
+        assert len(os.listdir(volume_dir / "data")) > 1

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securevol.errors import SecurevolError, VolumeNotFound
+from securevol.errors import SecurevolError, VolumeExists, VolumeNotFound
 from securevol.options import validate_name
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Registry:
         """
         volume_dir = self.volume_dir(record.name)
         if volume_dir.exists():
-            # Left by a Create that failed before volume.json was written.
+            _check_leftover(volume_dir, record.name)
             log.warning("incomplete volume removed vol=%s", record.name)
             shutil.rmtree(volume_dir)
 
@@ -231,6 +231,26 @@ class Registry:
         _fsync_dir(volume_dir)
         shutil.rmtree(volume_dir)
         _fsync_dir(self.volumes_dir)
+
+
+def _check_leftover(volume_dir: Path, name: str) -> None:
+    """Raise VolumeExists unless *volume_dir* is what a failed Create or an interrupted Remove leaves.
+
+    A failed Create leaves no ciphertext, because the volume was never mounted.
+    An interrupted Remove leaves no wrapped DEK, because Remove destroys it
+    first. A directory with both has lost only its record, and replacing it
+    would destroy the only key to its data.
+    """
+    data_dir = volume_dir / DATA_DIR
+    if not data_dir.is_dir() or not (volume_dir / DEK_FILE).exists():
+        return
+    with os.scandir(data_dir) as entries:
+        has_ciphertext = any(True for _ in entries)
+    if has_ciphertext:
+        raise VolumeExists(
+            f"Volume {name!r} has ciphertext and a wrapped key but no {VOLUME_FILE}; restore that file "
+            f"from a backup, or move {volume_dir} away to reuse the name."
+        )
 
 
 def now_rfc3339() -> str:
