@@ -304,7 +304,9 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce_ready)
-        await pyfuse3.main()
+        # One worker task: no handler awaits anything, so a second worker
+        # would only take turns with the first on the /dev/fuse read lock.
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
     return stopped_here
 
