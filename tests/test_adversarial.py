@@ -1,12 +1,14 @@
-"""Attacks on securevol found in adversarial review, each kept as a test of its fix.
+"""Attacks on securevol from an adversarial review, each a test that the attack fails.
 
 The FUSE tests run a real securevol FUSE process with an access file. The test
 runner is a host process, so the ``host`` rule decides whether it may use the
 volume, and removing that rule revokes it.
 """
 
+import contextlib
 import errno
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -215,3 +217,32 @@ def test_create_keeps_volume_that_lost_its_record():
         assert "volume.json" in response.err
         assert (volume_dir / "dek.json").read_bytes() == wrapped_dek
         assert len(os.listdir(volume_dir / "data")) > 1
+
+
+# -- death of the FUSE process -------------------------------------------------------------------
+
+
+def test_closed_and_fsynced_writes_survive_kill(tmp_path):
+    require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    mount.start()
+    try:
+        closed = {f"closed-{index}": os.urandom(20000 + index) for index in range(20)}
+        for name, data in closed.items():
+            (mount.mountpoint / name).write_bytes(data)
+        synced = os.urandom(50000)
+        fd = os.open(mount.mountpoint / "synced", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, synced)
+        os.fsync(fd)
+
+        os.kill(mount.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.close(fd)  # ENOTCONN: the process that would flush it is gone
+        mount.cleanup()
+        mount.start()
+
+        for name, data in closed.items():
+            assert (mount.mountpoint / name).read_bytes() == data, name
+        assert (mount.mountpoint / "synced").read_bytes() == synced
+    finally:
+        mount.cleanup()
