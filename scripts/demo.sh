@@ -15,7 +15,9 @@ source "$repo/scripts/lib/dockerd.sh"
 suffix=$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
 driver="securevol-demo-$suffix"
 plugin_socket="/run/docker/plugins/$driver.sock"
-volume="demo-secrets"
+volume="demo-secrets-$suffix"
+app="demo-app-$suffix"
+intruder="demo-intruder-$suffix"
 image=""
 built_image=""
 private_dockerd=""
@@ -144,9 +146,11 @@ choose_image() {
 
 start_plugin() {
     mkdir -p /run/docker/plugins
+    # --docker-host: the allowlist check at mount time asks this dockerd which container is starting.
     "$repo/.venv/bin/securevol" serve \
         --socket "$plugin_socket" \
         --state-dir "$demo_dir/state" \
+        --docker-host "$DOCKER_HOST" \
         >"$demo_dir/serve.log" 2>&1 &
     serve_pid=$!
     wait_for_socket
@@ -176,22 +180,29 @@ main() {
     step "Starting the securevol plugin"
     start_plugin
 
-    step "Creating an encrypted volume"
-    show docker volume create -d "$driver" "$volume"
+    step "Creating an encrypted volume that only the container '$app' may use"
+    show docker volume create -d "$driver" -o "allow=name:$app" "$volume"
     volume_created=1
 
-    step "Writing a secret from a container"
-    show docker run --rm --network none -v "$volume:/data" "$image" \
+    step "Writing a secret from the container '$app'"
+    show docker run --rm --network none --name "$app" -v "$volume:/data" "$image" \
         sh -c 'echo "db password: correct horse battery staple" > /data/credentials.txt'
 
-    step "Reading it back from another container: the plaintext"
-    show docker run --rm --network none -v "$volume:/data" "$image" sh -c 'ls -la /data && cat /data/credentials.txt'
+    step "Reading it back from a new container '$app': the plaintext"
+    show docker run --rm --network none --name "$app" -v "$volume:/data" "$image" \
+        sh -c 'ls -la /data && cat /data/credentials.txt'
+
+    step "Any other container is refused"
+    if show docker run --rm --network none --name "$intruder" -v "$volume:/data" "$image" cat /data/credentials.txt; then
+        echo "the container '$intruder' read the volume although the allowlist names only '$app'" >&2
+        exit 1
+    fi
 
     local backing="$demo_dir/state/volumes/$volume/data"
     step "The same volume on the host's disk: the ciphertext"
     show ls -laR "$backing"
     local file
-    file=$(find "$backing" -type f | head -n 1)
+    file=$(find "$backing" -type f ! -name 'securevol.*' | head -n 1)
     if [ -n "$file" ]; then
         printf '$ hexdump -C %s | head -n 12\n' "$file"
         busybox hexdump -C "$file" | head -n 12
