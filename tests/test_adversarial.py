@@ -246,3 +246,15 @@ def test_closed_and_fsynced_writes_survive_kill(tmp_path):
         assert (mount.mountpoint / "synced").read_bytes() == synced
     finally:
         mount.cleanup()
+
+
+@pytest.mark.xfail(strict=True, reason="the kernel answers a cached entry without asking the FUSE process, "
+                                       "so a refused caller can stat names an allowed one looked up")
+def test_refused_caller_cannot_stat_cached_name(guarded):
+    mount = guarded("host")
+    (mount.mountpoint / "plaintext-name.txt").write_bytes(b"x" * 1234)
+
+    revoke_host(mount, "name:web")
+
+    with pytest.raises(PermissionError):
+        os.stat(mount.mountpoint / "plaintext-name.txt")
