@@ -1,8 +1,9 @@
 """Fixtures shared by the test modules: a private dockerd, its busybox image and a securevol plugin.
 
 The dockerd fixtures start real daemons. They need root, /dev/fuse and the
-Debian packages that scripts/setup.sh installs. Tests that use them carry the
-``docker`` marker (and ``slow``), so ``-m "not slow"`` skips them.
+Debian packages that scripts/setup.sh installs. Every test that uses one of
+them, directly or through another fixture, gets the ``docker`` and ``slow``
+markers here, so ``-m "not slow"`` skips it.
 """
 
 import logging
@@ -17,6 +18,18 @@ from tests.plugin_server import PluginServer
 log = logging.getLogger(__name__)
 
 BUSYBOX_IMAGE = "securevol-test-busybox"
+
+
+DOCKERD_FIXTURES = {"dockerd", "dockerd_factory"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: the markers must be set before ``-m`` deselects by them.
+    for item in items:
+        if DOCKERD_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
+            item.add_marker(pytest.mark.slow)
 
 
 def _require_root() -> None:
