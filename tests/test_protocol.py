@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -570,6 +571,35 @@ def test_serve_as_non_root_rejected(tmp_path):
     assert result.stderr.strip().endswith(expected)
     assert not state_dir.exists()
     assert not (tmp_path / "svtest.sock").exists()
+
+
+def test_serve_on_socket_in_use_rejected(server, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "serve",
+         "--socket", str(server.socket), "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(
+        f"securevol: Another process already listens on {server.socket}; stop it first, "
+        "or give this daemon another --socket."
+    )
+    assert not (tmp_path / "state").exists()
+    assert server.call("/Plugin.Activate").status == 200
+
+
+def test_serve_replaces_stale_socket(tmp_path):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "svstale.sock"))
+    stale.close()  # the file stays, but nothing listens on it any more
+    plugin = PluginServer(workers=1, socket_path=tmp_path / "svstale.sock")
+    try:
+        plugin.start()
+
+        assert plugin.call("/Plugin.Activate").status == 200
+    finally:
+        plugin.cleanup()
 
 
 # -- mounts --------------------------------------------------------------------------

@@ -9,8 +9,10 @@ variables (see ``config.py`` and ``securevol serve --help``).
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
@@ -109,6 +111,17 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 1
 
+    if _socket_in_use(settings.socket):
+        # gunicorn would replace the socket file, and whichever daemon stops
+        # first would unlink it, leaving the other one running but unreachable.
+        log.error("daemon start failed error=socket in use socket=%s", settings.socket)
+        print(
+            f"securevol: Another process already listens on {settings.socket}; stop it first, "
+            "or give this daemon another --socket.",
+            file=sys.stderr,
+        )
+        return 1
+
     try:
         driver = VolumeDriver.from_settings(settings)
         settings.socket.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -123,6 +136,21 @@ def serve(args: argparse.Namespace) -> int:
     )
     PluginServer(create_app(settings, driver), settings).run()
     return 0
+
+
+def _socket_in_use(path: Path) -> bool:
+    """Return whether a process accepts connections on the Unix socket *path*.
+
+    A socket file left by a daemon that died refuses connections and may be replaced.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def allow_show(args: argparse.Namespace) -> int:
