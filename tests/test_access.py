@@ -462,6 +462,8 @@ def test_allow_cli_errors(tmp_path):
                               str(state)], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1
     assert "does not exist" in missing.stderr
+    assert str(state) in missing.stderr
+    assert "--state-dir" in missing.stderr
 
 
 @pytest.mark.docker

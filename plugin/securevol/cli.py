@@ -20,7 +20,7 @@ from securevol import config
 from securevol.access import ACCESS_FILE, update_access_file
 from securevol.api import create_app
 from securevol.driver import VolumeDriver
-from securevol.errors import SecurevolError
+from securevol.errors import SecurevolError, VolumeNotFound
 from securevol.log import setup_logging
 from securevol.policy import parse_allowlist
 from securevol.registry import Registry
@@ -195,6 +195,15 @@ def _run_admin(command):
         except config.ConfigError as exc:
             print(f"securevol: {exc}", file=sys.stderr)
             return 2
+        except VolumeNotFound:
+            # The usual cause is a daemon that runs with another state directory.
+            state_dir = config.resolve(vars(args)).state_dir
+            print(
+                f"securevol: Volume {args.volume!r} does not exist in {state_dir}; "
+                "give the --state-dir that the daemon uses.",
+                file=sys.stderr,
+            )
+            return 1
         except SecurevolError as exc:
             print(f"securevol: {exc}", file=sys.stderr)
             return 1
