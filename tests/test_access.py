@@ -465,6 +465,15 @@ def test_allow_cli_errors(tmp_path):
     assert str(state) in missing.stderr
     assert "--state-dir" in missing.stderr
 
+    no_state_dir = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "set", "nope", "host",
+                                   "--state-dir", str(tmp_path / "absent")], capture_output=True, text=True,
+                                  timeout=60)
+    assert no_state_dir.returncode == 1
+    assert no_state_dir.stderr.strip() == (
+        f"securevol: Volume 'nope' does not exist in {tmp_path / 'absent'}; give the --state-dir that the daemon uses."
+    )
+    assert not (tmp_path / "absent").exists()
+
 
 @pytest.mark.docker
 @pytest.mark.slow

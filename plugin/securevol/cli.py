@@ -183,6 +183,9 @@ def allow_set(args: argparse.Namespace) -> int:
 def _settings_and_registry(args: argparse.Namespace) -> tuple[config.Settings, Registry]:
     settings = config.resolve(vars(args))
     setup_logging(settings.log_level)
+    if not settings.state_dir.is_dir():
+        # Without this check, allow set fails on the missing registry.lock with a traceback.
+        raise VolumeNotFound(f"Volume {args.volume!r} does not exist.")
     return settings, Registry(settings.state_dir)
 
 
