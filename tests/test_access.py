@@ -470,7 +470,8 @@ def test_allow_cli_errors(tmp_path):
                                   timeout=60)
     assert no_state_dir.returncode == 1
     assert no_state_dir.stderr.strip() == (
-        f"securevol: Volume 'nope' does not exist in {tmp_path / 'absent'}; give the --state-dir that the daemon uses."
+        f"securevol: Volume 'nope' does not exist in {tmp_path / 'absent'}; "
+        "give the --state-dir that the daemon uses."
     )
     assert not (tmp_path / "absent").exists()
 
