@@ -304,9 +304,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce_ready)
-        # One worker task: no handler awaits anything, so a second worker
-        # would only take turns with the first on the /dev/fuse read lock.
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_here
 
