@@ -55,7 +55,7 @@ try:
     )
     from tests.plugin_server import PluginServer
 except ImportError as error:
-    sys.exit(f"bench_authz: cannot import the test helpers ({error}); run with the project's .venv/bin/python.")
+    sys.exit(f"bench_authz: cannot import the test helpers ({error}). Use the project's .venv/bin/python.")
 
 log = logging.getLogger("bench_authz")
 
@@ -67,10 +67,11 @@ ALLOW = f"image:{IMAGE}"
 
 
 class Setup:
-    """One dockerd and the securevol daemon that serves its volume, and for authz also authorizes."""
+    """A dockerd and its securevol daemon, which serves the volume and, with *authz*, authorizes requests."""
 
     def __init__(self, label: str, authz: bool) -> None:
         self.label = label
+        self.authz = authz
         self.driver = unique_driver_name("securevol-authzbench")
         extra_args = [f"--authorization-plugin={self.driver}"] if authz else []
         self.dockerd = PrivateDockerd(extra_args)
@@ -85,9 +86,17 @@ class Setup:
         self.plugin.start()
         log.info("plugin ready setup=%s driver=%s pid=%d", self.label, self.driver, self.plugin.process.pid)
         self.dockerd.start()
+        self._check_authorization_plugin()
         build_busybox_image(self.dockerd, IMAGE)
         self.dockerd.docker("volume", "create", "-d", self.driver, "-o", f"allow={ALLOW}", VOLUME)
         log.info("setup ready setup=%s dockerd_pid=%d", self.label, self.dockerd.pid)
+
+    def _check_authorization_plugin(self) -> None:
+        # A wrong flag would leave both dockerds plain and make the ratio meaningless.
+        listed = self.dockerd.docker("info", "--format", "{{json .Plugins.Authorization}}").stdout
+        if self.authz != (self.driver in listed):
+            raise RuntimeError(f"dockerd {self.label} lists authorization plugins {listed.strip()}, "
+                               f"expected authz={self.authz} for {self.driver}")
 
     def stop(self) -> None:
         """Remove containers and the volume, stop dockerd, then stop the plugin and remove its socket."""
@@ -103,7 +112,7 @@ class Setup:
 
 
 def commands() -> dict[str, list[str]]:
-    """Return the timed docker commands by name; every run has no network and never pulls."""
+    """Return the timed docker commands by name. Every run has no network and never pulls an image."""
     run = ["run", "--rm", "--network", "none", "--pull=never"]
     return {
         "ps": ["ps"],
@@ -119,9 +128,12 @@ def time_command(setup: Setup, args: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def measure(setups: list[Setup], rounds: int, progress: Callable[[str], None]) -> dict[str, dict[str, list[float]]]:
-    """Time each command *rounds* times on each setup; return seconds by command, then setup label."""
-    timings: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+Timings = dict[str, dict[str, list[float]]]
+
+
+def measure(setups: list[Setup], rounds: int, progress: Callable[[str], None]) -> Timings:
+    """Time each command *rounds* times on each setup and return the seconds by command and setup label."""
+    timings: Timings = defaultdict(lambda: defaultdict(list))
 
     # One untimed pass warms the page cache, dockerd's image store and the plugins' workers.
     for args in commands().values():
@@ -138,7 +150,7 @@ def measure(setups: list[Setup], rounds: int, progress: Callable[[str], None]) -
     return timings
 
 
-def report(timings: dict[str, dict[str, list[float]]], rounds: int) -> str:
+def report(timings: Timings, rounds: int) -> str:
     lines = [
         f"docker CLI wall-clock time, median of {rounds} rounds, ms",
         f"{'command':<12} {'plain':>8} {'authz':>8} {'ratio':>7} {'added':>8}",
@@ -163,7 +175,8 @@ def machine_line() -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per command and dockerd (default 20)")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="number of timed rounds of each command on each dockerd (default 20)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
