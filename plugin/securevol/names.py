@@ -141,7 +141,7 @@ class NameCipher:
         """
         validate_name(plain)
         _check_dir_iv(dir_iv)
-        return _encode(self._siv.encrypt(plain, [NAME_AD_LABEL, dir_iv]))
+        return encode_base64url(self._siv.encrypt(plain, [NAME_AD_LABEL, dir_iv]))
 
     def decrypt_name(self, cipher_name: str, dir_iv: bytes) -> bytes:
         """Decrypt an encrypted name read from the directory with IV *dir_iv*.
@@ -150,7 +150,7 @@ class NameCipher:
         volume, or is not an encrypted name at all.
         """
         _check_dir_iv(dir_iv)
-        sealed = _decode(cipher_name)
+        sealed = decode_base64url(cipher_name)
         if sealed is None or len(sealed) <= SIV_TAG_LEN:
             raise IntegrityError(f"backing name {cipher_name!r} is not an encrypted name")
 
@@ -236,7 +236,7 @@ class NameCipher:
         Raises FileExistsError when *backing_name* exists, like symlink(2).
         """
         sealed = self.encrypt_symlink_target(target)
-        encoded = _encode(sealed)
+        encoded = encode_base64url(sealed)
         if len(encoded) <= MAX_SYMLINK_TARGET_BYTES:
             os.symlink(encoded, backing_name, dir_fd=dir_fd)
         else:
@@ -251,7 +251,7 @@ class NameCipher:
         st = os.stat(backing_name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
             encoded = os.readlink(backing_name, dir_fd=dir_fd)
-            sealed = _decode(encoded)
+            sealed = decode_base64url(encoded)
             if sealed is None:
                 raise IntegrityError(f"symlink target of {backing_name!r} is not base64url")
             return self.decrypt_symlink_target(sealed, backing_name)
@@ -270,7 +270,7 @@ class NameCipher:
         st = os.fstat(fd)
         if stat.S_ISLNK(st.st_mode):
             # readlinkat(2) with an empty path reads the symlink an O_PATH descriptor refers to.
-            sealed = _decode(os.readlink("", dir_fd=fd))
+            sealed = decode_base64url(os.readlink("", dir_fd=fd))
             if sealed is None:
                 raise IntegrityError("symlink target is not base64url")
             return self.decrypt_symlink_target(sealed)
@@ -478,11 +478,11 @@ def symlink_size(st: os.stat_result) -> int:
 # Encoding and file helpers
 
 
-def _encode(data: bytes) -> str:
+def encode_base64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _decode(text: str) -> bytes | None:
+def decode_base64url(text: str) -> bytes | None:
     """Decode unpadded base64url, or return None unless *text* is the canonical encoding of its bytes.
 
     Refusing non-canonical forms (stray characters, padding, non-zero trailing bits) keeps two
@@ -495,14 +495,14 @@ def _decode(text: str) -> bytes | None:
     except binascii.Error:
         return None
 
-    if _encode(data) != text:
+    if encode_base64url(data) != text:
         return None
     return data
 
 
 def _long_name_for(cipher_name: str) -> str:
     digest = hashlib.sha256(cipher_name.encode("ascii")).digest()
-    return LONG_NAME_PREFIX + _encode(digest)
+    return LONG_NAME_PREFIX + encode_base64url(digest)
 
 
 def _sealed_target_len(target_len: int) -> int:

@@ -18,8 +18,6 @@ Linux allows user.* attributes on regular files and directories only, so other
 file types (symlinks, devices, FIFOs, sockets) get EPERM for every attribute.
 """
 
-import base64
-import binascii
 import errno
 import logging
 import os
@@ -30,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from securevol.errors import IntegrityError
+from securevol.names import decode_base64url, encode_base64url
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +131,10 @@ class ExtendedAttributes:
             raise XattrError("attribute name is empty or contains NUL", errno.EINVAL)
         if len(name) > MAX_NAME_BYTES:
             raise XattrError(f"attribute name is {len(name)} bytes, the maximum is {MAX_NAME_BYTES}", errno.ERANGE)
-        return BACKING_PREFIX + _encode(self._siv.encrypt(name, [NAME_AD_LABEL]))
+        return BACKING_PREFIX + encode_base64url(self._siv.encrypt(name, [NAME_AD_LABEL]))
 
     def plain_name(self, backing_name: str) -> bytes:
-        sealed = _decode(backing_name[len(BACKING_PREFIX) :])
+        sealed = decode_base64url(backing_name[len(BACKING_PREFIX) :])
         if sealed is None or len(sealed) <= SIV_TAG_LEN:
             raise IntegrityError(f"backing attribute {backing_name!r} is not an encrypted name")
         try:
@@ -155,23 +154,6 @@ class ExtendedAttributes:
             return self._siv.decrypt(sealed[NONCE_LEN:], [VALUE_AD_LABEL, name, nonce])
         except InvalidTag:
             raise IntegrityError("attribute value failed authentication") from None
-
-
-def _encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _decode(text: str) -> bytes | None:
-    """Decode unpadded base64url, or return None unless *text* is the canonical encoding of its bytes."""
-    if len(text) % 4 == 1 or not text.isascii():
-        return None
-    try:
-        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
-    except binascii.Error:
-        return None
-    if _encode(data) != text:
-        return None
-    return data
 
 
 # --- POSIX ACLs ----------------------------------------------------------------------------------
