@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from securevol import format as fmt
-from securevol.contents import EncryptedContents
+from securevol.contents import EncryptedContents, apply_ops
 from securevol.errors import IntegrityError
 
 KEY = bytes(range(32))
@@ -97,3 +97,19 @@ def test_truncate_to_zero_starts_new_file_id(backing_fd):
     store.write(backing_fd, 0, b"second contents")
 
     assert os.pread(backing_fd, fmt.HEADER_LEN, 0)[8:] != first_id
+
+
+def test_first_write_of_a_small_file_is_one_write_within_a_page(backing_fd):
+    # The journal keeps no record for a single write within one page, so a
+    # small new file costs no journal writes.
+    plans = []
+    store = EncryptedContents(fmt.ContentCipher(KEY), lambda fd, ops: (plans.append(ops), apply_ops(fd, ops)))
+
+    store.write(backing_fd, 0, b"x" * 1000)
+    store.write(backing_fd, 1000, b"y" * 10)
+
+    assert [[(type(op).__name__, op.offset, len(op.data)) for op in ops] for ops in plans] == [
+        [("WriteOp", 0, fmt.HEADER_LEN + fmt.BLOCK_OVERHEAD + 1000)],
+        [("WriteOp", fmt.HEADER_LEN, fmt.BLOCK_OVERHEAD + 1010)],
+    ]
+    assert bytes(store.read(backing_fd, 0, 2000)) == b"x" * 1000 + b"y" * 10

@@ -12,6 +12,7 @@ import random
 import signal
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -347,6 +348,70 @@ def test_sigterm_with_open_file_detaches(volume):
 
     volume.start()
     assert (volume.mountpoint / "f").read_bytes() == b"x" * 10_000
+
+
+def test_sigterm_stops_a_volume_under_constant_load(volume):
+    # The request loop serves queued requests back to back; it must still
+    # give the signal handler its turn while a client keeps it busy.
+    (volume.mountpoint / "f").write_bytes(b"data")
+    stop = threading.Event()
+    served = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                os.stat(volume.mountpoint / "f")
+                os.listdir(volume.mountpoint)
+            except OSError:
+                return  # the mount went away
+            served.append(1)
+
+    clients = [threading.Thread(target=hammer) for _ in range(3)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(0.5)
+        assert served, "the clients got no replies"
+        os.kill(volume.pid, signal.SIGTERM)
+        volume.wait_exit()
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=30)
+
+    assert not is_mounted(volume.mountpoint)
+    assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+
+
+def _resident_bytes(path: Path) -> int:
+    output = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    return int(output.strip())
+
+
+def test_sequential_read_fetches_ciphertext_ahead(volume):
+    size = 16 * 2**20
+    (volume.mountpoint / "f").write_bytes(random.Random(3).randbytes(size))
+    volume.remount()  # empties the kernel's cache of the plaintext
+    backing = _backing_file_of(volume, size)
+    fd = os.open(backing, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _resident_bytes(backing) < 2**20
+
+    with open(volume.mountpoint / "f", "rb", buffering=0) as f:
+        assert len(f.read(65536)) == 65536
+
+    # The kernel itself reads ahead at most 1 MiB on a FUSE mount; securevol
+    # asks the backing filesystem for 8 MiB beyond each sequential read.
+    deadline = time.monotonic() + 10
+    while _resident_bytes(backing) < 6 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident_bytes(backing) >= 6 * 2**20
 
 
 def test_fusermount_unmount_ends_process(volume):

@@ -485,6 +485,31 @@ def test_default_acl_inherited_like_ext4(volume, plain_dir):
     assert listings[1] == listings[0]
 
 
+def test_default_acl_added_later_is_inherited(volume, plain_dir):
+    # The filesystem remembers that a directory has no default ACL after the
+    # first entry made in it; setting one afterwards must end that.
+    # Umask 0 for the reason test_default_acl_inherited_like_ext4 gives.
+    listings = []
+    old_umask = os.umask(0)
+    try:
+        for root in (plain_dir, volume.mountpoint):
+            (root / "d").mkdir()
+            (root / "d" / "before").write_bytes(b"")
+            subprocess.run(["setfacl", "-d", "-m", "u:99:rwx", str(root / "d")], check=True)
+            (root / "d" / "after").write_bytes(b"")
+            subprocess.run(["setfacl", "-k", str(root / "d")], check=True)
+            (root / "d" / "after-removal").write_bytes(b"")
+    finally:
+        os.umask(old_umask)
+    for root in (plain_dir, volume.mountpoint):
+        names = ["d/before", "d/after", "d/after-removal"]
+        acls = subprocess.run(["getfacl", "-c", *names], cwd=root, check=True, capture_output=True, text=True)
+        listings.append(acls.stdout)
+
+    assert "user:99:rwx" in listings[1]
+    assert listings[1] == listings[0]
+
+
 def test_file_capabilities_kept(volume):
     program = volume.mountpoint / "ping-like"
     program.write_bytes(Path("/bin/true").read_bytes())

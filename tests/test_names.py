@@ -154,6 +154,24 @@ def test_format_is_stable():
 # Directory separation and wrong keys
 
 
+def test_backing_name_cache_agrees_with_a_fresh_cipher_and_stays_bounded(cipher):
+    fresh = names.NameCipher(derive_volume_keys(DataKey(bytes(range(32))), bytes(16)).name_key)
+    iv_a, iv_b = b"a" * names.DIR_IV_LEN, b"b" * names.DIR_IV_LEN
+    count = names.BACKING_NAME_CACHE_SIZE + 10
+
+    for i in range(count):
+        plain = b"file-%d" % i
+        assert cipher.backing_name_for(plain, iv_a) == cipher.backing_name_for(plain, iv_a)
+        assert cipher.backing_name_for(plain, iv_b) != cipher.backing_name_for(plain, iv_a)
+        assert len(cipher._backing_names) <= names.BACKING_NAME_CACHE_SIZE
+
+    for i in (0, count // 2, count - 1):
+        plain = b"file-%d" % i
+        assert cipher.backing_name_for(plain, iv_a) == fresh.backing_name_for(plain, iv_a)
+    with pytest.raises(InvalidName):
+        cipher.backing_name_for(b"a/b", iv_a)
+
+
 def test_equal_names_differ_across_directories(cipher):
     first_iv, second_iv = names.new_dir_iv(), names.new_dir_iv()
 

@@ -102,7 +102,12 @@ class EncryptedContents:
             ops += self._pad_ops(fd, header, plain_size, cipher_size, offset)
         run = self._merge_run(fd, header, blocks, offset, data, plain_size, cipher_size)
         ciphertext = self._cipher.encrypt_blocks(header.file_id, blocks.start, run)
-        ops.append(WriteOp(fmt.block_offset(blocks.start), ciphertext))
+        if cipher_size == 0 and blocks.start == 0:
+            # One write of header and blocks: a small new file then fits in
+            # one page, which the journal needs no record for.
+            ops = [WriteOp(0, header.to_bytes() + ciphertext)]
+        else:
+            ops.append(WriteOp(fmt.block_offset(blocks.start), ciphertext))
         self._apply(fd, ops)
 
     def truncate(self, fd: int, new_size: int) -> None:

@@ -57,6 +57,9 @@ _BACKING_OPEN_FLAGS = os.O_SYNC | os.O_DSYNC
 
 _CAPABILITY = b"security.capability"
 
+# Ciphertext that sequential reads ask the backing filesystem to fetch ahead of them.
+_READ_AHEAD_BYTES = 8 << 20
+
 # Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
 _MAX_UNSYNCED_IVS = 1024
 
@@ -89,13 +92,35 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class OpenFile:
-    """An open regular file: its inode and a read-write descriptor of its backing file."""
+    """An open regular file: its inode, a read-write descriptor of its backing file, and its read-ahead state."""
 
-    __slots__ = ("inode", "fd")
+    __slots__ = ("inode", "fd", "next_read", "advised_until")
 
     def __init__(self, inode: Inode, fd: int) -> None:
         self.inode = inode
         self.fd = fd
+        self.next_read = 0  # plaintext offset where a sequential read continues
+        self.advised_until = 0  # backing offset up to which read-ahead was requested
+
+    def read_ahead(self, offset: int, size: int) -> None:
+        """Ask the backing filesystem to fetch the ciphertext after a sequential read of [offset, offset + size).
+
+        The backing file's own read-ahead is smaller than one FUSE read, so
+        without this every read waits for the disk and nothing overlaps
+        decryption. A read that does not continue the previous one asks for nothing.
+        """
+        end = offset + size
+        sequential = offset == self.next_read
+        self.next_read = end
+        if not sequential:
+            return
+
+        start = fmt.block_offset(end // fmt.BLOCK_SIZE)
+        if start + _READ_AHEAD_BYTES // 2 <= self.advised_until:
+            return
+        begin = max(start, self.advised_until)
+        self.advised_until = start + _READ_AHEAD_BYTES
+        os.posix_fadvise(self.fd, begin, self.advised_until - begin, os.POSIX_FADV_WILLNEED)
 
 
 class OpenDir:
@@ -404,7 +429,9 @@ class SecurevolOperations(pyfuse3.Operations):
             raise
 
         attributes = self._remember(path_fd)
-        return self._open_handle(self._inodes.get(attributes.st_ino), fd), attributes
+        inode = self._inodes.get(attributes.st_ino)
+        inode.absent_xattrs.add(_CAPABILITY)  # a new file has no file capabilities yet
+        return self._open_handle(inode, fd), attributes
 
     @_handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -417,6 +444,7 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def read(self, fh: int, offset: int, size: int) -> memoryview:
         handle = self._files[fh]
+        handle.read_ahead(offset, size)
         try:
             return self._contents.read(handle.fd, offset, size)
         except IntegrityError as exc:
@@ -460,16 +488,14 @@ class SecurevolOperations(pyfuse3.Operations):
     def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         inode = self._inode(ino)
         # With the writeback cache the kernel requests security.capability
-        # before writes to a file. Only this process sets attributes, so a
-        # miss stays valid until setxattr or removexattr on this inode.
-        is_capability = name == _CAPABILITY
-        if is_capability and inode.lacks_capability:
+        # before writes to a file, so misses are remembered.
+        if name in inode.absent_xattrs:
             raise FUSEError(errno.ENODATA)
         try:
             return self._xattrs.get(inode.proc_path, name)
         except XattrError as exc:
-            if is_capability and exc.errno == errno.ENODATA:
-                inode.lacks_capability = True
+            if exc.errno == errno.ENODATA:
+                inode.absent_xattrs.add(name)
             raise
         except IntegrityError as exc:
             self._report_damage(inode, exc)
@@ -478,7 +504,7 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._inode(ino)
-        inode.lacks_capability = False
+        inode.absent_xattrs.clear()
         if name == xattrs.ACL_ACCESS:
             self._set_access_acl(inode, value)
         else:
@@ -491,7 +517,7 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._inode(ino)
-        inode.lacks_capability = False
+        inode.absent_xattrs.clear()
         self._xattrs.remove(inode.proc_path, name)
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -651,9 +677,13 @@ class SecurevolOperations(pyfuse3.Operations):
         A directory inherits the default ACL itself as well. Without a default
         ACL in *parent*, nothing changes and *mode* is returned as it is.
         """
+        if xattrs.ACL_DEFAULT in parent.absent_xattrs:
+            return mode
         try:
             default = self._xattrs.get(parent.proc_path, xattrs.ACL_DEFAULT)
-        except XattrError:
+        except XattrError as exc:
+            if exc.errno == errno.ENODATA:
+                parent.absent_xattrs.add(xattrs.ACL_DEFAULT)
             return mode
 
         entries, mode = xattrs.inherit_acl(xattrs.parse_acl(default), mode)

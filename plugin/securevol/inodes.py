@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Inode:
     """One backing inode with a lookup count above zero or an open handle."""
 
-    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "lacks_capability")
+    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "absent_xattrs")
 
     def __init__(self, ino: int, fd: int, is_dir: bool) -> None:
         self.ino = ino
@@ -38,8 +38,9 @@ class Inode:
         self.opens = 0
         self.is_dir = is_dir
         self.dir_iv: bytes | None = None  # cached by the name layer for directories
-        # True once a getxattr found no security.capability; cleared when attributes change.
-        self.lacks_capability = False
+        # Names of extended attributes found missing; only this process sets
+        # attributes, so the set stays true until setxattr or removexattr here.
+        self.absent_xattrs: set[bytes] = set()
 
     @property
     def proc_path(self) -> str:

@@ -22,7 +22,7 @@ import sys
 import pyfuse3
 import trio
 
-from securevol import names
+from securevol import fuse_loop, names
 from securevol.access import AccessChecker
 from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey, derive_volume_keys
 from securevol.errors import IntegrityError
@@ -30,12 +30,14 @@ from securevol.fuse_access import GuardedOperations
 from securevol.fuse_ops import SecurevolOperations
 from securevol.journal import BackingStoreInUse
 from securevol.log import setup_logging
-from securevol.syscalls import forbid_core_dumps
+from securevol.syscalls import forbid_core_dumps, keep_large_buffers_in_heap
 
 # Named explicitly: run with -m, this module is "__main__".
 log = logging.getLogger("securevol.mount")
 
 READ_AHEAD_KB = 1024
+# Larger than any request's buffers (1 MiB of data plus ciphertext), so they all come from the heap.
+_HEAP_BUFFER_LIMIT = 32 << 20
 MOUNT_OPTIONS = frozenset({"fsname=securevol", "subtype=securevol", "allow_other", "default_permissions"})
 
 
@@ -65,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     # Before the DEK is read: a core dump would write it to disk next to the ciphertext.
     forbid_core_dumps()
+    keep_large_buffers_in_heap(_HEAP_BUFFER_LIMIT)
     args = parse_args(argv)
     _setup_logging(args)
 
@@ -304,7 +307,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce_ready)
-        await pyfuse3.main()
+        await fuse_loop.serve()
         nursery.cancel_scope.cancel()
     return stopped_here
 

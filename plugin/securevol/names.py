@@ -78,6 +78,9 @@ SYMLINK_NONCE_LEN = 16
 MAX_NAME_BYTES = 255
 MAX_SYMLINK_TARGET_BYTES = 4095
 
+# Backing names kept by NameCipher.backing_name_for; about 6 MiB when full.
+BACKING_NAME_CACHE_SIZE = 16384
+
 RESERVED_PREFIX = "securevol."
 DIR_IV_NAME = "securevol.diriv"
 LONG_NAME_PREFIX = "securevol.long."
@@ -127,6 +130,8 @@ class NameCipher:
         if len(name_key) != NAME_KEY_LEN:
             raise ValueError(f"a name key has {NAME_KEY_LEN} bytes, not {len(name_key)}")
         self._siv = AESSIV(name_key)
+        # (plaintext name, directory IV) -> BackingName; cleared when full.
+        self._backing_names: dict[tuple[bytes, bytes], BackingName] = {}
 
     def __repr__(self) -> str:
         return "NameCipher(<redacted>)"
@@ -160,11 +165,26 @@ class NameCipher:
             raise IntegrityError(f"encrypted name {cipher_name!r} failed authentication") from None
 
     def backing_name_for(self, plain: bytes, dir_iv: bytes) -> BackingName:
-        """Return the backing name of *plain* in the directory with IV *dir_iv*."""
+        """Return the backing name of *plain* in the directory with IV *dir_iv*.
+
+        Results are cached: most names are asked for twice in a row (a lookup
+        that misses, then the create; a stat, then the unlink), and AES-SIV
+        costs more than the rest of a lookup.
+        """
+        key = (plain, dir_iv)
+        backing = self._backing_names.get(key)
+        if backing is not None:
+            return backing
+
         cipher_name = self.encrypt_name(plain, dir_iv)
         if len(cipher_name) <= MAX_NAME_BYTES:
-            return BackingName(cipher_name, cipher_name)
-        return BackingName(_long_name_for(cipher_name), cipher_name)
+            backing = BackingName(cipher_name, cipher_name)
+        else:
+            backing = BackingName(_long_name_for(cipher_name), cipher_name)
+        if len(self._backing_names) >= BACKING_NAME_CACHE_SIZE:
+            self._backing_names.clear()
+        self._backing_names[key] = backing
+        return backing
 
     def plain_name_for(self, dir_fd: int, backing_name: str, dir_iv: bytes) -> bytes:
         """Return the plaintext name of the entry *backing_name* in *dir_fd*.
