@@ -414,6 +414,35 @@ def test_sequential_read_fetches_ciphertext_ahead(volume):
     assert _resident_bytes(backing) >= 6 * 2**20
 
 
+def test_ascending_writes_fetch_ciphertext_ahead(volume):
+    size = 16 * 2**20
+    (volume.mountpoint / "f").write_bytes(random.Random(4).randbytes(size))
+    volume.remount()
+    backing = _backing_file_of(volume, size)
+    fd = os.open(backing, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+    # Every fourth block of the first 512 KiB; the kernel writes them back in file order at fsync.
+    fd = os.open(volume.mountpoint / "f", os.O_RDWR)
+    try:
+        for offset in range(0, 2**19, 4 * fmt.BLOCK_SIZE):
+            os.pwrite(fd, b"w" * fmt.BLOCK_SIZE, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    deadline = time.monotonic() + 10
+    while _resident_bytes(backing) < 6 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident_bytes(backing) >= 6 * 2**20
+    with open(volume.mountpoint / "f", "rb") as f:
+        assert f.read(fmt.BLOCK_SIZE) == b"w" * fmt.BLOCK_SIZE
+
+
 def test_fusermount_unmount_ends_process(volume):
     pid = volume.pid
     (volume.mountpoint / "f").write_bytes(b"x" * 100_000)

@@ -94,25 +94,29 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
 class OpenFile:
     """An open regular file: its inode, a read-write descriptor of its backing file, and its read-ahead state."""
 
-    __slots__ = ("inode", "fd", "next_read", "advised_until")
+    __slots__ = ("inode", "fd", "next_offset", "advised_until")
 
     def __init__(self, inode: Inode, fd: int) -> None:
         self.inode = inode
         self.fd = fd
-        self.next_read = 0  # plaintext offset where a sequential read continues
+        self.next_offset = 0  # plaintext offset where the previous read or write ended
         self.advised_until = 0  # backing offset up to which read-ahead was requested
 
-    def read_ahead(self, offset: int, size: int) -> None:
-        """Ask the backing filesystem to fetch the ciphertext after a sequential read of [offset, offset + size).
+    def read_ahead(self, offset: int, size: int, max_gap: int = 0) -> None:
+        """Ask the backing filesystem to fetch the ciphertext after an access to [offset, offset + size).
 
-        The backing file's own read-ahead is smaller than one FUSE read, so
+        Only an access that starts at most *max_gap* bytes after the previous
+        one ended counts as moving forward; others ask for nothing. Reads pass
+        0. The backing file's own read-ahead is smaller than one FUSE read, so
         without this every read waits for the disk and nothing overlaps
-        decryption. A read that does not continue the previous one asks for nothing.
+        decryption. Writes pass a gap too: the kernel writes dirty pages back
+        in file order, and a block write that does not cover whole backing
+        pages must read them first.
         """
         end = offset + size
-        sequential = offset == self.next_read
-        self.next_read = end
-        if not sequential:
+        gap = offset - self.next_offset
+        self.next_offset = end
+        if not 0 <= gap <= max_gap:
             return
 
         start = fmt.block_offset(end // fmt.BLOCK_SIZE)
@@ -455,6 +459,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._files[fh]
         self._reported_damage.pop(handle.inode.ino, None)
+        handle.read_ahead(offset, len(data), max_gap=_READ_AHEAD_BYTES)
         try:
             self._contents.write(handle.fd, offset, data)
         except IntegrityError as exc:
