@@ -42,6 +42,7 @@ from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
 from securevol.journal import Journal
+from securevol.readahead import ReadAheadWorker
 from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ class OpenFile:
         self.next_offset = 0  # plaintext offset where the previous read or write ended
         self.advised_until = 0  # backing offset up to which read-ahead was requested
 
-    def read_ahead(self, offset: int, size: int, max_gap: int = 0) -> None:
-        """Ask the backing filesystem to fetch the ciphertext after an access to [offset, offset + size).
+    def read_ahead_range(self, offset: int, size: int, max_gap: int = 0) -> tuple[int, int] | None:
+        """Return the backing range (offset, length) to fetch ahead after an access to [offset, offset + size).
 
         Only an access that starts at most *max_gap* bytes after the previous
         one ended counts as moving forward; others ask for nothing. Reads pass
@@ -117,14 +118,14 @@ class OpenFile:
         gap = offset - self.next_offset
         self.next_offset = end
         if not 0 <= gap <= max_gap:
-            return
+            return None
 
         start = fmt.block_offset(end // fmt.BLOCK_SIZE)
         if start + _READ_AHEAD_BYTES // 2 <= self.advised_until:
-            return
+            return None
         begin = max(start, self.advised_until)
         self.advised_until = start + _READ_AHEAD_BYTES
-        os.posix_fadvise(self.fd, begin, self.advised_until - begin, os.POSIX_FADV_WILLNEED)
+        return begin, self.advised_until - begin
 
 
 class OpenDir:
@@ -158,6 +159,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key), self._journal.apply)
         self._xattrs = ExtendedAttributes(keys.xattr_key)
         self._files: dict[int, OpenFile] = {}
+        self._read_ahead_worker = ReadAheadWorker()
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = itertools.count(1)
         # (inode, block) pairs logged as damaged; repeats log at DEBUG until the file changes.
@@ -174,6 +176,7 @@ class SecurevolOperations(pyfuse3.Operations):
             os.close(fd)
         self._unsynced_ivs.clear()
         self._dirs.clear()
+        self._read_ahead_worker.stop()
         self._journal.close()
         self._inodes.close_all()
 
@@ -448,7 +451,7 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def read(self, fh: int, offset: int, size: int) -> memoryview:
         handle = self._files[fh]
-        handle.read_ahead(offset, size)
+        self._read_ahead(handle, offset, size, 0)
         try:
             return self._contents.read(handle.fd, offset, size)
         except IntegrityError as exc:
@@ -459,7 +462,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._files[fh]
         self._reported_damage.pop(handle.inode.ino, None)
-        handle.read_ahead(offset, len(data), max_gap=_READ_AHEAD_BYTES)
+        self._read_ahead(handle, offset, len(data), _READ_AHEAD_BYTES)
         try:
             self._contents.write(handle.fd, offset, data)
         except IntegrityError as exc:
@@ -526,6 +529,11 @@ class SecurevolOperations(pyfuse3.Operations):
         self._xattrs.remove(inode.proc_path, name)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _read_ahead(self, handle: OpenFile, offset: int, size: int, max_gap: int) -> None:
+        backing_range = handle.read_ahead_range(offset, size, max_gap)
+        if backing_range is not None:
+            self._read_ahead_worker.request(handle.fd, *backing_range)
 
     def _inode(self, ino: int) -> Inode:
         inode = self._inodes.get(ino)
