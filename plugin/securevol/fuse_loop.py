@@ -2,21 +2,24 @@
 
 No request handler of securevol awaits anything, so the loop serves one
 request at a time whatever it does. Between two requests pyfuse3 takes a trio
-lock and parks the task until epoll reports the FUSE device readable. That
-costs two passes through trio's scheduler and three system calls per request.
-Here a poll(2) finds a queued request in one system call, and the loop goes
-straight on; on this project's benchmark, stat and unlink of 10,000 files
-ran about 1.4 times as fast with it.
+lock and parks the task until epoll reports the FUSE device readable: two
+passes through trio's scheduler, three system calls, and a sleep and wake-up
+of the process for every request. Here the loop first checks the device
+with poll(2) for up to SPIN_NS without sleeping, then sleeps in poll(2) for
+up to FAST_WAIT_MS. On this project's 2-CPU test machine a getxattr(2) that
+the filesystem answers from memory took 48 microseconds with pyfuse3's wait
+and 24 with this one.
 
 pyfuse3 looks its wait function up by name for every request, so replacing
 the module attribute is enough. After FAST_STREAK requests in a row, and
-whenever no request arrives within FAST_WAIT_MS, the loop waits trio's way,
-which lets trio's other tasks (signal handling, the readiness check) run.
+whenever no request arrives in time, the loop waits trio's way, which lets
+trio's other tasks (signal handling, the readiness check) run.
 """
 
 import logging
 import os
 import select
+import time
 
 import pyfuse3
 import trio
@@ -31,6 +34,12 @@ FAST_STREAK = 64
 # stat(1) over a tree, sends the next one well within this time.
 FAST_WAIT_MS = 2
 
+# How long the loop checks for the next request without sleeping. Most of a
+# short request's cost was the sleep and the wake-up, and a client that works
+# through many files sends its next request within microseconds. The price is
+# at most this much CPU time after each burst of requests.
+SPIN_NS = 100_000
+
 _FUSE_DEVICE = "/dev/fuse"
 
 
@@ -44,7 +53,7 @@ class _QueuedRequestWait:
         self._streak = 0
 
     async def __call__(self) -> bool:
-        if self._streak < FAST_STREAK and self._poll.poll(FAST_WAIT_MS):
+        if self._streak < FAST_STREAK and self._next_request_queued():
             # Readable, or an error such as an unmount: the receive that follows handles both.
             self._streak += 1
             return True
@@ -54,6 +63,15 @@ class _QueuedRequestWait:
             await trio.lowlevel.wait_readable(self._fuse_fd)
         except trio.ClosedResourceError:
             return False  # pyfuse3.terminate() calls trio's notify_closing on the descriptor
+        return True
+
+    def _next_request_queued(self) -> bool:
+        """Tell whether a request arrives within SPIN_NS of checking, then within FAST_WAIT_MS of sleeping."""
+        poll = self._poll.poll
+        deadline = time.monotonic_ns() + SPIN_NS
+        while not poll(0):
+            if time.monotonic_ns() > deadline:
+                return bool(poll(FAST_WAIT_MS))
         return True
 
 
