@@ -446,6 +446,16 @@ class SecurevolOperations(pyfuse3.Operations):
         # Always read-write: the writeback cache reads pages of write-only files,
         # and every partial block write is a read-modify-write.
         fd = os.open(inode.proc_path, os.O_RDWR | os.O_CLOEXEC | (flags & _BACKING_OPEN_FLAGS))
+        if flags & os.O_TRUNC:
+            # libfuse turns on FUSE_ATOMIC_O_TRUNC, so the kernel sends no
+            # setattr for O_TRUNC: it drops its cached pages and size and
+            # leaves the truncation to this open.
+            try:
+                self._contents.truncate(fd, 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._reported_damage.pop(inode.ino, None)
         return self._open_handle(inode, fd)
 
     @_handler
