@@ -232,6 +232,7 @@ class SecurevolOperations(pyfuse3.Operations):
             syscalls.fchown_path_fd(inode.fd, uid, gid)
         if fields.update_mode:
             self._chmod(inode, attr.st_mode)
+            self._chmod_access_acl(inode, attr.st_mode)
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
@@ -715,6 +716,19 @@ class SecurevolOperations(pyfuse3.Operations):
         if stat.S_ISDIR(mode):
             self._xattrs.set(path, xattrs.ACL_DEFAULT, default)
         return mode
+
+    def _chmod_access_acl(self, inode: Inode, mode: int) -> None:
+        """Make a stored access ACL follow new permission bits *mode*, as chmod(2) does on ext4."""
+        if xattrs.ACL_ACCESS in inode.absent_xattrs or names.is_symlink(os.fstat(inode.fd)):
+            return
+        try:
+            value = self._xattrs.get(inode.proc_path, xattrs.ACL_ACCESS)
+        except XattrError as exc:
+            if exc.errno == errno.ENODATA:
+                inode.absent_xattrs.add(xattrs.ACL_ACCESS)
+            return
+        entries = xattrs.chmod_acl(xattrs.parse_acl(value), mode)
+        self._xattrs.set(inode.proc_path, xattrs.ACL_ACCESS, xattrs.format_acl(entries))
 
     def _chmod(self, inode: Inode, mode: int) -> None:
         st = os.fstat(inode.fd)

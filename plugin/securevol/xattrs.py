@@ -182,6 +182,19 @@ def mode_of_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
     return (mode & ~0o777) | perms.get(ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(ACL_OTHER, 0)
 
 
+def chmod_acl(entries: list[tuple[int, int, int]], mode: int) -> list[tuple[int, int, int]]:
+    """Return an access ACL whose owner, other and mask (or, without a mask, owning group) entries follow *mode*.
+
+    This is what chmod(2) does to an access ACL on ext4. The kernel checks
+    those entries and not the mode, so an ACL left alone would keep granting
+    what chmod took away.
+    """
+    has_mask = any(tag == ACL_MASK for tag, _, _ in entries)
+    bits = {ACL_USER_OBJ: (mode >> 6) & 0o7, ACL_OTHER: mode & 0o7}
+    bits[ACL_MASK if has_mask else ACL_GROUP_OBJ] = (mode >> 3) & 0o7
+    return [(tag, bits.get(tag, perm), ident) for tag, perm, ident in entries]
+
+
 def is_minimal_acl(entries: list[tuple[int, int, int]]) -> bool:
     """Tell whether an ACL grants nothing beyond the permission bits (owner, group and other entries only)."""
     return all(tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER) for tag, _, _ in entries)
