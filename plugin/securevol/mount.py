@@ -30,7 +30,7 @@ from securevol.fuse_access import GuardedOperations
 from securevol.fuse_ops import SecurevolOperations
 from securevol.journal import BackingStoreInUse
 from securevol.log import setup_logging
-from securevol.syscalls import forbid_core_dumps, keep_large_buffers_in_heap
+from securevol.syscalls import forbid_core_dumps, keep_large_buffers_in_heap, syncfs
 
 # Named explicitly: run with -m, this module is "__main__".
 log = logging.getLogger("securevol.mount")
@@ -298,7 +298,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
                 # syncfs(2) makes the kernel write its cached pages through this
                 # very loop, so it runs in a thread while the loop keeps serving.
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.syncfs, mountpoint)
+                    await trio.to_thread.run_sync(syncfs, mountpoint)
                 except OSError as exc:
                     log.warning("syncfs before stop failed error=%s", exc)
                 pyfuse3.terminate()

@@ -58,6 +58,21 @@ def rename_at(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str, fl
     _check(result, "renameat2")
 
 
+def syncfs(path: str) -> None:
+    """Write the cached data of the filesystem that contains *path* to its storage, with syncfs(2).
+
+    ctypes releases the GIL for the call, which pyfuse3.syncfs (3.5) does not.
+    A FUSE process that syncs its own mount needs that: the kernel waits for
+    write and setattr requests, which the request loop serves only while
+    this thread lets it run.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _check(_libc.syncfs(fd), "syncfs")
+    finally:
+        os.close(fd)
+
+
 def forbid_core_dumps() -> None:
     """Keep this process's memory (DEKs, the KEK, plaintext) out of core dumps.
 

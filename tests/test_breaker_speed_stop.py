@@ -1,0 +1,195 @@
+"""Tests of stopping a FUSE process that clients keep busy: SIGTERM, SIGINT, fusermount3 and kill -9.
+
+The request loop (fuse_loop.py) serves queued requests back to back and lets
+other trio tasks run only between streaks. A stop by signal runs syncfs(2) on
+the process's own mount from a thread, and the kernel then waits for requests
+that the loop must serve while that thread waits. Every test here makes sure
+a stuck stop fails the test instead of leaving the machine with a FUSE
+connection that no process serves, because it aborts that connection through fusectl.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.fs_helpers import EXIT_TIMEOUT, is_mounted, process_alive, volume  # noqa: F401 (a fixture)
+
+FILE_COUNT = 50
+FILE_SIZE = 10_000
+
+# A client that writes files and keeps them open, so their data stays in the
+# kernel's writeback cache (dirty pages and times) until someone syncs them.
+_DIRTY_CLIENT = textwrap.dedent(
+    """
+    import os, sys, time
+    root, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    descriptors = []
+    for i in range(count):
+        fd = os.open(os.path.join(root, f"f{i}"), os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, bytes([i]) * size)
+        descriptors.append(fd)
+    print("written", flush=True)
+    time.sleep(600)
+    """
+)
+
+# Clients in several processes that create, rewrite, read, list and remove
+# files until the mount goes away.
+_BUSY_CLIENT = textwrap.dedent(
+    """
+    import errno, os, random, sys
+    root, seed = sys.argv[1], int(sys.argv[2])
+    rng = random.Random(seed)
+    directory = os.path.join(root, f"c{seed}")
+    os.makedirs(directory, exist_ok=True)
+    print("started", flush=True)
+    while True:
+        path = os.path.join(directory, f"f{rng.randrange(30)}")
+        try:
+            action = rng.randrange(4)
+            if action == 0:
+                with open(path, "wb") as f:
+                    f.write(bytes([seed]) * rng.choice([10, 5000, 200_000]))
+            elif action == 1:
+                with open(path, "rb") as f:
+                    f.read()
+            elif action == 2:
+                os.listdir(directory)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV):
+                sys.exit(0)
+            raise
+    """
+)
+
+
+def _connection_number(mountpoint) -> int:
+    """Return the FUSE connection number of *mountpoint*: the minor device number in mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                return int(fields[2].split(":")[1])
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
+def _abort_connection(number: int, tmp_path) -> None:
+    """Abort FUSE connection *number* through fusectl, mounted in a private mount namespace."""
+    control = tmp_path / "fusectl"
+    control.mkdir(exist_ok=True)
+    script = f"mount -t fusectl none {control} && echo 1 > {control}/{number}/abort"
+    subprocess.run(["unshare", "--mount", "sh", "-c", script], check=False, capture_output=True)
+
+
+def _wait_gone(pid: int) -> bool:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _start_client(script: str, *args) -> subprocess.Popen:
+    client = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE, text=True
+    )
+    assert client.stdout.readline().strip() in ("written", "started")
+    return client
+
+
+def _end_clients(clients: list[subprocess.Popen]) -> None:
+    for client in clients:
+        client.kill()
+        client.wait(timeout=30)
+        client.stdout.close()
+
+
+def _stop_and_check_exit(volume, signum: int, clients: list[subprocess.Popen], tmp_path) -> None:
+    """Send *signum* to the FUSE process and assert that it exits; on a hang, abort its connection first."""
+    connection = _connection_number(volume.mountpoint)
+    pid = volume.pid
+    os.kill(pid, signum)
+    exited = _wait_gone(pid)
+    if not exited:
+        _abort_connection(connection, tmp_path)
+    _end_clients(clients)
+    assert exited, f"FUSE process {pid} did not exit after {signal.Signals(signum).name}"
+    volume.pid = None
+
+
+def test_sigterm_with_dirty_pages_in_open_files(volume, tmp_path):
+    client = _start_client(_DIRTY_CLIENT, volume.mountpoint, FILE_COUNT, FILE_SIZE)
+
+    _stop_and_check_exit(volume, signal.SIGTERM, [client], tmp_path)
+
+    assert not is_mounted(volume.mountpoint)
+    assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+    volume.start()
+    for i in range(FILE_COUNT):
+        assert (volume.mountpoint / f"f{i}").read_bytes() == bytes([i]) * FILE_SIZE
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_busy_processes_cleanly(volume, tmp_path, signum):
+    clients = [_start_client(_BUSY_CLIENT, volume.mountpoint, seed) for seed in range(4)]
+    time.sleep(1)  # let the clients fill the queue and the writeback cache
+
+    _stop_and_check_exit(volume, signum, clients, tmp_path)
+
+    assert not is_mounted(volume.mountpoint)
+    assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+    volume.start()
+    for seed in range(4):
+        for path in (volume.mountpoint / f"c{seed}").iterdir():
+            data = path.read_bytes()  # EIO here would be a torn block
+            assert data == bytes([seed]) * len(data), path
+
+
+def test_kill_9_under_load_leaves_files_readable(volume, tmp_path):
+    clients = [_start_client(_BUSY_CLIENT, volume.mountpoint, seed) for seed in range(4)]
+    time.sleep(1)
+    pid = volume.pid
+
+    os.kill(pid, signal.SIGKILL)
+    exited = _wait_gone(pid)
+    _end_clients(clients)
+    assert exited
+    subprocess.run(["fusermount3", "-uz", str(volume.mountpoint)], check=True)
+
+    volume.start()
+    for seed in range(4):
+        for path in (volume.mountpoint / f"c{seed}").iterdir():
+            data = path.read_bytes()
+            assert data == bytes([seed]) * len(data), path
+
+
+def test_fusermount_busy_then_lazy_unmount_ends_process(volume):
+    held = os.open(volume.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = subprocess.run(["fusermount3", "-u", str(volume.mountpoint)], capture_output=True, text=True)
+        assert result.returncode != 0  # busy: a descriptor is open on the mount
+        assert process_alive(volume.pid)
+        assert os.listdir(held) == []
+
+        subprocess.run(["fusermount3", "-uz", str(volume.mountpoint)], check=True)
+        assert process_alive(volume.pid)  # the open directory keeps the filesystem
+    finally:
+        try:
+            os.close(held)
+        except OSError as exc:
+            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+    assert _wait_gone(volume.pid)
+    assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+    volume.pid = None
