@@ -9,7 +9,11 @@ goes: after a remount, or after a truncate that grows the file again.
 
 import os
 
+import pytest
+
+from securevol.access import update_access_file
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
+from tests.test_adversarial import guarded, revoke_host  # noqa: F401 (guarded is a fixture)
 
 OLD = b"old contents " * 400
 
@@ -81,3 +85,18 @@ def test_o_trunc_of_empty_file_keeps_it_empty(volume):
 
     volume.remount()
     assert path.read_bytes() == b"x"
+
+
+def test_refused_caller_cannot_truncate_with_o_trunc(guarded):
+    mount = guarded("host")
+    path = mount.mountpoint / "kept"
+    path.write_bytes(OLD)
+
+    revoke_host(mount, "name:web")
+    with pytest.raises(PermissionError):
+        os.open(path, os.O_WRONLY | os.O_TRUNC)
+
+    update_access_file(mount.access_file, "host")
+    mount.stop()
+    mount = guarded("host")
+    assert (mount.mountpoint / "kept").read_bytes() == OLD

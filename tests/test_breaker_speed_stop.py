@@ -18,7 +18,16 @@ import time
 
 import pytest
 
-from tests.fs_helpers import EXIT_TIMEOUT, is_mounted, process_alive, volume  # noqa: F401 (a fixture)
+from tests.fs_helpers import (  # noqa: F401 (volume is a fixture)
+    EXIT_TIMEOUT,
+    KEY,
+    REPO,
+    FuseMount,
+    is_mounted,
+    process_alive,
+    require_fuse,
+    volume,
+)
 
 FILE_COUNT = 50
 FILE_SIZE = 10_000
@@ -193,3 +202,33 @@ def test_fusermount_busy_then_lazy_unmount_ends_process(volume):
     assert _wait_gone(volume.pid)
     assert "volume unmounted vol=testvol" in volume.log_file.read_text()
     volume.pid = None
+
+
+def test_closed_ready_pipe_unmounts_and_exits(tmp_path):
+    # No process reads the status line, so the FUSE process must take its mount down
+    # again (pyfuse3.terminate from the readiness task) and exit.
+    require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    mount.backing.mkdir()
+    mount.mountpoint.mkdir()
+    key_read, key_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    os.close(ready_read)
+    command = [sys.executable, "-m", "securevol.mount", *mount.command_args(),
+               "--key-fd", str(key_read), "--ready-fd", str(ready_write)]
+    launcher = subprocess.Popen(command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL)
+    os.close(key_read)
+    os.close(ready_write)
+    os.write(key_write, KEY)
+    os.close(key_write)
+    launcher.wait(timeout=30)
+
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while "volume unmounted" not in mount.log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert "mount abandoned vol=testvol: the ready pipe is closed" in mount.log_file.read_text()
+        assert "volume unmounted vol=testvol" in mount.log_file.read_text()
+        assert not is_mounted(mount.mountpoint)
+    finally:
+        mount.cleanup()
