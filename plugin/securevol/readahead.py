@@ -50,5 +50,10 @@ class ReadAheadWorker:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
             except OSError as exc:
                 log.debug("read-ahead failed error=%s", exc.strerror)
+            except OverflowError:
+                # An access near the 2**63 limit of file offsets: the ciphertext
+                # offset is larger than off_t. The thread must live on, or stop()
+                # would wait for a full queue forever.
+                log.debug("read-ahead skipped offset=%d length=%d", offset, length)
             finally:
                 os.close(fd)
