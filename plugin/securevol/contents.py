@@ -14,6 +14,7 @@ Callers serialise operations on a file: the FUSE process runs each request to
 completion before the next one starts.
 """
 
+import errno
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,6 +37,11 @@ class TruncateOp(NamedTuple):
 
 
 Op = WriteOp | TruncateOp
+
+# The largest size of a backing file: off_t is a signed 64-bit integer. The
+# kernel takes plaintext offsets up to this limit too, and the ciphertext of
+# a plaintext that large is about 0.8% larger.
+MAX_CIPHER_SIZE = 2**63 - 1
 ApplyFunction = Callable[[int, list[Op]], None]
 
 
@@ -54,6 +60,12 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _check_cipher_size(plain_end: int) -> None:
+    """Raise EFBIG if a file of *plain_end* plaintext bytes would need a backing file beyond MAX_CIPHER_SIZE."""
+    if fmt.cipher_size(plain_end) > MAX_CIPHER_SIZE:
+        raise OSError(errno.EFBIG, f"a file of {plain_end} bytes needs more than {MAX_CIPHER_SIZE} bytes of ciphertext")
 
 
 class EncryptedContents:
@@ -92,6 +104,7 @@ class EncryptedContents:
         """Write *data* at plaintext *offset*; a gap past the old end of the file reads as zeros."""
         if not data:
             return
+        _check_cipher_size(offset + len(data))
 
         cipher_size = os.fstat(fd).st_size
         plain_size = fmt.plain_size(cipher_size)
@@ -121,6 +134,7 @@ class EncryptedContents:
         if new_size == 0:
             self._apply(fd, [TruncateOp(0)])
             return
+        _check_cipher_size(new_size)
 
         cipher_size = os.fstat(fd).st_size
         plain_size = fmt.plain_size(cipher_size)

@@ -34,7 +34,9 @@ The path is the target's backing path relative to the backing root
 Limits: the journal protects against the death of the process, not against
 power loss: nothing here is fsynced until a client calls fsync(2), and then the
 target file itself is synced. A file whose path cannot be read (unlinked while
-open, or longer than PATH_MAX) is changed without the journal.
+open, or longer than PATH_MAX) is changed without the journal. A replay that
+fails with EFBIG or EINVAL (a size the backing filesystem never takes) is
+logged and dropped, so that such a record cannot stop every later mount.
 """
 
 import errno
@@ -93,12 +95,12 @@ class Journal:
             return
 
         path = self._relative_path(fd)
+        st = os.fstat(fd)
         if path is None:
-            _reserve(fd, ops)
+            _reserve(fd, ops, st.st_size)
             apply_ops(fd, ops)
             return
 
-        st = os.fstat(fd)
         if all(isinstance(op, WriteOp) and op.offset >= st.st_size for op in ops):
             repair: list[Op] = [TruncateOp(st.st_size)]
         else:
@@ -110,7 +112,12 @@ class Journal:
         _pwritev_all(self._fd, body, BODY_OFFSET)
         self._write_control(_ACTIVE, body_len)
 
-        _reserve(fd, ops)
+        try:
+            _reserve(fd, ops, st.st_size)
+        except BaseException:
+            # Nothing was written and the size is back, so there is nothing to redo.
+            self._write_control(_IDLE, 0)
+            raise
         apply_ops(fd, ops)
         self._write_control(_IDLE, 0)
 
@@ -148,7 +155,16 @@ class Journal:
             if os.fstat(fd).st_ino != ino:
                 log.warning("journal target replaced vol=%s path=%s", self._volume, path)
                 return
-            apply_ops(fd, ops)
+            try:
+                apply_ops(fd, ops)
+            except (OSError, OverflowError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise  # such as ENOSPC: the next mount may succeed
+                # A size or offset the backing filesystem never takes (an
+                # OverflowError is one beyond off_t). The change failed the same
+                # way when it was made, and failing every mount would not help.
+                log.error("journal replay failed vol=%s path=%s error=%s", self._volume, path, exc)
+                return
             os.fsync(fd)
             log.warning("journal replayed vol=%s path=%s ops=%d", self._volume, path, len(ops))
         finally:
@@ -198,15 +214,29 @@ def _is_atomic(ops: list[Op]) -> bool:
     return op.offset // PAGE_SIZE == (op.offset + len(op.data) - 1) // PAGE_SIZE
 
 
-def _reserve(fd: int, ops: list[Op]) -> None:
-    """Allocate backing space for the writes past the end, so that a full disk fails before any byte lands.
+def _reserve(fd: int, ops: list[Op], size: int) -> None:
+    """Allocate backing space for the writes past the end (*size*), so that a full disk fails before any byte lands.
 
     Without this, ENOSPC part way through could leave a last block of
     impossible length. Filesystems without fallocate(2) skip the check.
+    If one allocation fails (ENOSPC, or EFBIG past the backing filesystem's
+    largest file), the file is cut back to *size*: posix_fallocate(3) extends
+    the file with zeros, which would read as a damaged header or block.
     """
-    size = os.fstat(fd).st_size
+    try:
+        _allocate(fd, ops, size)
+    except BaseException:
+        os.ftruncate(fd, size)
+        raise
+
+
+def _allocate(fd: int, ops: list[Op], size: int) -> None:
     for op in ops:
         if isinstance(op, TruncateOp):
+            if op.length > size:
+                # Growing now, before any write, fails a size beyond the
+                # backing filesystem's largest file (EFBIG) while nothing has changed.
+                os.ftruncate(fd, op.length)
             size = op.length
             continue
         start = max(op.offset, size)
