@@ -1,14 +1,18 @@
-"""Tests of the read-ahead thread (readahead.py) with requests it cannot carry out.
+"""Tests of the read-ahead thread (readahead.py): requests it cannot carry out, and descriptors on a mount.
 
 The thread must survive every request: once it is gone, requests fill its
 queue, each holding a duplicate descriptor, and stop() at unmount waits for
-room in the queue forever.
+room in the queue forever. Through a mount, sequential reads must leave no
+descriptor behind and stay correct when the file changes under them.
 """
 
 import os
+import random
 import threading
+import time
 
 from securevol.readahead import MAX_PENDING, ReadAheadWorker
+from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 
 STOP_TIMEOUT = 60.0
 
@@ -56,3 +60,67 @@ def test_negative_length_keeps_worker_alive(tmp_path):
     assert _stop_in_thread(worker)
     assert _open_descriptors() == before
     os.close(fd)
+
+
+# --- through a mount ---------------------------------------------------------------------------
+
+
+def _fuse_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _wait_for_descriptors(pid: int, expected: int | None = None) -> int:
+    """Return the FUSE process's descriptor count once it is *expected* (None: once it stops changing).
+
+    Read-ahead duplicates and dropped inodes are closed by threads, a moment
+    later. Gives up after STOP_TIMEOUT and returns the last count seen.
+    """
+    deadline = time.monotonic() + STOP_TIMEOUT
+    count = _fuse_descriptors(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        previous, count = count, _fuse_descriptors(pid)
+        if count == expected or (expected is None and count == previous):
+            break
+    return count
+
+
+def test_open_read_close_cycles_leak_no_descriptors(volume):
+    data = random.Random(1).randbytes(3 * 2**20)
+    for i in range(8):
+        (volume.mountpoint / f"f{i}").write_bytes(data)
+    for i in range(8):
+        assert (volume.mountpoint / f"f{i}").read_bytes() == data  # every inode looked up once
+    before = _wait_for_descriptors(volume.pid)
+
+    for _ in range(25):
+        handles = [open(volume.mountpoint / f"f{i}", "rb", buffering=0) for i in range(8)]
+        for handle in handles:
+            # Drop the cached plaintext, so the reads reach the FUSE process and ask for read-ahead.
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            while handle.read(256 * 1024):
+                pass
+        for handle in handles:
+            handle.close()
+
+    assert _wait_for_descriptors(volume.pid, before) == before
+
+
+def test_file_unlinked_and_truncated_while_read_sequentially(volume):
+    data = random.Random(2).randbytes(6 * 2**20)
+    for name in ("unlinked", "truncated"):
+        (volume.mountpoint / name).write_bytes(data)
+    volume.remount()  # nothing of them in the page cache
+
+    with open(volume.mountpoint / "unlinked", "rb", buffering=0) as f:
+        head = f.read(2**20)
+        os.unlink(volume.mountpoint / "unlinked")
+        rest = f.read()
+    assert head + rest == data
+
+    with open(volume.mountpoint / "truncated", "rb", buffering=0) as f:
+        head = f.read(2**20)
+        os.truncate(volume.mountpoint / "truncated", 2**20 + 5000)
+        rest = f.read()
+    assert head + rest == data[: 2**20 + 5000]
+    assert (volume.mountpoint / "truncated").read_bytes() == data[: 2**20 + 5000]
