@@ -70,7 +70,7 @@ def _is_one_write(data: bytes) -> bool:
 
 
 def _write_until_killed(volume) -> None:
-    """Run clients on the mount, kill -9 the FUSE process after OPERATIONS_BEFORE_KILL writes, and clean up."""
+    """Run clients on the mount and kill -9 the FUSE process after OPERATIONS_BEFORE_KILL writes."""
     clients = [
         subprocess.Popen(
             [sys.executable, "-c", _CLIENT, str(volume.mountpoint), str(seed), ",".join(map(str, SIZES))],

@@ -216,7 +216,9 @@ def test_closed_ready_pipe_unmounts_and_exits(tmp_path):
     os.close(ready_read)
     command = [sys.executable, "-m", "securevol.mount", *mount.command_args(),
                "--key-fd", str(key_read), "--ready-fd", str(ready_write)]
-    launcher = subprocess.Popen(command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL
+    )
     os.close(key_read)
     os.close(ready_write)
     os.write(key_write, KEY)

@@ -20,7 +20,8 @@ CAPABILITY = "security.capability"
 
 
 def _getfacl(root: Path, *names: str) -> str:
-    return subprocess.run(["getfacl", "-cp", *names], cwd=root, check=True, capture_output=True, text=True).stdout
+    listing = subprocess.run(["getfacl", "-cp", *names], cwd=root, check=True, capture_output=True, text=True)
+    return listing.stdout
 
 
 def _can_open(path: Path, flags: int) -> bool:

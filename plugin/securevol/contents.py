@@ -63,9 +63,9 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 
 def _check_cipher_size(plain_end: int) -> None:
-    """Raise EFBIG if a file of *plain_end* plaintext bytes would need a backing file beyond MAX_CIPHER_SIZE."""
+    """Raise EFBIG if a file of *plain_end* plaintext bytes needs a backing file beyond MAX_CIPHER_SIZE."""
     if fmt.cipher_size(plain_end) > MAX_CIPHER_SIZE:
-        raise OSError(errno.EFBIG, f"a file of {plain_end} bytes needs more than {MAX_CIPHER_SIZE} bytes of ciphertext")
+        raise OSError(errno.EFBIG, f"a file of {plain_end} bytes is too large for the backing filesystem")
 
 
 class EncryptedContents:

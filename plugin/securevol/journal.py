@@ -215,7 +215,7 @@ def _is_atomic(ops: list[Op]) -> bool:
 
 
 def _reserve(fd: int, ops: list[Op], size: int) -> None:
-    """Allocate backing space for the writes past the end (*size*), so that a full disk fails before any byte lands.
+    """Allocate space for the writes past the end (*size*), so that a full disk fails before any byte lands.
 
     Without this, ENOSPC part way through could leave a last block of
     impossible length. Filesystems without fallocate(2) skip the check.

@@ -183,7 +183,7 @@ def mode_of_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
 
 
 def chmod_acl(entries: list[tuple[int, int, int]], mode: int) -> list[tuple[int, int, int]]:
-    """Return an access ACL whose owner, other and mask (or, without a mask, owning group) entries follow *mode*.
+    """Return an access ACL whose owner, other and mask (or, lacking one, owning group) entries follow *mode*.
 
     This is what chmod(2) does to an access ACL on ext4. The kernel checks
     those entries and not the mode, so an ACL left alone would keep granting
