@@ -192,6 +192,36 @@ def backing_bytes(backing: Path) -> bytes:
     return b"\n".join(parts)
 
 
+def resident_bytes(path: Path) -> int:
+    """Return how many bytes of *path* are in the page cache, as fincore(1) counts them."""
+    output = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    return int(output.strip())
+
+
+def drop_cached_pages(path: Path) -> None:
+    """Write back and drop the page cache of *path* alone; only clean pages can be dropped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def wait_until_resident(path: Path, minimum: int, timeout: float = 10.0) -> int:
+    """Return the cached bytes of *path* once at least *minimum*, or after *timeout* seconds.
+
+    Read-ahead submits disk reads that may still be under way when the
+    request for them returns.
+    """
+    deadline = time.monotonic() + timeout
+    while resident_bytes(path) < minimum and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return resident_bytes(path)
+
+
 def expect_errno(expected: int, function, *args, **kwargs) -> None:
     """Call *function* and assert that it raises OSError with *expected* errno."""
     try:

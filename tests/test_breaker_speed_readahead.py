@@ -11,6 +11,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from securevol.readahead import MAX_PENDING, ReadAheadWorker
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 
@@ -29,9 +31,17 @@ def _stop_in_thread(worker: ReadAheadWorker) -> bool:
     return not stopper.is_alive()
 
 
-def test_offset_beyond_off_t_keeps_worker_alive(tmp_path):
-    # A client may write near the 2**63 limit of file offsets. The ciphertext
-    # offset after it does not fit in off_t, so posix_fadvise raises OverflowError.
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        # A client may write near the 2**63 limit of file offsets. The ciphertext
+        # offset after it does not fit in off_t, so posix_fadvise raises OverflowError.
+        (2**63 + 2**20, 8 * 2**20),
+        (0, -1),  # EINVAL from the kernel
+    ],
+    ids=["beyond-off_t", "negative-length"],
+)
+def test_failing_requests_keep_worker_alive(tmp_path, offset, length):
     path = tmp_path / "f"
     path.write_bytes(b"x" * 4096)
     fd = os.open(path, os.O_RDONLY)
@@ -39,23 +49,8 @@ def test_offset_beyond_off_t_keeps_worker_alive(tmp_path):
     worker = ReadAheadWorker()
 
     for _ in range(2 * MAX_PENDING):
-        worker.request(fd, 2**63 + 2**20, 8 * 2**20)
+        worker.request(fd, offset, length)
     worker.request(fd, 0, 4096)
-
-    assert _stop_in_thread(worker)
-    assert _open_descriptors() == before
-    os.close(fd)
-
-
-def test_negative_length_keeps_worker_alive(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"x" * 4096)
-    fd = os.open(path, os.O_RDONLY)
-    before = _open_descriptors()
-    worker = ReadAheadWorker()
-
-    for _ in range(2 * MAX_PENDING):
-        worker.request(fd, 0, -1)  # EINVAL from the kernel
 
     assert _stop_in_thread(worker)
     assert _open_descriptors() == before

@@ -99,7 +99,7 @@ def test_truncate_to_zero_starts_new_file_id(backing_fd):
     assert os.pread(backing_fd, fmt.HEADER_LEN, 0)[8:] != first_id
 
 
-def test_first_write_of_a_small_file_is_one_write_within_a_page(backing_fd):
+def test_small_first_write_one_op(backing_fd):
     # The journal keeps no record for a single write within one page, so a
     # small new file costs no journal writes.
     plans = []

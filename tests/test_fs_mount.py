@@ -24,14 +24,17 @@ from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
     MountFailed,
     Volume,
     backing_bytes,
+    drop_cached_pages,
     expect_errno,
     is_mounted,
     plain_dir,
     process_alive,
     require_fuse,
+    resident_bytes,
     run_mount_command,
     tree_snapshot,
     volume,
+    wait_until_resident,
 )
 
 
@@ -383,35 +386,20 @@ def test_sigterm_stops_a_volume_under_constant_load(volume):
     assert "volume unmounted vol=testvol" in volume.log_file.read_text()
 
 
-def _resident_bytes(path: Path) -> int:
-    output = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True, capture_output=True, text=True
-    ).stdout
-    return int(output.strip())
-
-
 def test_sequential_read_fetches_ciphertext_ahead(volume):
     size = 16 * 2**20
     (volume.mountpoint / "f").write_bytes(random.Random(3).randbytes(size))
     volume.remount()  # empties the kernel's cache of the plaintext
     backing = _backing_file_of(volume, size)
-    fd = os.open(backing, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # only clean pages can be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    assert _resident_bytes(backing) < 2**20
+    drop_cached_pages(backing)
+    assert resident_bytes(backing) < 2**20
 
     with open(volume.mountpoint / "f", "rb", buffering=0) as f:
         assert len(f.read(65536)) == 65536
 
-    # The kernel itself reads ahead at most 1 MiB on a FUSE mount; securevol
-    # asks the backing filesystem for 8 MiB beyond each sequential read.
-    deadline = time.monotonic() + 10
-    while _resident_bytes(backing) < 6 * 2**20 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _resident_bytes(backing) >= 6 * 2**20
+    # The kernel itself reads ahead at most 1 MiB on this FUSE mount (READ_AHEAD_KB),
+    # and securevol requests 8 MiB of the backing file beyond each sequential read.
+    assert wait_until_resident(backing, 6 * 2**20) >= 6 * 2**20
 
 
 def test_ascending_writes_fetch_ciphertext_ahead(volume):
@@ -419,12 +407,7 @@ def test_ascending_writes_fetch_ciphertext_ahead(volume):
     (volume.mountpoint / "f").write_bytes(random.Random(4).randbytes(size))
     volume.remount()
     backing = _backing_file_of(volume, size)
-    fd = os.open(backing, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_cached_pages(backing)
 
     # Every fourth block of the first 512 KiB; the kernel writes them back in file order at fsync.
     fd = os.open(volume.mountpoint / "f", os.O_RDWR)
@@ -435,10 +418,7 @@ def test_ascending_writes_fetch_ciphertext_ahead(volume):
     finally:
         os.close(fd)
 
-    deadline = time.monotonic() + 10
-    while _resident_bytes(backing) < 6 * 2**20 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _resident_bytes(backing) >= 6 * 2**20
+    assert wait_until_resident(backing, 6 * 2**20) >= 6 * 2**20
     with open(volume.mountpoint / "f", "rb") as f:
         assert f.read(fmt.BLOCK_SIZE) == b"w" * fmt.BLOCK_SIZE
 

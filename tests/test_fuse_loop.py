@@ -41,8 +41,8 @@ def test_queued_requests_yield_after_streak(pipe):
     trio.run(main)
 
     # The first FAST_STREAK waits return without a checkpoint, so the other
-    # task cannot run before; the next slow wait lets it in (trio shuffles
-    # runnable tasks, so at the latest one streak later).
+    # task cannot run before them. Trio shuffles runnable tasks, so it runs at
+    # the next slow wait or, at the latest, one streak later.
     assert len(other_task_ran_after) == 1
     assert fuse_loop.FAST_STREAK <= other_task_ran_after[0] <= 2 * fuse_loop.FAST_STREAK + 1
 

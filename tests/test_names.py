@@ -154,7 +154,7 @@ def test_format_is_stable():
 # Directory separation and wrong keys
 
 
-def test_backing_name_cache_agrees_with_a_fresh_cipher_and_stays_bounded(cipher):
+def test_backing_name_cache_bounded_consistent(cipher):
     fresh = names.NameCipher(derive_volume_keys(DataKey(bytes(range(32))), bytes(16)).name_key)
     iv_a, iv_b = b"a" * names.DIR_IV_LEN, b"b" * names.DIR_IV_LEN
     count = names.BACKING_NAME_CACHE_SIZE + 10

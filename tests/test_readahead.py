@@ -1,32 +1,22 @@
 """Tests of the read-ahead thread on real files; test_fs_mount.py checks read-ahead through a mount."""
 
 import os
-import subprocess
-import time
 
 from securevol.readahead import MAX_PENDING, ReadAheadWorker
+from tests.fs_helpers import drop_cached_pages, wait_until_resident
 
 
 def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _resident_bytes(path) -> int:
-    output = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True, capture_output=True, text=True
-    ).stdout
-    return int(output.strip())
-
-
 def _uncached_file(path, size: int) -> int:
     path.write_bytes(os.urandom(size))
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return fd
+    drop_cached_pages(path)
+    return os.open(path, os.O_RDONLY)
 
 
-def test_requested_range_is_cached_and_duplicate_closed(tmp_path):
+def test_worker_caches_range_closes_duplicate(tmp_path):
     path = tmp_path / "f"
     fd = _uncached_file(path, 4 * 2**20)
     before = _open_descriptors()
@@ -36,15 +26,11 @@ def test_requested_range_is_cached_and_duplicate_closed(tmp_path):
     os.close(fd)  # the worker has its own descriptor
     worker.stop()
 
-    # The disk reads may still be under way when posix_fadvise returns.
-    deadline = time.monotonic() + 10
-    while _resident_bytes(path) < 2 * 2**20 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _resident_bytes(path) >= 2 * 2**20
+    assert wait_until_resident(path, 2 * 2**20) >= 2 * 2**20
     assert _open_descriptors() == before - 1
 
 
-def test_full_queue_drops_requests_without_leaking(tmp_path):
+def test_full_queue_drops_without_leak(tmp_path):
     path = tmp_path / "f"
     fd = _uncached_file(path, 2**20)
     before = _open_descriptors()

@@ -7,7 +7,7 @@ passes through trio's scheduler, three system calls, and a sleep and wake-up
 of the process for every request. Here the loop first checks the device
 with poll(2) for up to SPIN_NS without sleeping, then sleeps in poll(2) for
 up to FAST_WAIT_MS. On this project's 2-CPU test machine a getxattr(2) that
-the filesystem answers from memory took 48 microseconds with pyfuse3's wait
+the filesystem serves from memory took 48 microseconds with pyfuse3's wait
 and 24 with this one.
 
 pyfuse3 looks its wait function up by name for every request, so replacing
@@ -66,7 +66,7 @@ class _QueuedRequestWait:
         return True
 
     def _next_request_queued(self) -> bool:
-        """Tell whether a request arrives within SPIN_NS of checking, then within FAST_WAIT_MS of sleeping."""
+        """Return whether a request arrives within SPIN_NS of polling, or else within FAST_WAIT_MS of sleeping."""
         poll = self._poll.poll
         deadline = time.monotonic_ns() + SPIN_NS
         while not poll(0):
@@ -79,7 +79,7 @@ async def serve() -> None:
     """Run pyfuse3's request loop until the filesystem is unmounted or pyfuse3.terminate() is called.
 
     Call it after pyfuse3.init(), inside trio. One worker task is enough,
-    because no handler awaits; more tasks would only add scheduling.
+    because no handler awaits, so more tasks would only add scheduling.
     """
     slow_wait = pyfuse3._wait_fuse_readable
     fuse_fd = _find_fuse_fd()

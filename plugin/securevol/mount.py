@@ -295,6 +295,8 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
             async for signum in signals:
                 log.info("stop requested signal=%s", signal.Signals(signum).name)
                 stopped_here = True
+                # NOTE: once this receiver ends, the default action is back, so a
+                # second SIGTERM before exit ends the process without unmounting.
                 # syncfs(2) makes the kernel write its cached pages through this
                 # very loop, so it runs in a thread while the loop keeps serving.
                 try:

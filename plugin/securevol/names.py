@@ -167,9 +167,9 @@ class NameCipher:
     def backing_name_for(self, plain: bytes, dir_iv: bytes) -> BackingName:
         """Return the backing name of *plain* in the directory with IV *dir_iv*.
 
-        Results are cached: most names are asked for twice in a row (a lookup
-        that misses, then the create; a stat, then the unlink), and AES-SIV
-        costs more than the rest of a lookup.
+        Results are cached, because most names are requested twice in a row:
+        a lookup that misses and then the create, or a stat and then the
+        unlink. AES-SIV costs more than the rest of a lookup.
         """
         key = (plain, dir_iv)
         backing = self._backing_names.get(key)
