@@ -11,13 +11,14 @@ from securevol.contents import EncryptedContents, apply_ops
 from securevol.errors import IntegrityError
 
 KEY = bytes(range(32))
+B = fmt.BLOCK_SIZE  # plaintext bytes per full block
 
 offsets = st.one_of(
-    st.integers(0, 3 * 4096 + 50),
-    st.sampled_from([0, 1, 4095, 4096, 4097, 8192]),
-    st.integers(0, 40).map(lambda n: n * 4096),
+    st.integers(0, 3 * B + 50),
+    st.sampled_from([0, 1, B - 1, B, B + 1, 2 * B]),
+    st.integers(0, 40).map(lambda n: n * B),
 )
-lengths = st.one_of(st.integers(1, 3 * 4096), st.sampled_from([1, 4095, 4096, 4097, 3 * 4096]))
+lengths = st.one_of(st.integers(1, 3 * B), st.sampled_from([1, B - 1, B, B + 1, 3 * B]))
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("write"), offsets, lengths, st.integers(0, 255)),
@@ -58,7 +59,7 @@ def test_matches_bytearray_model(backing_fd, ops):
         assert store.plain_size(backing_fd) == len(model)
 
     assert bytes(store.read(backing_fd, 0, len(model) + 10)) == bytes(model)
-    for offset in (0, 1, 4095, 4096, len(model) // 2, len(model)):
+    for offset in (0, 1, B - 1, B, len(model) // 2, len(model)):
         assert bytes(store.read(backing_fd, offset, 5000)) == bytes(model[offset : offset + 5000])
 
 
@@ -68,18 +69,18 @@ def test_write_into_hole_keeps_file_sparse(backing_fd):
     store.write(backing_fd, 100 * 2**20, b"far away")
 
     assert os.fstat(backing_fd).st_blocks * 512 < 1 * 2**20
-    assert bytes(store.read(backing_fd, 50 * 2**20, 4096)) == bytes(4096)
+    assert bytes(store.read(backing_fd, 50 * 2**20, B)) == bytes(B)
 
 
 def test_damaged_tail_read_and_reset(backing_fd):
     store = EncryptedContents(fmt.ContentCipher(KEY))
-    store.write(backing_fd, 0, b"x" * 5000)
+    store.write(backing_fd, 0, b"x" * (B + 904))
     os.ftruncate(backing_fd, fmt.block_offset(1) + 10)
 
-    assert store.plain_size(backing_fd) == 4096
-    assert bytes(store.read(backing_fd, 0, 4096)) == b"x" * 4096
+    assert store.plain_size(backing_fd) == B
+    assert bytes(store.read(backing_fd, 0, B)) == b"x" * B
     with pytest.raises(fmt.BlockIntegrityError) as info:
-        store.read(backing_fd, 4000, 200)
+        store.read(backing_fd, B - 96, 200)
     assert info.value.block_no == 1
     with pytest.raises(IntegrityError):
         store.write(backing_fd, 0, b"y")

@@ -12,7 +12,10 @@ from securevol.errors import IntegrityError
 
 KEY = bytes(range(32))
 FILE_ID = bytes(range(100, 116))
-BOUNDARY_SIZES = [0, 1, 4095, 4096, 4097, 8191, 8192, 8193, 10 * 4096 + 17]
+# Plaintext and ciphertext bytes per full block, spelled short so that sizes read as block arithmetic.
+B = fmt.BLOCK_SIZE
+C = fmt.CIPHER_BLOCK_SIZE
+BOUNDARY_SIZES = [0, 1, B - 1, B, B + 1, 2 * B - 1, 2 * B, 2 * B + 1, 10 * B + 17]
 
 
 def encrypt_file(cipher: fmt.ContentCipher, plaintext: bytes, file_id: bytes = FILE_ID) -> bytes:
@@ -39,7 +42,7 @@ def test_header_round_trip():
     data = header.to_bytes()
 
     assert len(data) == fmt.HEADER_LEN == 24
-    assert data.startswith(b"SVCF\x00\x01\x00\x00")
+    assert data.startswith(b"SVCF\x00\x02\x00\x00")
     assert fmt.FileHeader.parse(data) == header
 
 
@@ -50,10 +53,11 @@ def test_header_new_ids_differ():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"SVCF\x00\x01\x00\x00" + bytes(15), "want 24 bytes, have 23"),
-        (b"XVCF\x00\x01\x00\x00" + bytes(16), "bad magic: want 53564346, have 58564346"),
-        (b"SVCF\x00\x02\x00\x00" + bytes(16), "unsupported version: want 1, have 2"),
-        (b"SVCF\x00\x01\x00\x07" + bytes(16), "reserved field: want 0, have 7"),
+        (b"SVCF\x00\x02\x00\x00" + bytes(15), "want 24 bytes, have 23"),
+        (b"XVCF\x00\x02\x00\x00" + bytes(16), "bad magic: want 53564346, have 58564346"),
+        (b"SVCF\x00\x01\x00\x00" + bytes(16), "unsupported version: want 2, have 1"),
+        (b"SVCF\x00\x03\x00\x00" + bytes(16), "unsupported version: want 2, have 3"),
+        (b"SVCF\x00\x02\x00\x07" + bytes(16), "reserved field: want 0, have 7"),
     ],
 )
 def test_header_parse_strict(data, message):
@@ -74,10 +78,10 @@ def test_header_rejects_bad_file_id_length():
     [
         (0, 0),
         (1, 24 + 1 + 32),
-        (4095, 24 + 4095 + 32),
-        (4096, 24 + 4128),
-        (4097, 24 + 4128 + 1 + 32),
-        (3 * 4096, 24 + 3 * 4128),
+        (B - 1, 24 + B - 1 + 32),
+        (B, 24 + C),
+        (B + 1, 24 + C + 1 + 32),
+        (3 * B, 24 + 3 * C),
     ],
 )
 def test_sizes_known_values(plain, cipher):
@@ -96,7 +100,7 @@ def test_header_only_file_is_empty():
 
 @pytest.mark.parametrize(
     "cipher",
-    [1, 23, 24 + 1, 24 + 32, 24 + 4128 + 1, 24 + 4128 + 32, 24 + 5 * 4128 + 32],
+    [1, 23, 24 + 1, 24 + 32, 24 + C + 1, 24 + C + 32, 24 + 5 * C + 32],
 )
 def test_plain_size_rejects_impossible_lengths(cipher):
     with pytest.raises(IntegrityError, match="ciphertext size is impossible"):
@@ -105,7 +109,7 @@ def test_plain_size_rejects_impossible_lengths(cipher):
 
 @pytest.mark.parametrize(
     ("cipher", "reported"),
-    [(10, 0), (24 + 32, 0), (24 + 4128 + 5, 4096), (24 + 4128 + 40, 4096 + 8)],
+    [(10, 0), (24 + 32, 0), (24 + C + 5, B), (24 + C + 40, B + 8)],
 )
 def test_readable_plain_size_never_raises(cipher, reported):
     assert fmt.readable_plain_size(cipher) == reported
@@ -121,12 +125,12 @@ def test_cipher_size_rejects_negative():
     [
         (0, 0, []),
         (0, 1, [0]),
-        (0, 4096, [0]),
-        (0, 4097, [0, 1]),
-        (4095, 2, [0, 1]),
-        (4096, 4096, [1]),
-        (5000, 10000, [1, 2, 3]),
-        (8192, 0, []),
+        (0, B, [0]),
+        (0, B + 1, [0, 1]),
+        (B - 1, 2, [0, 1]),
+        (B, B, [1]),
+        (B + 5000, 2 * B + 10000, [1, 2, 3]),
+        (2 * B, 0, []),
     ],
 )
 def test_block_range(offset, length, blocks):
@@ -135,8 +139,8 @@ def test_block_range(offset, length, blocks):
 
 def test_block_offset_and_count():
     assert fmt.block_offset(0) == 24
-    assert fmt.block_offset(2) == 24 + 2 * 4128
-    assert [fmt.block_count(n) for n in (0, 1, 4096, 4097)] == [0, 1, 1, 2]
+    assert fmt.block_offset(2) == 24 + 2 * C
+    assert [fmt.block_count(n) for n in (0, 1, B, B + 1)] == [0, 1, 1, 2]
 
 
 def test_block_range_rejects_negative():
@@ -160,7 +164,7 @@ def test_round_trip_at_block_boundaries(size):
 
 def test_run_starting_mid_file_round_trip():
     cipher = fmt.ContentCipher(KEY)
-    plaintext = os.urandom(2 * 4096 + 100)
+    plaintext = os.urandom(2 * B + 100)
 
     ciphertext = cipher.encrypt_blocks(FILE_ID, 7, plaintext)
 
@@ -181,7 +185,7 @@ def test_plaintext_not_in_ciphertext():
 
 def test_flip_every_byte_detected():
     cipher = fmt.ContentCipher(KEY)
-    plaintext = os.urandom(4096 + 50)
+    plaintext = os.urandom(B + 50)
     ciphertext = encrypt_file(cipher, plaintext)
 
     for position in range(len(ciphertext)):
@@ -193,7 +197,7 @@ def test_flip_every_byte_detected():
 
 def test_swapped_blocks_within_file_detected():
     cipher = fmt.ContentCipher(KEY)
-    ciphertext = bytearray(encrypt_file(cipher, os.urandom(3 * 4096)))
+    ciphertext = bytearray(encrypt_file(cipher, os.urandom(3 * B)))
     first = slice(fmt.block_offset(0), fmt.block_offset(1))
     second = slice(fmt.block_offset(1), fmt.block_offset(2))
 
@@ -206,8 +210,8 @@ def test_swapped_blocks_within_file_detected():
 
 def test_block_moved_between_files_detected():
     cipher = fmt.ContentCipher(KEY)
-    file_a = bytearray(encrypt_file(cipher, os.urandom(2 * 4096), file_id=b"A" * 16))
-    file_b = encrypt_file(cipher, os.urandom(2 * 4096), file_id=b"B" * 16)
+    file_a = bytearray(encrypt_file(cipher, os.urandom(2 * B), file_id=b"A" * 16))
+    file_b = encrypt_file(cipher, os.urandom(2 * B), file_id=b"B" * 16)
     block_1 = slice(fmt.block_offset(1), fmt.block_offset(2))
 
     file_a[block_1] = file_b[block_1]
@@ -230,7 +234,7 @@ def test_swapped_headers_detected():
 
 def test_truncated_last_block_detected():
     cipher = fmt.ContentCipher(KEY)
-    ciphertext = encrypt_file(cipher, os.urandom(4096 + 500))
+    ciphertext = encrypt_file(cipher, os.urandom(B + 500))
 
     with pytest.raises(IntegrityError):
         decrypt_file(cipher, ciphertext[:-1])
@@ -242,7 +246,7 @@ def test_decrypt_rejects_run_with_impossible_length():
     cipher = fmt.ContentCipher(KEY)
 
     with pytest.raises(fmt.BlockIntegrityError) as info:
-        cipher.decrypt_blocks(FILE_ID, 4, os.urandom(4128 + 32))
+        cipher.decrypt_blocks(FILE_ID, 4, os.urandom(C + 32))
     assert info.value.block_no == 5
 
 
@@ -255,17 +259,17 @@ def test_wrong_key_detected():
 
 def test_zero_blocks_read_as_holes():
     cipher = fmt.ContentCipher(KEY)
-    middle = os.urandom(4096)
+    middle = os.urandom(B)
     run = bytes(fmt.CIPHER_BLOCK_SIZE) + bytes(cipher.encrypt_blocks(FILE_ID, 1, middle)) + bytes(40)
 
     plaintext = cipher.decrypt_blocks(FILE_ID, 0, run)
 
-    assert plaintext == bytes(4096) + middle + bytes(8)
+    assert plaintext == bytes(B) + middle + bytes(8)
 
 
 def test_zero_nonce_with_data_detected():
     cipher = fmt.ContentCipher(KEY)
-    block = bytearray(cipher.encrypt_blocks(FILE_ID, 0, b"x" * 4096))
+    block = bytearray(cipher.encrypt_blocks(FILE_ID, 0, b"x" * B))
 
     block[: fmt.NONCE_LEN] = bytes(fmt.NONCE_LEN)
 
@@ -286,9 +290,9 @@ def test_nonces_never_repeat_across_rewrites():
 
 def test_nonces_differ_between_blocks_of_one_run():
     cipher = fmt.ContentCipher(KEY)
-    run = cipher.encrypt_blocks(FILE_ID, 0, bytes(64 * 4096))
+    run = cipher.encrypt_blocks(FILE_ID, 0, bytes(64 * B))
 
-    nonces = {bytes(run[i * 4128 : i * 4128 + 16]) for i in range(64)}
+    nonces = {bytes(run[i * C : i * C + 16]) for i in range(64)}
 
     assert len(nonces) == 64
 
@@ -307,10 +311,10 @@ def test_golden_vector():
 def test_golden_vector_matches_documented_layout():
     """Rebuilds the golden vector with AESGCM directly, from the layout docs/format.md describes."""
     nonce = bytes([0xAA]) * 16
-    aad = (1).to_bytes(2, "big") + FILE_ID + (0).to_bytes(8, "big")
+    aad = (2).to_bytes(2, "big") + FILE_ID + (0).to_bytes(8, "big")
     body = AESGCM(KEY).encrypt(nonce, b"securevol golden vector", aad)
 
-    expected = b"SVCF" + (1).to_bytes(2, "big") + bytes(2) + FILE_ID + nonce + body
+    expected = b"SVCF" + (2).to_bytes(2, "big") + bytes(2) + FILE_ID + nonce + body
 
     assert expected.hex() == GOLDEN_CIPHERTEXT_HEX
 
@@ -319,10 +323,10 @@ def test_repr_hides_key():
     assert repr(fmt.ContentCipher(KEY)) == "ContentCipher(<redacted>)"
 
 
-# Header "SVCF" 0001 0000 file ID, then nonce 0xAA * 16, the GCM ciphertext and the tag.
+# Header "SVCF" 0002 0000 file ID, then nonce 0xAA * 16, the GCM ciphertext and the tag.
 GOLDEN_CIPHERTEXT_HEX = (
-    "53564346000100006465666768696a6b6c6d6e6f70717273"
+    "53564346000200006465666768696a6b6c6d6e6f70717273"
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
     "59590b5802a49cdf21dd15290bd688e73b30b5117b4015"
-    "53ed21879e94041445a9911fc206b795"
+    "b32a074e39391573b9a5eea6c26b574e"
 )

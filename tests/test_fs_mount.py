@@ -40,7 +40,8 @@ from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
 
 # --- a scripted workload, run on a plain directory and on the mount -------------------------------
 
-SIZES = [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 300_000]
+B = fmt.BLOCK_SIZE  # plaintext bytes per full block
+SIZES = [0, 1, B - 1, B, B + 1, 3 * B + 5, 300_000]
 
 
 def run_workload(root: Path) -> None:
@@ -52,21 +53,21 @@ def run_workload(root: Path) -> None:
 
     # Writes at arbitrary offsets, inside blocks, across blocks and past the end.
     with open(root / "size-300000", "r+b") as f:
-        for offset, length in [(0, 1), (4095, 2), (5000, 9000), (299_990, 20), (310_000, 100)]:
+        for offset, length in [(0, 1), (B - 1, 2), (5000, 9000), (299_990, 20), (310_000, 100)]:
             f.seek(offset)
             f.write(rng.randbytes(length))
 
     # A hole in the middle of a file, and a file that is only a hole.
     with open(root / "holes", "wb") as f:
         f.write(b"start")
-        f.seek(5 * 4096 + 123)
+        f.seek(5 * B + 123)
         f.write(b"end")
     with open(root / "sparse", "wb") as f:
-        f.truncate(3 * 4096 + 7)
+        f.truncate(3 * B + 7)
 
     # Truncation: grow and shrink, mid-block and on block boundaries.
     (root / "trunc").write_bytes(rng.randbytes(10_000))
-    for size in [9000, 8192, 8193, 20_000, 100, 0, 4097]:
+    for size in [9000, 2 * B, 8193, 20_000, 100, 0, B + 1]:
         os.truncate(root / "trunc", size)
 
     with open(root / "appended", "ab") as f:
@@ -79,7 +80,7 @@ def run_workload(root: Path) -> None:
     os.rename(root / "size-1", root / "dir" / "moved")
     os.rename(root / "dir" / "sub", root / "dir" / "renamed-sub")
     (root / "victim").write_bytes(b"replaced by rename")
-    os.rename(root / "size-4095", root / "victim")
+    os.rename(root / f"size-{B - 1}", root / "victim")
     (root / "gone").write_bytes(b"deleted")
     os.unlink(root / "gone")
     (root / "empty-dir").mkdir()
@@ -87,10 +88,10 @@ def run_workload(root: Path) -> None:
     (root / ("long-" * 40 + "name")).write_bytes(b"a 205-byte name")
     (root / ("x" * 255)).write_bytes(b"the longest name")
     (root / "ünïcödé ✓").write_bytes("utf-8 name".encode())
-    os.symlink("size-4096", root / "relative-link")
+    os.symlink(f"size-{B}", root / "relative-link")
     os.symlink("/etc/hostname", root / "absolute-link")
     os.symlink("t" * 4000, root / "long-target-link")
-    os.chmod(root / "size-4096", 0o640)
+    os.chmod(root / f"size-{B}", 0o640)
     os.chmod(root / "dir", 0o750)
 
 
@@ -237,7 +238,7 @@ def _backing_file_of(volume: Volume, size: int) -> Path:
 
 
 def test_tampered_block_eio_and_log(volume):
-    data = random.Random(3).randbytes(5 * 4096)
+    data = random.Random(3).randbytes(5 * B)
     (volume.mountpoint / "victim").write_bytes(data)
     volume.stop()
 
@@ -251,9 +252,9 @@ def test_tampered_block_eio_and_log(volume):
     volume.expected_errors.append("integrity check failed")
 
     with open(volume.mountpoint / "victim", "rb", buffering=0) as f:
-        assert os.pread(f.fileno(), 4096, 0) == data[:4096]
-        assert os.pread(f.fileno(), 4096, 4 * 4096) == data[4 * 4096 :]
-        expect_errno(errno.EIO, os.pread, f.fileno(), 10, 2 * 4096 + 5)
+        assert os.pread(f.fileno(), B, 0) == data[:B]
+        assert os.pread(f.fileno(), B, 4 * B) == data[4 * B :]
+        expect_errno(errno.EIO, os.pread, f.fileno(), 10, 2 * B + 5)
         expect_errno(errno.EIO, f.read)
 
     errors = volume.log_lines("ERROR")
@@ -264,7 +265,7 @@ def test_tampered_block_eio_and_log(volume):
 
 
 def test_truncated_ciphertext_reads_as_eio(volume):
-    data = random.Random(4).randbytes(2 * 4096 + 300)
+    data = random.Random(4).randbytes(2 * B + 300)
     (volume.mountpoint / "victim").write_bytes(data)
     volume.stop()
     backing_file = _backing_file_of(volume, len(data))
@@ -273,8 +274,8 @@ def test_truncated_ciphertext_reads_as_eio(volume):
     volume.expected_errors.append("integrity check failed")
 
     with open(volume.mountpoint / "victim", "rb", buffering=0) as f:
-        assert os.pread(f.fileno(), 4096, 0) == data[:4096]
-        expect_errno(errno.EIO, os.pread, f.fileno(), 100, 2 * 4096)
+        assert os.pread(f.fileno(), B, 0) == data[:B]
+        expect_errno(errno.EIO, os.pread, f.fileno(), 100, 2 * B)
 
 
 def test_swapped_files_read_as_eio(volume):

@@ -634,13 +634,21 @@ def test_locks_exclude_other_processes(volume, use_flock):
 
 
 def _block_writer(path: Path, blocks: int, rounds: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
+    # O_DIRECT, so that each pwrite reaches the FUSE process whole. Through
+    # the writeback cache, Linux 6.18 sends a page to the filesystem while a
+    # buffered writer may still be copying into it, so the WRITE request itself
+    # can carry a page that is half old, half new (seen here: values switching
+    # every 64 bytes) until the next writeback sends it again.
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    page = mmap.mmap(-1, 4096)
     try:
         for generation in range(1, rounds + 1):
+            page[:] = bytes([generation % 256]) * 4096
             for block in range(blocks):
-                os.pwrite(fd, bytes([generation % 256]) * 4096, block * 4096)
+                os.pwritev(fd, [page], block * 4096)
     finally:
         os.close(fd)
+        page.close()
 
 
 def test_no_torn_blocks_under_concurrent_readers(volume):
@@ -653,7 +661,8 @@ def test_no_torn_blocks_under_concurrent_readers(volume):
     # shows what it decrypts. A buffered reader would test the kernel instead:
     # Linux copies page-cache pages to readers without the page lock, so a
     # buffered read concurrent with a write can show a torn page on any
-    # filesystem, ext4 included.
+    # filesystem, ext4 included. Each 4 KiB write covers part of a block, so
+    # the FUSE process rewrites the block around it (read-modify-write).
     torn = []
     buffer = mmap.mmap(-1, 64 * 4096)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)

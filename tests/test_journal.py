@@ -19,6 +19,8 @@ from securevol.contents import EncryptedContents, TruncateOp, WriteOp
 from securevol.journal import Journal
 
 KEY = bytes(range(32))
+B = fmt.BLOCK_SIZE  # plaintext bytes per full block
+C = fmt.CIPHER_BLOCK_SIZE
 
 
 @pytest.fixture
@@ -107,47 +109,47 @@ def recover(root: Path) -> bool:
         os.close(root_fd)
 
 
-@pytest.mark.parametrize("after_bytes", [1, 4096 - 24, 5000, 3 * 4128 + 7])
+@pytest.mark.parametrize("after_bytes", [1, journal_module.PAGE_SIZE - 24, 5000, 3 * C + 7])
 def test_torn_write_is_redone(backing, after_bytes):
-    old = random.Random(1).randbytes(8 * 4096)
-    new = random.Random(2).randbytes(5 * 4096)
+    old = random.Random(1).randbytes(8 * B)
+    new = random.Random(2).randbytes(5 * B)
     path = make_file(backing, old)
 
-    crash_during(backing, path, lambda store, fd: store.write(fd, 4096 + 100, new), tear_target_write(after_bytes))
+    crash_during(backing, path, lambda store, fd: store.write(fd, B + 100, new), tear_target_write(after_bytes))
 
     assert recover(backing) is True
-    assert read_file(path) == old[: 4096 + 100] + new + old[4096 + 100 + len(new) :]
+    assert read_file(path) == old[: B + 100] + new + old[B + 100 + len(new) :]
     assert recover(backing) is False
 
 
 def test_torn_growth_is_redone(backing):
-    old = random.Random(3).randbytes(4096 + 10)
+    old = random.Random(3).randbytes(B + 10)
     path = make_file(backing, old)
 
     # Growing pads the old partial block, then writes past the end: two backing writes.
-    crash_during(backing, path, lambda store, fd: store.write(fd, 20_000, b"far"), tear_target_write(3000))
+    crash_during(backing, path, lambda store, fd: store.write(fd, 3 * B, b"far"), tear_target_write(3000))
 
     assert recover(backing) is True
-    assert read_file(path) == old + bytes(20_000 - len(old)) + b"far"
+    assert read_file(path) == old + bytes(3 * B - len(old)) + b"far"
 
 
 def test_torn_shrink_is_redone(backing):
-    old = random.Random(4).randbytes(6 * 4096)
+    old = random.Random(4).randbytes(6 * B)
     path = make_file(backing, old)
 
-    crash_during(backing, path, lambda store, fd: store.truncate(fd, 2 * 4096 + 5), tear_target_write(1000))
+    crash_during(backing, path, lambda store, fd: store.truncate(fd, 2 * B + 5), tear_target_write(1000))
 
     assert recover(backing) is True
-    assert read_file(path) == old[: 2 * 4096 + 5]
+    assert read_file(path) == old[: 2 * B + 5]
 
 
 def test_torn_append_is_undone(backing):
-    old = random.Random(7).randbytes(3 * 4096)
+    old = random.Random(7).randbytes(3 * B)
     path = make_file(backing, old)
     before = path.read_bytes()
 
     # Only new blocks past the end: the journal keeps the old size, not the data.
-    crash_during(backing, path, lambda store, fd: store.write(fd, 3 * 4096, bytes(5 * 4096)), tear_target_write(9000))
+    crash_during(backing, path, lambda store, fd: store.write(fd, 3 * B, bytes(5 * B)), tear_target_write(9000))
 
     assert recover(backing) is True
     assert path.read_bytes() == before
@@ -157,18 +159,18 @@ def test_torn_append_is_undone(backing):
 def test_torn_first_write_of_new_file_is_undone(backing):
     path = make_file(backing, b"")
 
-    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(3 * 4096)), tear_target_write(6000))
+    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(3 * B)), tear_target_write(6000))
 
     assert recover(backing) is True
     assert path.stat().st_size == 0
 
 
 def test_torn_record_leaves_file_untouched(backing):
-    old = random.Random(5).randbytes(4 * 4096)
+    old = random.Random(5).randbytes(4 * B)
     path = make_file(backing, old)
     before = path.read_bytes()
 
-    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(3 * 4096)), tear_journal_body(2000))
+    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(3 * B)), tear_journal_body(2000))
 
     assert recover(backing) is False
     assert path.read_bytes() == before
@@ -176,9 +178,9 @@ def test_torn_record_leaves_file_untouched(backing):
 
 
 def test_replaced_target_not_touched(backing):
-    old = random.Random(6).randbytes(3 * 4096)
+    old = random.Random(6).randbytes(3 * B)
     path = make_file(backing, old)
-    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(2 * 4096)), tear_target_write(10))
+    crash_during(backing, path, lambda store, fd: store.write(fd, 0, bytes(2 * B)), tear_target_write(10))
     os.rename(path, backing / "dir" / "moved")
     replacement = make_file(backing, b"a different file")
 

@@ -669,6 +669,24 @@ def test_mount_counts_are_a_multiset(server):
 
 
 @needs_fuse
+def test_mount_of_older_format_refused(server):
+    name = create(server)
+    record_file = server.volume_dir(name) / "volume.json"
+    record = json.loads(record_file.read_text())
+    assert record["format_version"] == 2
+    record["format_version"] = 1
+    record_file.write_text(json.dumps(record))
+
+    response = server.call("Mount", {"Name": name, "ID": "old"})
+
+    assert_one_sentence_error(response, name, "on-disk format 1", "reads format 2", "copy its files to a new volume")
+    assert not mounts_under(server.mount_root / name)
+    assert get(server, name)["Status"]["mounted"] is False
+    assert "volume mount refused" in server.log_text()
+    assert server.call("Remove", {"Name": name}).err == ""
+
+
+@needs_fuse
 def test_remove_refused_while_mounted(server):
     name = create(server)
     mount(server, name, "busy")

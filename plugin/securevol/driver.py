@@ -21,7 +21,7 @@ from securevol.errors import KeyProviderError, MountFailed, SecurevolError, Volu
 from securevol.keys import KeyProvider, check_record_provider, create_provider
 from securevol.mounter import FuseLaunch, Mounter, is_mounted
 from securevol.options import parse_options, root_attributes, validate_name
-from securevol.registry import MountState, Registry, VolumeRecord, now_rfc3339
+from securevol.registry import FORMAT_VERSION, MountState, Registry, VolumeRecord, now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class VolumeDriver:
         state.mountpoint = None
         self.registry.write_mounts(name, state)
 
+        self._check_format(record)
         dek = self._unwrap_dek(record)
         launch = FuseLaunch(
             volume=name,
@@ -164,6 +165,20 @@ class VolumeDriver:
             raise
         state.mountpoint = str(mountpoint)
         log.info("fuse process started vol=%s pid=%d", name, state.pid)
+
+    def _check_format(self, record: VolumeRecord) -> None:
+        """Refuse a volume whose backing store this release cannot read, before its key is unwrapped."""
+        if record.format_version == FORMAT_VERSION:
+            return
+        log.error(
+            "volume mount refused vol=%s reason=format_version have=%d want=%d",
+            record.name, record.format_version, FORMAT_VERSION,
+        )
+        raise MountFailed(
+            f"Volume {record.name!r} uses on-disk format {record.format_version}, which this securevol "
+            f"cannot read (it reads format {FORMAT_VERSION}); mount it with the release that created it "
+            f"and copy its files to a new volume."
+        )
 
     def _unwrap_dek(self, record: VolumeRecord) -> DataKey:
         try:

@@ -4,7 +4,7 @@ A regular file's ciphertext in the backing store is either empty (an empty
 plaintext file) or a file header followed by ciphertext blocks::
 
     file header   magic "SVCF" | version u16 | reserved u16 = 0 | file ID (16 random bytes)
-    block 0       nonce (16) | AES-256-GCM ciphertext of up to 4096 plaintext bytes | tag (16)
+    block 0       nonce (16) | AES-256-GCM ciphertext of up to 32768 plaintext bytes | tag (16)
     block 1       ...
 
 Every block but the last holds exactly BLOCK_SIZE plaintext bytes, so the
@@ -32,12 +32,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from securevol.errors import IntegrityError
 
 MAGIC = b"SVCF"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILE_ID_LEN = 16
 _HEADER_STRUCT = struct.Struct(">4sHH16s")
 HEADER_LEN = _HEADER_STRUCT.size  # 24
 
-BLOCK_SIZE = 4096
+# 32 KiB: the per-block cost of a cipher call and the Python around it, not
+# AES itself, bounded sequential reads with 4 KiB blocks (docs/format.md, "Blocks").
+BLOCK_SIZE = 32768
 # 128-bit random nonces, as gocryptfs uses. Random 96-bit nonces collide with
 # probability about q**2 / 2**97 after q block writes, 2**-32 at 16 TiB written,
 # which a busy database volume can reach. A 128-bit nonce is hashed by GHASH

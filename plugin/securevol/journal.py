@@ -2,7 +2,7 @@
 
 Why: a SIGKILL (or the OOM killer) that arrives while the kernel copies a
 pwrite(2) into the page cache ends the copy at a page boundary. A ciphertext
-block is 4128 bytes, so it always straddles a page boundary, and a torn block
+block is 32800 bytes, so it always straddles page boundaries, and a torn block
 reads as EIO for good. A change can also take several system calls (pad the
 old last block, write the new run, truncate), and dying between them leaves a
 file of impossible length.

@@ -35,7 +35,9 @@ from securevol.options import validate_name
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# The on-disk format of a volume's backing store (docs/format.md, "Format versions"):
+# 1 stored contents in 4 KiB blocks, 2 in 32 KiB blocks.
+FORMAT_VERSION = 2
 
 VOLUME_FILE = "volume.json"
 DEK_FILE = "dek.json"
