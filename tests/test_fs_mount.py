@@ -530,6 +530,68 @@ def test_modes_of_new_entries_ignore_process_umask(volume):
     assert stat.S_IMODE((volume.mountpoint / "d").stat().st_mode) == 0o1777
 
 
+def test_created_file_owner_and_mode(volume):
+    # The first file in a directory goes the long way (create 0600, chown,
+    # chmod), later ones get owner and mode from open(2) alone.
+    modes = [0o644, 0o4755, 0o2711, 0o600, 0o1644, 0o777]
+    directory = volume.mountpoint / "d"
+    directory.mkdir()
+    old_umask = os.umask(0)
+    try:
+        for i, mode in enumerate(modes):
+            os.close(os.open(directory / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
+    finally:
+        os.umask(old_umask)
+    # Regular files never keep the sticky bit: on the backing store it marks long symlinks.
+    expected = [mode & ~stat.S_ISVTX for mode in modes]
+
+    def seen() -> list[tuple[int, int, int]]:
+        return [
+            (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            for st in (os.stat(directory / f"f{i}") for i in range(len(modes)))
+        ]
+
+    assert seen() == [(mode, 0, 0) for mode in expected]
+    volume.remount()
+    assert seen() == [(mode, 0, 0) for mode in expected]
+    [backing_dir] = [p for p in volume.backing.iterdir() if p.is_dir()]
+    backing_files = [p for p in backing_dir.iterdir() if p.is_file() and p.stat().st_size == 0]
+    assert sorted(stat.S_IMODE(p.stat().st_mode) for p in backing_files) == sorted(expected)
+
+
+def _unlinked_backing_files(volume: Volume, size: int) -> list[os.stat_result]:
+    """Return the stat of each unlinked file of *size* bytes that the FUSE process has open, once per inode.
+
+    The size tells backing files from others the process inherited, such as
+    the unlinked file that pytest captures output to.
+    """
+    backing_device = volume.backing.stat().st_dev
+    pid = volume.pid
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and (st.st_dev, st.st_size) == (backing_device, size):
+            found[st.st_ino] = st
+    return list(found.values())
+
+
+def test_unlinked_open_file_times_stored(volume):
+    # The FUSE process skips the times the kernel sends for an unlinked file
+    # that no process has open, and must not skip them while a handle is open.
+    path = volume.mountpoint / "f"
+    path.write_bytes(b"x" * 100)
+    with open(path, "r+b") as f:
+        os.unlink(path)
+        os.utime(f.fileno(), ns=(1_000_000_007, 2_000_000_009))
+
+        [backing] = _unlinked_backing_files(volume, fmt.cipher_size(100))
+        assert (backing.st_atime_ns, backing.st_mtime_ns) == (1_000_000_007, 2_000_000_009)
+    assert not path.exists()
+
+
 # --- caches and deferred work of the FUSE process --------------------------------------------------
 
 # A version 2 file capability that grants CAP_NET_BIND_SERVICE (bit 10), as setcap(8) writes it.

@@ -166,6 +166,11 @@ class SecurevolOperations(pyfuse3.Operations):
         self._reported_damage: dict[int, set[object]] = {}
         # Read-only descriptors of directory IV files written by mkdir but not yet fsynced.
         self._unsynced_ivs: list[int] = []
+        self._euid = os.geteuid()
+        self._egid = os.getegid()
+        umask = os.umask(0)
+        os.umask(umask)
+        self._umask_is_zero = umask == 0
 
     def close(self) -> None:
         """Close every descriptor; call once the filesystem is unmounted."""
@@ -221,6 +226,14 @@ class SecurevolOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         inode = self._inode(ino)
+        only_times = not (fields.update_size or fields.update_uid or fields.update_gid or fields.update_mode)
+        if only_times:
+            st = os.fstat(inode.fd)
+            if st.st_nlink == 0 and inode.opens == 0:
+                # With the writeback cache the kernel sends the times of an
+                # unlinked file once its last user is gone. No name and no
+                # handle leads to the file any more, so no one can see them.
+                return self._attributes(inode.ino, st)
 
         if fields.update_size:
             self._truncate(inode, fh, attr.st_size)
@@ -422,16 +435,22 @@ class SecurevolOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
-        uid, gid, _ = self._new_owner(parent, ctx)
+        uid, gid, inherit_gid = self._new_owner(parent, ctx)
 
         self._write_side_record(parent, backing)
-        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(backing.name, open_flags | (flags & _BACKING_OPEN_FLAGS), 0o600, dir_fd=parent.fd)
+        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & _BACKING_OPEN_FLAGS)
+        # When open(2) alone gives the file its owner and mode, two journaled
+        # changes of the backing inode per created file are spared.
+        as_requested = self._creates_as_requested(parent, uid, gid, inherit_gid)
+        initial_mode = stat.S_IMODE(mode) & ~stat.S_ISVTX if as_requested else 0o600
+        fd = os.open(backing.name, open_flags, initial_mode, dir_fd=parent.fd)
         try:
-            os.fchown(fd, uid, gid)
-            mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFREG | mode)
-            os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISVTX)
-            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            if not as_requested:
+                os.fchown(fd, uid, gid)
+                mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFREG | mode)
+                os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISVTX)
+            # Only this process changes the backing directory, so the name still leads to the new file.
+            path_fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except BaseException:
             os.close(fd)
             raise
@@ -481,10 +500,15 @@ class SecurevolOperations(pyfuse3.Operations):
             raise FUSEError(errno.EIO) from None
         return len(data)
 
-    @_handler
-    def flush(self, fh: int) -> None:
-        # Writes reach the backing file before write() returns, so close(2) has nothing left to do.
-        return None
+    async def flush(self, fh: int) -> None:
+        """Tell the kernel that this filesystem needs no FLUSH requests.
+
+        Writes reach the backing file before write() returns, so close(2) has
+        nothing left to do here. The kernel still writes dirty pages back before
+        close(2) returns; after ENOSYS it only stops sending FLUSH itself, which
+        spares one request per close.
+        """
+        raise FUSEError(errno.ENOSYS)
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -543,8 +567,16 @@ class SecurevolOperations(pyfuse3.Operations):
 
     def _read_ahead(self, handle: OpenFile, offset: int, size: int, max_gap: int) -> None:
         backing_range = handle.read_ahead_range(offset, size, max_gap)
-        if backing_range is not None:
-            self._read_ahead_worker.request(handle.fd, *backing_range)
+        if backing_range is None:
+            return
+
+        # Ciphertext past the end of the backing file is not on disk yet (a new
+        # file, an append): asking for it would only wake the thread, which
+        # then competes for the GIL with the request that woke it.
+        start, length = backing_range
+        on_disk = os.fstat(handle.fd).st_size - start
+        if on_disk > 0:
+            self._read_ahead_worker.request(handle.fd, start, min(length, on_disk))
 
     def _inode(self, ino: int) -> Inode:
         inode = self._inodes.get(ino)
@@ -655,6 +687,20 @@ class SecurevolOperations(pyfuse3.Operations):
         if parent_st.st_mode & stat.S_ISGID:
             return ctx.uid, parent_st.st_gid, True
         return ctx.uid, ctx.gid, False
+
+    def _creates_as_requested(self, parent: Inode, uid: int, gid: int, inherit_gid: bool) -> bool:
+        """Tell whether a backing entry created in *parent* gets owner *uid*:*gid* and its exact mode by itself.
+
+        Three conditions: this process has that user and group (or the
+        directory passes its group on), and the umask is 0. Also, *parent* has
+        no default ACL to inherit, which is known after its first new entry.
+        """
+        return (
+            self._umask_is_zero
+            and uid == self._euid
+            and (inherit_gid or gid == self._egid)
+            and xattrs.ACL_DEFAULT in parent.absent_xattrs
+        )
 
     def _set_up_entry(
         self, parent: Inode, backing_name: str, uid: int, gid: int, mode: int | None
