@@ -9,6 +9,7 @@ and fails the test if the volume log has ERROR lines the test did not expect.
 import errno
 import os
 import random
+import resource
 import signal
 import stat
 import subprocess
@@ -590,6 +591,40 @@ def test_unlinked_open_file_times_stored(volume):
         [backing] = _unlinked_backing_files(volume, fmt.cipher_size(100))
         assert (backing.st_atime_ns, backing.st_mtime_ns) == (1_000_000_007, 2_000_000_009)
     assert not path.exists()
+
+
+def test_descriptor_exhaustion_logged_once(volume):
+    # Every inode the kernel knows keeps a descriptor open in the FUSE process.
+    soft, hard = resource.prlimit(volume.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (200, hard))
+    directory = volume.mountpoint / "many"
+    directory.mkdir()
+
+    failed = []
+    for i in range(300):
+        try:
+            (directory / f"f{i}").write_bytes(b"x")
+        except OSError as exc:
+            failed.append((f"f{i}", exc.errno))
+    for i, make in enumerate([os.mkdir, os.mkdir, lambda path: os.symlink("f0", path)]):
+        try:
+            make(directory / f"e{i}")
+        except OSError as exc:
+            failed.append((f"e{i}", exc.errno))
+
+    assert failed
+    assert {code for _, code in failed} == {errno.EMFILE}
+    warnings = [line for line in volume.log_lines("WARNING") if "file descriptors exhausted" in line]
+    assert len(warnings) == 1
+    assert "limit=200" in warnings[0]
+
+    resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    # A create that failed left no file behind. A listing asks the FUSE process;
+    # a lookup could be answered from the negative entry the kernel cached.
+    assert not set(os.listdir(directory)) & {name for name, _ in failed}
+    (directory / "after").write_bytes(b"ok")
+    assert (directory / "after").read_bytes() == b"ok"
+    assert (directory / "f0").read_bytes() == b"x"
 
 
 # --- caches and deferred work of the FUSE process --------------------------------------------------

@@ -28,7 +28,9 @@ import functools
 import itertools
 import logging
 import os
+import resource
 import stat
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +66,9 @@ _READ_AHEAD_BYTES = 8 << 20
 # Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
 _MAX_UNSYNCED_IVS = 1024
 
+# Seconds between two warnings that the FUSE process ran out of file descriptors.
+_DESCRIPTOR_WARNING_INTERVAL = 60.0
+
 
 def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
     """Turn errors of a request handler into FUSEError, the only exception pyfuse3 accepts.
@@ -81,6 +86,8 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
         except (InvalidName, XattrError) as exc:
             raise FUSEError(exc.errno) from None
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._warn_descriptor_limit(method.__name__, exc)
             raise FUSEError(exc.errno or errno.EIO) from None
         except IntegrityError as exc:
             log.error("integrity check failed vol=%s op=%s error=%s", self.volume, method.__name__, exc)
@@ -166,6 +173,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._reported_damage: dict[int, set[object]] = {}
         # Read-only descriptors of directory IV files written by mkdir but not yet fsynced.
         self._unsynced_ivs: list[int] = []
+        self._last_descriptor_warning: float | None = None
         self._euid = os.geteuid()
         self._egid = os.getegid()
         umask = os.umask(0)
@@ -453,6 +461,7 @@ class SecurevolOperations(pyfuse3.Operations):
             path_fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except BaseException:
             os.close(fd)
+            self._discard_new_entry(parent, backing.name)
             raise
 
         attributes = self._remember(path_fd)
@@ -564,6 +573,24 @@ class SecurevolOperations(pyfuse3.Operations):
         self._xattrs.remove(inode.proc_path, name)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _warn_descriptor_limit(self, operation: str, exc: OSError) -> None:
+        """Log, at most once per _DESCRIPTOR_WARNING_INTERVAL, that a request failed for lack of descriptors.
+
+        Each inode the kernel has looked up keeps a descriptor open here, so a
+        volume with many files in use reaches RLIMIT_NOFILE, and the client
+        sees EMFILE on its own call without knowing why.
+        """
+        now = time.monotonic()
+        if self._last_descriptor_warning is not None and now - self._last_descriptor_warning < _DESCRIPTOR_WARNING_INTERVAL:
+            return
+        self._last_descriptor_warning = now
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.warning(
+            "file descriptors exhausted vol=%s op=%s error=%s known_inodes=%d open_files=%d limit=%d",
+            self.volume, operation, exc.strerror, len(self._inodes), len(self._files), soft,
+        )
 
     def _read_ahead(self, handle: OpenFile, offset: int, size: int, max_gap: int) -> None:
         backing_range = handle.read_ahead_range(offset, size, max_gap)
@@ -691,9 +718,9 @@ class SecurevolOperations(pyfuse3.Operations):
     def _creates_as_requested(self, parent: Inode, uid: int, gid: int, inherit_gid: bool) -> bool:
         """Tell whether a backing entry created in *parent* gets owner *uid*:*gid* and its exact mode by itself.
 
-        Three conditions: this process has that user and group (or the
-        directory passes its group on), and the umask is 0. Also, *parent* has
-        no default ACL to inherit, which is known after its first new entry.
+        It does when this process has that user and group (or the directory
+        passes its group on) and the umask is 0. *parent* must also have no
+        default ACL to inherit, which is known after its first new entry.
         """
         return (
             self._umask_is_zero
@@ -711,7 +738,12 @@ class SecurevolOperations(pyfuse3.Operations):
         Only regular files and directories inherit a default ACL, because
         Linux has no user.* attributes on device nodes, FIFOs and sockets.
         """
-        fd = os.open(backing_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            fd = os.open(backing_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        except BaseException:
+            self._discard_new_entry(parent, backing_name)
+            raise
+
         path = f"/proc/self/fd/{fd}"
         try:
             syscalls.fchown_path_fd(fd, uid, gid)
@@ -721,8 +753,26 @@ class SecurevolOperations(pyfuse3.Operations):
                 os.chmod(path, stat.S_IMODE(mode))
         except BaseException:
             os.close(fd)
+            self._discard_new_entry(parent, backing_name)
             raise
         return self._remember(fd)
+
+    def _discard_new_entry(self, parent: Inode, backing_name: str) -> None:
+        """Remove an entry that a failing request created, so that no entry outlives the error the client gets.
+
+        The kernel caches the failed name as absent, so a leftover entry would
+        stay hidden and make the next create of that name fail with EEXIST.
+        This runs when descriptors ran out, so it opens none.
+        """
+        try:
+            try:
+                os.unlink(backing_name, dir_fd=parent.fd)
+            except IsADirectoryError:
+                os.unlink(f"{backing_name}/{names.DIR_IV_NAME}", dir_fd=parent.fd)
+                os.rmdir(backing_name, dir_fd=parent.fd)
+            names.remove_side_record(parent.fd, backing_name)
+        except OSError as exc:
+            log.warning("removing a half-created entry failed vol=%s error=%s", self.volume, exc.strerror)
 
     def _set_access_acl(self, inode: Inode, value: bytes) -> None:
         """Store an access ACL and make the permission bits follow it.
