@@ -122,6 +122,47 @@ def test_torn_write_is_redone(backing, after_bytes):
     assert recover(backing) is False
 
 
+def test_torn_write_through_other_link_is_redone(backing):
+    """The descriptor's own name is gone, another hard link remains: the record names a temporary link."""
+    old = random.Random(8).randbytes(4 * B)
+    new = random.Random(9).randbytes(2 * B)
+    path = make_file(backing, old)
+    other = backing / "dir" / "other"
+
+    def change(store, fd):
+        os.link(path, other)
+        os.unlink(path)
+        store.write(fd, 100, new)
+
+    crash_during(backing, path, change, tear_target_write(5000))
+
+    assert (backing / journal_module.TARGET_LINK_NAME).exists()
+    assert recover(backing) is True
+    assert read_file(other) == old[:100] + new + old[100 + len(new) :]
+    assert not (backing / journal_module.TARGET_LINK_NAME).exists()
+    assert other.stat().st_nlink == 1
+
+
+def test_write_through_other_link_leaves_no_link(backing):
+    path = make_file(backing, random.Random(10).randbytes(3 * B))
+    other = backing / "dir" / "other"
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.link(path, other)
+        os.unlink(path)
+        EncryptedContents(fmt.ContentCipher(KEY), journal.apply).write(fd, 100, bytes(2 * B))
+    finally:
+        os.close(fd)
+        journal.close()
+        os.close(root_fd)
+
+    assert not (backing / journal_module.TARGET_LINK_NAME).exists()
+    assert other.stat().st_nlink == 1
+    assert read_file(other)[100 : 100 + 2 * B] == bytes(2 * B)
+
+
 def test_torn_growth_is_redone(backing):
     old = random.Random(3).randbytes(B + 10)
     path = make_file(backing, old)

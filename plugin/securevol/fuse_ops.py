@@ -23,6 +23,7 @@ Caveats:
   the umask. New entries there can get a narrower mask than on ext4.
 """
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -31,7 +32,7 @@ import os
 import resource
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyfuse3
@@ -55,7 +56,7 @@ CACHE_TIMEOUT = 3600.0
 
 # Open flags passed on to the backing file, because they change how data
 # reaches the disk. The kernel's writeback cache resolves O_APPEND itself, and
-# O_DIRECT would need aligned backing I/O, which 4128-byte blocks never are.
+# O_DIRECT would need aligned backing I/O, which 32800-byte blocks never are.
 _BACKING_OPEN_FLAGS = os.O_SYNC | os.O_DSYNC
 
 _CAPABILITY = b"security.capability"
@@ -222,7 +223,7 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode = self._inode(ino)
-        return self._attributes(inode.ino, os.fstat(inode.fd))
+        return self._attributes_of(inode, os.fstat(inode.fd))
 
     @_handler
     def setattr(
@@ -234,15 +235,20 @@ class SecurevolOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         inode = self._inode(ino)
+        atime = attr.st_atime_ns if fields.update_atime else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
         only_times = not (fields.update_size or fields.update_uid or fields.update_gid or fields.update_mode)
         if only_times:
             st = os.fstat(inode.fd)
-            if st.st_nlink == 0 and inode.opens == 0:
+            if st.st_nlink == 0:
                 # With the writeback cache the kernel sends the times of an
-                # unlinked file once its last user is gone. No name and no
-                # handle leads to the file any more, so no one can see them.
-                return self._attributes(inode.ino, st)
+                # unlinked file as it evicts the inode, after the last user.
+                # Kept in memory, they cost no journaled change of an inode
+                # that is about to be freed, and getattr still reports them.
+                self._keep_unlinked_times(inode, atime, mtime)
+                return self._attributes_of(inode, st)
 
+        self._store_unlinked_times(inode)
         if fields.update_size:
             self._truncate(inode, fh, attr.st_size)
         # Owner before mode: chown(2) clears the set-user-ID bit, and a mode
@@ -255,11 +261,9 @@ class SecurevolOperations(pyfuse3.Operations):
             self._chmod(inode, attr.st_mode)
             self._chmod_access_acl(inode, attr.st_mode)
         if fields.update_atime or fields.update_mtime:
-            atime = attr.st_atime_ns if fields.update_atime else None
-            mtime = attr.st_mtime_ns if fields.update_mtime else None
             syscalls.set_times_path_fd(inode.fd, atime, mtime)
 
-        return self._attributes(inode.ino, os.fstat(inode.fd))
+        return self._attributes_of(inode, os.fstat(inode.fd))
 
     @_handler
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -286,11 +290,11 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
 
-        self._write_side_record(parent, backing)
-        names.make_dir(parent.fd, backing.name, 0o700, fsync=False)
-        self._defer_iv_fsync(parent, backing.name)
-        setgid = stat.S_ISGID if inherit_gid else 0
-        return self._set_up_entry(parent, backing.name, uid, gid, stat.S_IFDIR | mode | setgid)
+        with self._side_record(parent, backing):
+            names.make_dir(parent.fd, backing.name, 0o700, fsync=False)
+            self._defer_iv_fsync(parent, backing.name)
+            setgid = stat.S_ISGID if inherit_gid else 0
+            return self._set_up_entry(parent, backing.name, uid, gid, stat.S_IFDIR | mode | setgid)
 
     @_handler
     def mknod(
@@ -300,15 +304,15 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
 
-        self._write_side_record(parent, backing)
-        if stat.S_ISREG(mode):
-            # A regular file from mknod(2) is an empty file, and must not carry the
-            # sticky bit that marks the backing file of a long symlink.
-            os.close(os.open(backing.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=parent.fd))
-            mode &= ~stat.S_ISVTX
-        else:
-            os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
-        return self._set_up_entry(parent, backing.name, uid, gid, mode)
+        with self._side_record(parent, backing):
+            if stat.S_ISREG(mode):
+                # A regular file from mknod(2) is an empty file, and must not carry the
+                # sticky bit that marks the backing file of a long symlink.
+                os.close(os.open(backing.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=parent.fd))
+                mode &= ~stat.S_ISVTX
+            else:
+                os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
+            return self._set_up_entry(parent, backing.name, uid, gid, mode)
 
     @_handler
     def symlink(
@@ -318,9 +322,9 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
 
-        self._write_side_record(parent, backing)
-        self._names.write_symlink(parent.fd, backing.name, target)
-        return self._set_up_entry(parent, backing.name, uid, gid, None)
+        with self._side_record(parent, backing):
+            self._names.write_symlink(parent.fd, backing.name, target)
+            return self._set_up_entry(parent, backing.name, uid, gid, None)
 
     @_handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -339,11 +343,12 @@ class SecurevolOperations(pyfuse3.Operations):
         parent = self._inode(new_parent_ino)
         backing = self._backing_name(parent, new_name)
 
-        self._write_side_record(parent, backing)
-        # linkat(2) through the /proc magic link links the inode itself, even an unlinked-but-open one.
-        os.link(inode.proc_path, backing.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        with self._side_record(parent, backing):
+            # linkat(2) through the /proc magic link links the inode itself, even an unlinked-but-open one.
+            os.link(inode.proc_path, backing.name, dst_dir_fd=parent.fd, follow_symlinks=True)
         inode.lookups += 1
-        return self._attributes(inode.ino, os.fstat(inode.fd))
+        self._store_unlinked_times(inode)
+        return self._attributes_of(inode, os.fstat(inode.fd))
 
     @_handler
     def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -380,11 +385,11 @@ class SecurevolOperations(pyfuse3.Operations):
             syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_EXCHANGE)
             return
 
-        self._write_side_record(new_parent, new)
-        if flags & pyfuse3.RENAME_NOREPLACE:
-            syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_NOREPLACE)
-        else:
-            self._rename_replacing(old_parent, old, new_parent, new)
+        with self._side_record(new_parent, new):
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_NOREPLACE)
+            else:
+                self._rename_replacing(old_parent, old, new_parent, new)
         # The kernel handles a rename onto another hard link of the same inode
         # itself, so here *old* is always gone and so is its side record.
         names.remove_side_record(old_parent.fd, old.name)
@@ -445,7 +450,18 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
 
-        self._write_side_record(parent, backing)
+        with self._side_record(parent, backing):
+            fd, path_fd = self._create_backing_file(parent, backing, mode, flags, uid, gid, inherit_gid)
+
+        attributes = self._remember(path_fd)
+        inode = self._inodes.get(attributes.st_ino)
+        inode.absent_xattrs.add(_CAPABILITY)  # a new file has no file capabilities yet
+        return self._open_handle(inode, fd), attributes
+
+    def _create_backing_file(
+        self, parent: Inode, backing: names.BackingName, mode: int, flags: int, uid: int, gid: int, inherit_gid: bool
+    ) -> tuple[int, int]:
+        """Create the backing file of a new regular file; return a read-write and an O_PATH descriptor of it."""
         open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & _BACKING_OPEN_FLAGS)
         # When open(2) alone gives the file its owner and mode, two journaled
         # changes of the backing inode per created file are spared.
@@ -463,11 +479,7 @@ class SecurevolOperations(pyfuse3.Operations):
             os.close(fd)
             self._discard_new_entry(parent, backing.name)
             raise
-
-        attributes = self._remember(path_fd)
-        inode = self._inodes.get(attributes.st_ino)
-        inode.absent_xattrs.add(_CAPABILITY)  # a new file has no file capabilities yet
-        return self._open_handle(inode, fd), attributes
+        return fd, path_fd
 
     @_handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -651,6 +663,30 @@ class SecurevolOperations(pyfuse3.Operations):
         attributes.st_ctime_ns = st.st_ctime_ns
         return attributes
 
+    def _attributes_of(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Return the attributes of *inode* from its backing stat *st*, with times kept in memory applied."""
+        attributes = self._attributes(inode.ino, st)
+        if inode.unlinked_times is not None:
+            atime, mtime = inode.unlinked_times
+            if atime is not None:
+                attributes.st_atime_ns = atime
+            if mtime is not None:
+                attributes.st_mtime_ns = mtime
+        return attributes
+
+    def _keep_unlinked_times(self, inode: Inode, atime: int | None, mtime: int | None) -> None:
+        old_atime, old_mtime = inode.unlinked_times or (None, None)
+        inode.unlinked_times = (
+            atime if atime is not None else old_atime,
+            mtime if mtime is not None else old_mtime,
+        )
+
+    def _store_unlinked_times(self, inode: Inode) -> None:
+        """Write times kept in memory to the backing inode, before a change that may make the file visible again."""
+        if inode.unlinked_times is not None:
+            syscalls.set_times_path_fd(inode.fd, *inode.unlinked_times)
+            inode.unlinked_times = None
+
     def _negative_entry(self) -> pyfuse3.EntryAttributes:
         """Return a "no such entry" reply that the kernel may cache, as only this process adds entries."""
         attributes = pyfuse3.EntryAttributes()
@@ -668,9 +704,35 @@ class SecurevolOperations(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         return self._names.backing_name_for(name, self._dir_iv(parent))
 
-    def _write_side_record(self, parent: Inode, backing: names.BackingName) -> None:
-        if backing.is_long:
-            names.write_side_record(parent.fd, backing)
+    @contextlib.contextmanager
+    def _side_record(self, parent: Inode, backing: names.BackingName) -> Iterator[None]:
+        """Write the side record of a long *backing* name for the entry that the block makes.
+
+        The record comes first, so that a crash never leaves a long-named
+        entry without one. If making the entry fails, a record that no entry
+        uses is removed again rather than left in the backing directory.
+        """
+        if not backing.is_long:
+            yield
+            return
+
+        names.write_side_record(parent.fd, backing)
+        try:
+            yield
+        except BaseException:
+            self._remove_unused_side_record(parent, backing.name)
+            raise
+
+    def _remove_unused_side_record(self, parent: Inode, backing_name: str) -> None:
+        try:
+            os.lstat(backing_name, dir_fd=parent.fd)
+            return  # an entry of that name exists, such as the target of a refused rename
+        except FileNotFoundError:
+            pass
+        try:
+            names.remove_side_record(parent.fd, backing_name)
+        except OSError as exc:
+            log.warning("removing an unused side record failed vol=%s error=%s", self.volume, exc.strerror)
 
     def _defer_iv_fsync(self, parent: Inode, backing_name: str) -> None:
         """Keep the IV file of new directory *backing_name* open, to fsync it with the next fsync request.
@@ -770,7 +832,6 @@ class SecurevolOperations(pyfuse3.Operations):
             except IsADirectoryError:
                 os.unlink(f"{backing_name}/{names.DIR_IV_NAME}", dir_fd=parent.fd)
                 os.rmdir(backing_name, dir_fd=parent.fd)
-            names.remove_side_record(parent.fd, backing_name)
         except OSError as exc:
             log.warning("removing a half-created entry failed vol=%s error=%s", self.volume, exc.strerror)
 

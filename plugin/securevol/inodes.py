@@ -33,7 +33,7 @@ CLOSE_BATCH_DELAY = 0.002
 class Inode:
     """One backing inode with a lookup count above zero or an open handle."""
 
-    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "absent_xattrs")
+    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "absent_xattrs", "unlinked_times")
 
     def __init__(self, ino: int, fd: int, is_dir: bool) -> None:
         self.ino = ino
@@ -45,6 +45,9 @@ class Inode:
         # Names of extended attributes found missing; only this process sets
         # attributes, so the set stays true until setxattr or removexattr here.
         self.absent_xattrs: set[bytes] = set()
+        # (atime_ns, mtime_ns) set on an unlinked file and kept here instead of
+        # on the backing inode, which is about to be freed; None keeps a time.
+        self.unlinked_times: tuple[int | None, int | None] | None = None
 
     @property
     def proc_path(self) -> str:

@@ -31,10 +31,17 @@ Layout of the journal file ``securevol.journal`` in the backing root::
 The path is the target's backing path relative to the backing root
 (ciphertext names only), checked against the inode number at replay.
 
+A file whose own path cannot be read gets a temporary hard link in the backing
+root, TARGET_LINK_NAME, for the time of the change, and the record names that
+link. That happens when the name the kernel looked it up by was removed while
+another hard link remains (/proc then shows the path as deleted), and for
+paths longer than PATH_MAX.
+
 Limits: the journal protects against the death of the process, not against
 power loss: nothing here is fsynced until a client calls fsync(2), and then the
-target file itself is synced. A file whose path cannot be read (unlinked while
-open, or longer than PATH_MAX) is changed without the journal. A replay that
+target file itself is synced. A file with no name left (unlinked while open)
+is changed without the journal: it disappears with its last descriptor, and
+the death of this process closes that. A replay that
 fails with EFBIG or EINVAL (a size the backing filesystem never takes) is
 logged and dropped, so that such a record cannot stop every later mount.
 """
@@ -50,6 +57,7 @@ from securevol.contents import Op, TruncateOp, WriteOp, apply_ops, pwrite_all
 log = logging.getLogger(__name__)
 
 FILE_NAME = "securevol.journal"
+TARGET_LINK_NAME = "securevol.journal-target"
 PAGE_SIZE = 4096
 BODY_OFFSET = PAGE_SIZE
 
@@ -96,11 +104,19 @@ class Journal:
 
         path = self._relative_path(fd)
         st = os.fstat(fd)
+        if path is None and st.st_nlink > 0:
+            path = self._link_target(fd)
         if path is None:
             _reserve(fd, ops, st.st_size)
             apply_ops(fd, ops)
             return
 
+        self._apply_journaled(fd, ops, path, st)
+        if path == TARGET_LINK_NAME:
+            # Only after success: a record that an error left active needs the link at the next mount.
+            self._remove_target_link()
+
+    def _apply_journaled(self, fd: int, ops: list[Op], path: str, st: os.stat_result) -> None:
         if all(isinstance(op, WriteOp) and op.offset >= st.st_size for op in ops):
             repair: list[Op] = [TruncateOp(st.st_size)]
         else:
@@ -125,6 +141,13 @@ class Journal:
 
     def recover(self) -> bool:
         """Redo the change that was in progress when the previous process died; tell whether there was one."""
+        try:
+            return self._recover_record()
+        finally:
+            # Left over by the previous process; only its record could need it.
+            self._remove_target_link()
+
+    def _recover_record(self) -> bool:
         state, sequence, body_len = self._read_control()
         if state != _ACTIVE:
             return False
@@ -189,6 +212,18 @@ class Journal:
     def _write_control(self, state: int, body_len: int) -> None:
         # Less than a page at offset 0: a kill cannot tear this write.
         os.pwrite(self._fd, _CONTROL.pack(_CONTROL_MAGIC, state, self._sequence, body_len), 0)
+
+    def _link_target(self, fd: int) -> str:
+        """Link the file behind *fd* as TARGET_LINK_NAME in the backing root, so that a record can name it."""
+        self._remove_target_link()  # left over if the process died after its change was done
+        os.link(f"/proc/self/fd/{fd}", TARGET_LINK_NAME, dst_dir_fd=self._root_fd, follow_symlinks=True)
+        return TARGET_LINK_NAME
+
+    def _remove_target_link(self) -> None:
+        try:
+            os.unlink(TARGET_LINK_NAME, dir_fd=self._root_fd)
+        except FileNotFoundError:
+            pass
 
     def _relative_path(self, fd: int) -> str | None:
         """Return the backing path of *fd* relative to the backing root, or None if it has none."""
