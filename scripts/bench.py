@@ -7,7 +7,7 @@ workload. The order of the filesystems rotates from round to round, so none of
 them always runs first or last; by default there are as many rounds as
 filesystems, so each runs once in every position. Before each timed step the
 script waits until the disk has been quiet for a second, so that one
-filesystem's writeback does not slow the next. The report gives the median
+filesystem's writeback does not count against the next. The report gives the median
 over the rounds, its ratio to the plain directory, and whether securevol meets
 its targets.
 
@@ -172,9 +172,9 @@ def settle_disk() -> None:
     """Wait until no disk has written a sector for SETTLE_QUIET_SECONDS, or SETTLE_TIMEOUT_SECONDS passed.
 
     sync(2) returns before the backing filesystem's journal is checkpointed,
-    and that work slowed whichever filesystem ran next: in one run without this
-    wait, securevol created 2,950 files/s when it ran first in its round and
-    1,865 when it ran last.
+    and that work would count against whichever filesystem runs next. The
+    position in the round still changes small-file results on the test VM
+    (docs/benchmarks.md), which the default of one round per filesystem evens out.
     """
     os.sync()
     start = time.monotonic()
