@@ -15,9 +15,18 @@ cd "$repo"
 # SIGINT lets pytest run its fixture teardown (stop dockerd, unmount, remove
 # the plugin socket) and print its summary before it exits. The slowest tests
 # are listed, so that a run creeping towards CI's limit shows where.
+# pytest runs tests/ unless the arguments name test files or test IDs themselves.
+targets=(tests)
+for arg in "$@"; do
+    if [[ $arg != -* && ( -e ${arg%%::*} ) ]]; then
+        targets=()
+        break
+    fi
+done
+
 status=0
 timeout --foreground --signal=INT --kill-after=120 "${SECUREVOL_TEST_TIMEOUT:-40m}" \
-    .venv/bin/pytest --durations=15 tests "$@" || status=$?
+    .venv/bin/pytest --durations=15 "${targets[@]}" "$@" || status=$?
 
 case $status in
     5)

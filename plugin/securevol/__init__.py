@@ -1,3 +1,3 @@
 """securevol: a Docker volume plugin that stores each volume as authenticated ciphertext."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
