@@ -8,6 +8,7 @@ SIGKILL to that PID only.
 
 import errno
 import hashlib
+import multiprocessing
 import os
 import select
 import shutil
@@ -252,6 +253,22 @@ class Volume(FuseMount):
 
     def remount(self) -> None:
         self.stop()
+        self.start()
+
+    def kill_during_writes(self, writer, args: tuple, delay: float, writers: int = 2) -> None:
+        """Run *writers* processes of *writer*(*args*), SIGKILL the FUSE process after *delay* seconds, mount again."""
+        processes = [multiprocessing.Process(target=writer, args=args) for _ in range(writers)]
+        for process in processes:
+            process.start()
+
+        time.sleep(delay)
+        os.kill(self.pid, signal.SIGKILL)
+        # Writes into the kernel's cache may go on succeeding after the FUSE process is gone.
+        for process in processes:
+            process.kill()
+            process.join()
+        self.wait_exit()
+        self.cleanup()
         self.start()
 
     def unexpected_errors(self) -> list[str]:

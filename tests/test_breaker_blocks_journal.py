@@ -5,12 +5,9 @@ The FUSE process finds the journal path of a backing file through
 path ends in " (deleted)" although the file is still linked under another name.
 """
 
-import multiprocessing
 import os
 import random
-import signal
 import struct
-import time
 
 import pytest
 
@@ -74,18 +71,8 @@ def test_hardlink_kill_9_no_eio(volume):
     for round_number, delay in enumerate(KILL_DELAYS):
         # A new pair of names each round: after a remount the kernel looks up the remaining name itself.
         second = _keep_second_link(volume, str(round_number))
-        writers = [multiprocessing.Process(target=_rewrite_until_killed, args=(second,)) for _ in range(2)]
-        for writer in writers:
-            writer.start()
 
-        time.sleep(delay)
-        os.kill(volume.pid, signal.SIGKILL)
-        for writer in writers:
-            writer.kill()
-            writer.join()
-        volume.wait_exit()
-        volume.cleanup()
-        volume.start()
+        volume.kill_during_writes(_rewrite_until_killed, (second,), delay)
 
         try:
             data = second.read_bytes()

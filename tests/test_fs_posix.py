@@ -726,19 +726,8 @@ def _endless_writer(path: Path) -> None:
 def test_kill_9_mid_write_leaves_file_readable(volume, delay):
     path = volume.mountpoint / "busy"
     path.write_bytes(random.Random(9).randbytes(256 * 4096))
-    writers = [multiprocessing.Process(target=_endless_writer, args=(path,)) for _ in range(2)]
-    for writer in writers:
-        writer.start()
 
-    time.sleep(delay)
-    os.kill(volume.pid, signal.SIGKILL)
-    # Writes into the kernel's cache may go on succeeding after the FUSE process is gone.
-    for writer in writers:
-        writer.kill()
-        writer.join()
-    volume.wait_exit()
-    volume.cleanup()
-    volume.start()
+    volume.kill_during_writes(_endless_writer, (path,), delay)
 
     size = path.stat().st_size
     data = path.read_bytes()
