@@ -165,6 +165,31 @@ def test_signal_stops_busy_processes_cleanly(volume, tmp_path, signum):
             assert data == bytes([seed]) * len(data), path
 
 
+def test_repeated_sigterm_still_unmounts(volume, tmp_path):
+    # The first signal starts the stop; the others arrive while it syncs and unmounts.
+    clients = [_start_client(_BUSY_CLIENT, volume.mountpoint, seed) for seed in range(2)]
+    time.sleep(0.5)
+    connection = _connection_number(volume.mountpoint)
+    pid = volume.pid
+
+    os.kill(pid, signal.SIGTERM)
+    while process_alive(pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
+    exited = _wait_gone(pid)
+    if not exited:
+        _abort_connection(connection, tmp_path)
+    _end_clients(clients)
+    volume.pid = None
+
+    assert exited
+    assert not is_mounted(volume.mountpoint)
+    assert "volume unmounted vol=testvol" in volume.log_file.read_text()
+
+
 def test_kill_9_under_load_leaves_files_readable(volume, tmp_path):
     clients = [_start_client(_BUSY_CLIENT, volume.mountpoint, seed) for seed in range(4)]
     time.sleep(1)

@@ -246,10 +246,12 @@ def _serve(args: argparse.Namespace, keys) -> int:
     try:
         unmount = trio.run(_run_until_unmounted, mountpoint, args)
     except BaseException:
+        _ignore_stop_signals()
         log.exception("FUSE loop failed vol=%s", args.volume)
         pyfuse3.close(unmount=True)
         operations.close()
         return 1
+    _ignore_stop_signals()
 
     # After an external unmount the mountpoint may already belong to a new
     # mount; only a stop by this process leaves its own mount to remove.
@@ -291,12 +293,19 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
 
     async def stop_on_signal() -> None:
         nonlocal stopped_here
+        # The receiver stays open until the loop ends, so that a repeated
+        # signal during the stop is only logged: the default action would end
+        # the process before it unmounts. When the receiver closes it restores
+        # the handlers it found, so those must ignore the signals by then.
+        _ignore_stop_signals()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("stop requested signal=%s", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if stopped_here:
+                    log.info("stop already in progress signal=%s", name)
+                    continue
+                log.info("stop requested signal=%s", name)
                 stopped_here = True
-                # NOTE: once this receiver ends, the default action is back, so a
-                # second SIGTERM before exit ends the process without unmounting.
                 # syncfs(2) makes the kernel write its cached pages through this
                 # very loop, so it runs in a thread while the loop keeps serving.
                 try:
@@ -304,7 +313,6 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
                 except OSError as exc:
                     log.warning("syncfs before stop failed error=%s", exc)
                 pyfuse3.terminate()
-                return
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
@@ -312,6 +320,12 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
         await fuse_loop.serve()
         nursery.cancel_scope.cancel()
     return stopped_here
+
+
+def _ignore_stop_signals() -> None:
+    """Ignore SIGTERM and SIGINT from now on: the process is stopping, and they would cut the unmount short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _report(ready_fd: int, line: str) -> bool:
