@@ -459,7 +459,14 @@ class SecurevolOperations(pyfuse3.Operations):
         return self._open_handle(inode, fd), attributes
 
     def _create_backing_file(
-        self, parent: Inode, backing: names.BackingName, mode: int, flags: int, uid: int, gid: int, inherit_gid: bool
+        self,
+        parent: Inode,
+        backing: names.BackingName,
+        mode: int,
+        flags: int,
+        uid: int,
+        gid: int,
+        inherit_gid: bool,
     ) -> tuple[int, int]:
         """Create the backing file of a new regular file; return a read-write and an O_PATH descriptor of it."""
         open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & _BACKING_OPEN_FLAGS)
@@ -594,7 +601,8 @@ class SecurevolOperations(pyfuse3.Operations):
         sees EMFILE on its own call without knowing why.
         """
         now = time.monotonic()
-        if self._last_descriptor_warning is not None and now - self._last_descriptor_warning < _DESCRIPTOR_WARNING_INTERVAL:
+        last = self._last_descriptor_warning
+        if last is not None and now - last < _DESCRIPTOR_WARNING_INTERVAL:
             return
         self._last_descriptor_warning = now
 

@@ -46,6 +46,7 @@ fails with EFBIG or EINVAL (a size the backing filesystem never takes) is
 logged and dropped, so that such a record cannot stop every later mount.
 """
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -220,10 +221,8 @@ class Journal:
         return TARGET_LINK_NAME
 
     def _remove_target_link(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(TARGET_LINK_NAME, dir_fd=self._root_fd)
-        except FileNotFoundError:
-            pass
 
     def _relative_path(self, fd: int) -> str | None:
         """Return the backing path of *fd* relative to the backing root, or None if it has none."""
