@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from securevol import config
+from securevol import cli, config
 from tests.dockerd import PrivateDockerd, unique_driver_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,6 +233,14 @@ def test_unit_keeps_fuse_processes_on_stop():
         assert option not in directives, f"{option}= gives the service its own mount namespace"
 
 
+def test_unit_stop_timeout_leaves_room_for_graceful_stop():
+    [stop_timeout] = unit_directives(UNIT)["TimeoutStopSec"]
+
+    # systemd kills the daemon when TimeoutStopSec ends; gunicorn's workers must
+    # be done before then, with time for the arbiter to reap them.
+    assert int(stop_timeout.removesuffix("s")) >= cli.GRACEFUL_STOP_SECONDS + 10
+
+
 # install.sh and the systemd unit, under a private root.
 
 
@@ -362,6 +370,7 @@ class NotifySocket:
 
     def close(self) -> None:
         self.socket.close()
+        self.path.unlink(missing_ok=True)
 
 
 def start_from_unit(unit: Path, notify_path: Path) -> subprocess.Popen:
@@ -380,12 +389,15 @@ def start_from_unit(unit: Path, notify_path: Path) -> subprocess.Popen:
 
 def stop_process(process: subprocess.Popen) -> str:
     """Stop *process* with SIGTERM, as systemd does with KillMode=process; return its output."""
+    [stop_timeout] = unit_directives(UNIT)["TimeoutStopSec"]
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
-        output, _ = process.communicate(timeout=30)
+        output, _ = process.communicate(timeout=int(stop_timeout.removesuffix("s")))
     except subprocess.TimeoutExpired:
-        process.kill()
+        # As systemd would, but for the whole session: a gunicorn worker left
+        # behind by its killed master would keep the output pipe open.
+        os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
     return output.decode(errors="replace")
 
@@ -408,6 +420,27 @@ def test_unit_exec_start_answers_activate(installed_root: Path):
     finally:
         notify.close()
         output = stop_process(process)
+    assert process.returncode == 0, output
+
+
+@pytest.mark.slow
+def test_unit_stop_with_half_sent_request_exits_cleanly(installed_root: Path):
+    unit = installed_root / "etc/systemd/system/securevol.service"
+    socket_path = Path(settings_file_entries(installed_root / "etc/default/securevol")["SECUREVOL_SOCKET"])
+    notify = NotifySocket(installed_root / "notify.sock")
+    process = start_from_unit(unit, notify.path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        notify.wait_for("READY=1", START_TIMEOUT)
+        # A client that stops half way through its headers keeps a worker
+        # thread waiting; the stop must still end before systemd kills it.
+        client.connect(str(socket_path))
+        client.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n")
+        time.sleep(1)
+    finally:
+        notify.close()
+        output = stop_process(process)
+        client.close()
     assert process.returncode == 0, output
 
 

@@ -39,6 +39,12 @@ _SOCKET_UMASK = 0o777 & ~SOCKET_MODE
 _WORKER_TIMEOUT_MARGIN = 60
 _THREADS_PER_WORKER = 8
 
+# How long a stopping worker may finish its requests. systemd kills the daemon
+# 30 s (TimeoutStopSec) after SIGTERM. With gunicorn's default of 30 s, a
+# client that sent half a request kept a worker busy until that kill. A Mount
+# cut short here may leave a FUSE process behind; the next Mount replaces it.
+GRACEFUL_STOP_SECONDS = 10
+
 
 class PluginServer(BaseApplication):
     """gunicorn running the plugin app, configured in code rather than from a gunicorn.conf.py."""
@@ -61,6 +67,7 @@ class PluginServer(BaseApplication):
             "worker_class": "gthread",
             "threads": _THREADS_PER_WORKER,
             "timeout": int(settings.mount_timeout) + _WORKER_TIMEOUT_MARGIN,
+            "graceful_timeout": GRACEFUL_STOP_SECONDS,
             "preload_app": True,
             "proc_name": "securevol",
             # gunicorn 25+ opens a control socket at a path shared by every
