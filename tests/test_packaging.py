@@ -8,6 +8,7 @@
   with real containers reading and writing a volume.
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -402,46 +404,52 @@ def stop_process(process: subprocess.Popen) -> str:
     return output.decode(errors="replace")
 
 
-@pytest.mark.slow
-def test_unit_exec_start_answers_activate(installed_root: Path):
+class UnitDaemon(NamedTuple):
+    """The daemon started from the installed unit, for a test to talk to and then stop."""
+
+    process: subprocess.Popen
+    socket_path: Path
+    output: list[str]
+
+
+@contextlib.contextmanager
+def daemon_from_unit(installed_root: Path) -> Iterator[UnitDaemon]:
+    """Start the installed unit's daemon, wait for READY=1, and stop it with SIGTERM on exit."""
     unit = installed_root / "etc/systemd/system/securevol.service"
     socket_path = Path(settings_file_entries(installed_root / "etc/default/securevol")["SECUREVOL_SOCKET"])
     notify = NotifySocket(installed_root / "notify.sock")
     process = start_from_unit(unit, notify.path)
+    daemon = UnitDaemon(process, socket_path, [])
     try:
         # Type=notify: systemd starts docker.service only after READY=1.
         notify.wait_for("READY=1", START_TIMEOUT)
+        yield daemon
+    finally:
+        notify.close()
+        daemon.output.append(stop_process(process))
 
-        status, body = post_json(socket_path, "/Plugin.Activate", {})
+
+@pytest.mark.slow
+def test_unit_exec_start_answers_activate(installed_root: Path):
+    with daemon_from_unit(installed_root) as daemon:
+        status, body = post_json(daemon.socket_path, "/Plugin.Activate", {})
 
         assert status == 200
         assert "VolumeDriver" in body["Implements"]
-        assert socket_path.stat().st_mode & 0o777 == 0o660
-    finally:
-        notify.close()
-        output = stop_process(process)
-    assert process.returncode == 0, output
+        assert daemon.socket_path.stat().st_mode & 0o777 == 0o660
+    assert daemon.process.returncode == 0, daemon.output
 
 
 @pytest.mark.slow
 def test_unit_stop_with_half_sent_request_exits_cleanly(installed_root: Path):
-    unit = installed_root / "etc/systemd/system/securevol.service"
-    socket_path = Path(settings_file_entries(installed_root / "etc/default/securevol")["SECUREVOL_SOCKET"])
-    notify = NotifySocket(installed_root / "notify.sock")
-    process = start_from_unit(unit, notify.path)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        notify.wait_for("READY=1", START_TIMEOUT)
-        # A client that stops half way through its headers keeps a worker
-        # thread waiting; the stop must still end before systemd kills it.
-        client.connect(str(socket_path))
-        client.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n")
-        time.sleep(1)
-    finally:
-        notify.close()
-        output = stop_process(process)
-        client.close()
-    assert process.returncode == 0, output
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as client:
+        with daemon_from_unit(installed_root) as daemon:
+            # A client that stops half way through its headers keeps a worker
+            # thread waiting; the stop must still end before systemd kills it.
+            client.connect(str(daemon.socket_path))
+            client.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n")
+            time.sleep(1)
+    assert daemon.process.returncode == 0, daemon.output
 
 
 @pytest.mark.slow
