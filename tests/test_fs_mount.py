@@ -577,7 +577,7 @@ def test_unlinked_open_file_times_kept(volume):
 
 
 def test_descriptor_exhaustion_logged_once(volume):
-    # Every inode the kernel knows keeps a descriptor open in the FUSE process.
+    # Every inode the kernel has looked up keeps a descriptor open in the FUSE process.
     soft, hard = resource.prlimit(volume.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (200, hard))
     directory = volume.mountpoint / "many"
@@ -602,8 +602,8 @@ def test_descriptor_exhaustion_logged_once(volume):
     assert "limit=200" in warnings[0]
 
     resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (soft, hard))
-    # A create that failed left no file behind. A listing asks the FUSE process;
-    # a lookup could be answered from the negative entry the kernel cached.
+    # A create that failed left no file behind. A listing reaches the FUSE
+    # process, but a lookup could be served from the negative entry the kernel cached.
     assert not set(os.listdir(directory)) & {name for name, _ in failed}
     (directory / "after").write_bytes(b"ok")
     assert (directory / "after").read_bytes() == b"ok"
@@ -618,7 +618,7 @@ CAPABILITY_V2 = (0x02000000).to_bytes(4, "little") + (1 << 10).to_bytes(4, "litt
 
 def test_capability_set_after_write_is_seen(volume):
     path = volume.mountpoint / "f"
-    path.write_bytes(b"x" * 10_000)  # the kernel asks for security.capability with the writes
+    path.write_bytes(b"x" * 10_000)  # the kernel requests security.capability with the writes
     expect_errno(errno.ENODATA, os.getxattr, path, "security.capability")
 
     os.setxattr(path, "security.capability", CAPABILITY_V2)

@@ -636,9 +636,9 @@ def test_locks_exclude_other_processes(volume, use_flock):
 def _block_writer(path: Path, blocks: int, rounds: int) -> None:
     # O_DIRECT, so that each pwrite reaches the FUSE process whole. Through
     # the writeback cache, Linux 6.18 sends a page to the filesystem while a
-    # buffered writer may still be copying into it, so the WRITE request itself
-    # can carry a page that is half old, half new (seen here: values switching
-    # every 64 bytes) until the next writeback sends it again.
+    # buffered writer may still be copying into it. The WRITE request itself
+    # can then carry a page that is half old and half new (seen here: values
+    # switching every 64 bytes), until the next writeback sends it again.
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
     page = mmap.mmap(-1, 4096)
     try:

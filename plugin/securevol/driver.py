@@ -167,11 +167,11 @@ class VolumeDriver:
         log.info("fuse process started vol=%s pid=%d", name, state.pid)
 
     def _check_format(self, record: VolumeRecord) -> None:
-        """Refuse a volume whose backing store this release cannot read, before its key is unwrapped."""
+        """Reject a volume whose backing store this release cannot read, before its key is unwrapped."""
         if record.format_version == FORMAT_VERSION:
             return
         log.error(
-            "volume mount refused vol=%s reason=format_version have=%d want=%d",
+            "volume mount rejected vol=%s reason=unsupported_format format=%d supported=%d",
             record.name, record.format_version, FORMAT_VERSION,
         )
         raise MountFailed(
