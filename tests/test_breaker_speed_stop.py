@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ from tests.fs_helpers import (  # noqa: F401 (volume is a fixture)
     KEY,
     REPO,
     FuseMount,
+    MountFailed,
     is_mounted,
     process_alive,
     require_fuse,
@@ -258,4 +261,55 @@ def test_closed_ready_pipe_unmounts_and_exits(tmp_path):
         assert "volume unmounted vol=testvol" in mount.log_file.read_text()
         assert not is_mounted(mount.mountpoint)
     finally:
+        mount.cleanup()
+
+
+def _fuse_process_of(mountpoint) -> int | None:
+    """Return the PID of the securevol FUSE process started for *mountpoint*, found by its arguments."""
+    target = os.fsencode(str(mountpoint))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"securevol.mount" in argv and target in argv:
+            return int(entry)
+    return None
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_sigterm_as_mount_appears_unmounts(tmp_path, attempt):
+    # The signal arrives before the request loop listens for it. Its default
+    # action would end the process and leave a mount that nobody serves
+    # (seen in 6 of 10 tries before the signals were held back).
+    require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    start_errors: list[Exception] = []
+
+    def start() -> None:
+        try:
+            mount.start()
+        except MountFailed as exc:
+            start_errors.append(exc)  # the stop may come before the ready line
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    pid = None
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while pid is None and time.monotonic() < deadline:
+        if is_mounted(mount.mountpoint):
+            pid = _fuse_process_of(mount.mountpoint)
+    try:
+        assert pid is not None, "the FUSE process did not mount in time"
+        os.kill(pid, signal.SIGTERM)
+        starter.join()
+
+        assert _wait_gone(pid)
+        assert not is_mounted(mount.mountpoint)
+        assert "volume unmounted vol=testvol" in mount.log_file.read_text()
+    finally:
+        starter.join()
+        mount.pid = pid
         mount.cleanup()

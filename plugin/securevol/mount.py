@@ -38,6 +38,8 @@ log = logging.getLogger("securevol.mount")
 READ_AHEAD_KB = 1024
 # Larger than any request's buffers (1 MiB of data plus ciphertext), so they all come from the heap.
 _HEAP_BUFFER_LIMIT = 32 << 20
+# Signals that stop the filesystem cleanly: cached writes are synced and the mount removed.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MOUNT_OPTIONS = frozenset({"fsname=securevol", "subtype=securevol", "allow_other", "default_permissions"})
 
 
@@ -222,6 +224,11 @@ def _mount_device(mountpoint: str) -> str | None:
 
 
 def _serve(args: argparse.Namespace, keys) -> int:
+    # Held back until the request loop listens for them (stop_on_signal). Their
+    # default action would end the process and leave a mount that no process serves.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _ignore_signal)
     os.umask(0)  # modes of new backing entries are set exactly from the request
     _raise_open_file_limit()
 
@@ -246,12 +253,10 @@ def _serve(args: argparse.Namespace, keys) -> int:
     try:
         unmount = trio.run(_run_until_unmounted, mountpoint, args)
     except BaseException:
-        _ignore_stop_signals()
         log.exception("FUSE loop failed vol=%s", args.volume)
         pyfuse3.close(unmount=True)
         operations.close()
         return 1
-    _ignore_stop_signals()
 
     # After an external unmount the mountpoint may already belong to a new
     # mount; only a stop by this process leaves its own mount to remove.
@@ -293,12 +298,12 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
 
     async def stop_on_signal() -> None:
         nonlocal stopped_here
-        # The receiver stays open until the loop ends, so that a repeated
-        # signal during the stop is only logged: the default action would end
-        # the process before it unmounts. When the receiver closes it restores
-        # the handlers it found, so those must ignore the signals by then.
-        _ignore_stop_signals()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # A signal that arrived before the receiver opened was held back (see
+        # _serve) and is delivered now. The receiver stays open until the loop
+        # ends, so that a repeated signal during the stop is only logged, and
+        # when it closes it restores _ignore_signal for the unmount that follows.
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if stopped_here:
@@ -322,10 +327,12 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
     return stopped_here
 
 
-def _ignore_stop_signals() -> None:
-    """Ignore SIGTERM and SIGINT from now on: the process is stopping, and they would cut the unmount short."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_signal(signum: int, frame) -> None:
+    """Do nothing with a stop signal that arrives outside the request loop.
+
+    A handler rather than SIG_IGN, because setting SIG_IGN would discard a
+    signal that is held back until the loop listens for it.
+    """
 
 
 def _report(ready_fd: int, line: str) -> bool:
