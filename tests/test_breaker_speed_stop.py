@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from securevol import journal, names
+from securevol.contents import WriteOp
 from tests.fs_helpers import (  # noqa: F401 (volume is a fixture)
     EXIT_TIMEOUT,
     KEY,
@@ -265,16 +267,21 @@ def test_closed_ready_pipe_unmounts_and_exits(tmp_path):
 
 
 def _fuse_process_of(mountpoint) -> int | None:
-    """Return the PID of the securevol FUSE process started for *mountpoint*, found by its arguments."""
+    """Return the PID of the detached FUSE process serving *mountpoint*, found by its arguments.
+
+    The launcher that this test process started has the same arguments
+    until it forks and exits, so children of this process do not count.
+    """
     target = os.fsencode(str(mountpoint))
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if b"securevol.mount" in argv and target in argv:
+        if b"securevol.mount" in argv and target in argv and parent != os.getpid():
             return int(entry)
     return None
 
@@ -312,4 +319,116 @@ def test_sigterm_as_mount_appears_unmounts(tmp_path, attempt):
     finally:
         starter.join()
         mount.pid = pid
+        mount.cleanup()
+
+
+# Large enough that replaying it keeps a FUSE process in start-up for a few
+# hundred milliseconds on the 2-CPU test machine.
+_REPLAY_BYTES = 128 << 20
+
+
+def _leave_active_journal_record(backing) -> None:
+    """Leave an active journal record that rewrites the only file with its own ciphertext."""
+    [name] = [entry for entry in os.listdir(backing) if not names.is_reserved(entry)]
+    path = backing / name
+    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
+    record = journal.Journal(root_fd, "testvol")
+    try:
+        record._sequence += 1
+        body = journal._encode_body(record._sequence, path.stat().st_ino, name, [WriteOp(0, path.read_bytes())])
+        journal._pwritev_all(record._fd, body, journal.BODY_OFFSET)
+        record._write_control(journal._ACTIVE, sum(len(part) for part in body))
+    finally:
+        record.close()
+        os.close(root_fd)
+
+
+def _holds_back_stop_signals(pid: int) -> bool:
+    """Tell whether process *pid* blocks SIGTERM and SIGINT, which it does from the start of serving."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    [blocked] = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigBlk:")]
+    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    return blocked & wanted == wanted
+
+
+def test_sigterm_during_start_reports_no_ready(tmp_path):
+    # The signal is held back while the process replays its journal, and
+    # begins the stop as soon as the loop runs. A "ready" line then would have
+    # the daemon hand Docker a mountpoint that is about to be a plain directory.
+    require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    mount.start()
+    (mount.mountpoint / "big").write_bytes(os.urandom(_REPLAY_BYTES))
+    mount.stop()
+    _leave_active_journal_record(mount.backing)
+    start_errors: list[Exception] = []
+
+    def start() -> None:
+        try:
+            mount.start()
+        except MountFailed as exc:
+            start_errors.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    pid = None
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while pid is None and time.monotonic() < deadline:
+        candidate = _fuse_process_of(mount.mountpoint)
+        if candidate is not None and _holds_back_stop_signals(candidate):
+            pid = candidate
+    try:
+        assert pid is not None, "the FUSE process did not start serving in time"
+        assert not is_mounted(mount.mountpoint), "the journal replay ended before the signal"
+        os.kill(pid, signal.SIGTERM)
+        starter.join()
+
+        assert mount.pid is None, "the FUSE process reported ready after a stop was requested"
+        assert "stopped before it was ready" in str(start_errors[0])
+        assert _wait_gone(pid)
+        assert not is_mounted(mount.mountpoint)
+        log_text = mount.log_file.read_text()
+        assert "journal replayed" in log_text
+        assert "mount abandoned vol=testvol: stop requested before it was ready" in log_text
+    finally:
+        starter.join()
+        mount.pid = pid
+        mount.cleanup()
+
+
+def test_signals_after_unmount_keep_exit_status_zero(tmp_path):
+    # Python's shutdown restores the default action of signals that have a
+    # Python handler; a stop signal arriving then ended the process with it.
+    require_fuse()
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    mount.backing.mkdir()
+    mount.mountpoint.mkdir()
+    key_read, key_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    command = [sys.executable, "-m", "securevol.mount", *mount.command_args(), "--foreground",
+               "--key-fd", str(key_read), "--ready-fd", str(ready_write)]
+    process = subprocess.Popen(command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL)
+    os.close(key_read)
+    os.close(ready_write)
+    os.write(key_write, KEY)
+    os.close(key_write)
+    try:
+        with os.fdopen(ready_read) as ready:
+            assert ready.readline().startswith("ready ")
+
+        subprocess.run(["fusermount3", "-u", str(mount.mountpoint)], check=True)
+        while process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.001)
+
+        assert process.returncode == 0
+        assert "volume unmounted vol=testvol" in mount.log_file.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
         mount.cleanup()

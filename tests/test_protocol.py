@@ -6,6 +6,7 @@ and check the ciphertext on disk.
 """
 
 import base64
+import http.client
 import importlib.util
 import json
 import os
@@ -744,6 +745,45 @@ def test_restart_keeps_volumes_and_mounts(fresh_server):
 
     assert (Path(mount(server, names[0], "again")) / "down").read_text() == "while down"
     unmount(server, names[0], "again")
+
+
+@needs_fuse
+@pytest.mark.slow
+def test_unmount_cut_short_by_daemon_stop_still_counted(fresh_server):
+    # A FUSE process that is slow to exit (stopped here) keeps the Unmount
+    # waiting longer than the stopping daemon gives its requests.
+    server = fresh_server
+    name = create(server)
+    mountpoint = Path(mount(server, name, "first"))
+    (mountpoint / "kept").write_bytes(PLAINTEXT)
+    pid = fuse_pid(server, name)
+    os.kill(pid, signal.SIGSTOP)
+    unmount_errors: list[Exception] = []
+
+    def call_unmount() -> None:
+        try:
+            server.call("Unmount", {"Name": name, "ID": "first"})
+        except http.client.HTTPException as exc:
+            unmount_errors.append(exc)  # the stopping daemon drops the connection
+
+    unmount_thread = threading.Thread(target=call_unmount)
+    unmount_thread.start()
+    time.sleep(1)
+
+    try:
+        server.stop()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        unmount_thread.join()
+    wait_for_exit(pid)
+
+    assert unmount_errors, "the Unmount finished before the daemon stopped, so nothing was cut short"
+    assert json.loads((server.volume_dir(name) / "mounts.json").read_text())["counts"] == {}
+    server.start()
+    assert (Path(mount(server, name, "second")) / "kept").read_bytes() == PLAINTEXT
+    unmount(server, name, "second")
+    assert not mounts_under(mountpoint)
+    assert server.call("Remove", {"Name": name}).err == ""
 
 
 @needs_fuse

@@ -200,12 +200,17 @@ class VolumeDriver:
                 # not take away the mount of another container.
                 log.warning("unmount of unknown mount id ignored vol=%s id=%s", name, mount_id)
                 return
+            # Recorded before the FUSE process is stopped, which can take
+            # longer than a stopping daemon waits for this request. Docker
+            # counts the mount as gone either way; a process left running is
+            # still recorded, and the next Mount or Remove takes care of it.
+            self.registry.write_mounts(name, state)
             if state.total == 0:
                 self.mounter.stop(state.pid, self._mountpoint(name))
                 log.info("fuse process stopped vol=%s pid=%s", name, state.pid)
                 state.pid = None
                 state.mountpoint = None
-            self.registry.write_mounts(name, state)
+                self.registry.write_mounts(name, state)
 
         log.info("volume unmounted vol=%s id=%s count=%d", name, mount_id, state.total)
 

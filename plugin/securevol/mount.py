@@ -253,10 +253,12 @@ def _serve(args: argparse.Namespace, keys) -> int:
     try:
         unmount = trio.run(_run_until_unmounted, mountpoint, args)
     except BaseException:
+        _ignore_stop_signals()
         log.exception("FUSE loop failed vol=%s", args.volume)
         pyfuse3.close(unmount=True)
         operations.close()
         return 1
+    _ignore_stop_signals()
 
     # After an external unmount the mountpoint may already belong to a new
     # mount; only a stop by this process leaves its own mount to remove.
@@ -289,6 +291,13 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
             stopped_here = True
             pyfuse3.terminate()
             return
+        if stopped_here:
+            # A signal held back during start-up has begun the stop. "ready"
+            # would have the daemon hand Docker a mountpoint that is about to
+            # be an empty directory on the host's disk.
+            log.warning("mount abandoned vol=%s: stop requested before it was ready", args.volume)
+            _report(args.ready_fd, "error the FUSE process was stopped before it was ready")
+            return
         if _report(args.ready_fd, f"ready {os.getpid()}"):
             log.info("volume mounted vol=%s mountpoint=%s pid=%d", args.volume, mountpoint, os.getpid())
             return
@@ -300,8 +309,8 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
         nonlocal stopped_here
         # A signal that arrived before the receiver opened was held back (see
         # _serve) and is delivered now. The receiver stays open until the loop
-        # ends, so that a repeated signal during the stop is only logged, and
-        # when it closes it restores _ignore_signal for the unmount that follows.
+        # ends, so a repeated signal during the stop is only logged. Closing
+        # it restores _ignore_signal for the unmount that follows.
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             async for signum in signals:
@@ -325,6 +334,17 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
         await fuse_loop.serve()
         nursery.cancel_scope.cancel()
     return stopped_here
+
+
+def _ignore_stop_signals() -> None:
+    """Ignore SIGTERM and SIGINT for the rest of the process, which is stopping already.
+
+    Python's shutdown restores the default action of signals that have a
+    Python handler, and a stop signal arriving then would end the process
+    with that signal rather than exit status 0. SIG_IGN is left in place.
+    """
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _ignore_signal(signum: int, frame) -> None:
