@@ -12,6 +12,7 @@ It implements the daemon side of the contract in docs/architecture.md:
 """
 
 import argparse
+import gc
 import logging
 import os
 import re
@@ -250,6 +251,12 @@ def _serve(args: argparse.Namespace, keys) -> int:
         return 1
 
     unmount = False
+    # The objects of start-up (modules, classes, functions) live as long as
+    # the process. Frozen, they are left out of every later full collection,
+    # which otherwise walked them all and, after the page cache was dropped,
+    # read code pages of every extension module's traverse function back
+    # from disk (18 major faults in a cold stat of 10,000 files, 3 frozen).
+    gc.freeze()
     try:
         unmount = trio.run(_run_until_unmounted, mountpoint, args)
     except BaseException:
