@@ -42,7 +42,8 @@ _THREADS_PER_WORKER = 8
 # How long a stopping worker may finish its requests. systemd kills the daemon
 # 30 s (TimeoutStopSec) after SIGTERM. With gunicorn's default of 30 s, a
 # client that sent half a request kept a worker busy until that kill. A Mount
-# cut short here may leave a FUSE process behind; the next Mount replaces it.
+# or Unmount cut short here may leave a FUSE process behind, which the next
+# Mount of the volume replaces or adopts and Remove stops.
 GRACEFUL_STOP_SECONDS = 10
 
 
