@@ -201,9 +201,9 @@ class VolumeDriver:
                 log.warning("unmount of unknown mount id ignored vol=%s id=%s", name, mount_id)
                 return
             # Recorded before the FUSE process is stopped, which can take
-            # longer than a stopping daemon waits for this request, and
-            # dockerd does not send a failed Unmount again. A process left
-            # running stays recorded, and the next Mount or Remove handles it.
+            # longer than a stopping daemon waits for this request. A process
+            # left running stays recorded for the next Mount or Remove, and an
+            # Unmount that dockerd sends again finds the ID gone and succeeds.
             self.registry.write_mounts(name, state)
             if state.total == 0:
                 self.mounter.stop(state.pid, self._mountpoint(name))
