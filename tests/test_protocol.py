@@ -553,6 +553,20 @@ def test_invalid_setting_reported():
     assert result.stderr.strip() == "securevol: Invalid value '0' for --workers: must be at least 1."
 
 
+@pytest.mark.parametrize(("setting", "raw", "reason"), [
+    ("workers", "abc", "must be a whole number"),
+    ("mount_timeout", "soon", "must be a number of seconds"),
+    ("mount_timeout", "-1", "must be greater than 0"),
+])
+def test_non_numeric_setting_rejected(setting, raw, reason):
+    flag = "--" + setting.replace("_", "-")
+
+    with pytest.raises(config.ConfigError) as caught:
+        config.resolve({setting: raw}, {})
+
+    assert str(caught.value) == f"Invalid value {raw!r} for {flag}: {reason}."
+
+
 def test_serve_as_non_root_rejected(tmp_path):
     # The child imports securevol as root, then drops to nobody, because the
     # virtualenv's interpreter need not be executable by nobody.

@@ -65,14 +65,20 @@ class SettingSpec:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
     if number < 1:
         raise ValueError("must be at least 1")
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
     if not number > 0:
         raise ValueError("must be greater than 0")
     return number
@@ -98,14 +104,16 @@ def _log_level(value: str) -> str:
 
 SETTINGS = (
     SettingSpec("socket", "--socket", "SECUREVOL_SOCKET", DEFAULT_SOCKET,
-                "Unix socket that dockerd connects to; its base name is the driver name", metavar="PATH"),
+                "Unix socket that dockerd connects to, at most 107 bytes; its base name is the driver name",
+                metavar="PATH"),
     SettingSpec("state_dir", "--state-dir", "SECUREVOL_STATE_DIR", DEFAULT_STATE_DIR,
                 "directory of volume records, wrapped keys and ciphertext (made mode 0700)", metavar="DIR"),
     SettingSpec("mount_root", "--mount-root", "SECUREVOL_MOUNT_ROOT", None,
                 "directory under which each volume's plaintext is mounted (default: STATE_DIR/mnt)",
                 metavar="DIR"),
     SettingSpec("log_level", "--log-level", "SECUREVOL_LOG_LEVEL", "INFO",
-                "log level of the daemon and of each volume's FUSE process", _log_level, "LEVEL"),
+                "log level of the daemon and of each volume's FUSE process: DEBUG, INFO, WARNING or ERROR",
+                _log_level, "LEVEL"),
     SettingSpec("workers", "--workers", "SECUREVOL_WORKERS", 4,
                 "number of gunicorn worker processes answering dockerd", _positive_int, "N"),
     SettingSpec("key_provider", "--key-provider", "SECUREVOL_KEY_PROVIDER", "local",
