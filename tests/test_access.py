@@ -476,6 +476,21 @@ def test_allow_cli_errors(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
+@pytest.mark.parametrize("action", ["show", "set"])
+def test_allow_cli_help_lists_its_settings(action):
+    result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", action, "--help"],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0
+    assert "name of the volume" in result.stdout
+    for flag in ("--state-dir", "--default-policy", "--log-level"):
+        assert flag in result.stdout
+    for daemon_flag in ("--socket", "--workers", "--master-key", "--docker-host"):
+        assert daemon_flag not in result.stdout
+    if action == "set":
+        assert "comma-separated rules" in result.stdout
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 def test_allow_cli_rejects_bad_rules(volume, guarded_plugin):

@@ -39,6 +39,9 @@ _SOCKET_UMASK = 0o777 & ~SOCKET_MODE
 _WORKER_TIMEOUT_MARGIN = 60
 _THREADS_PER_WORKER = 8
 
+# The settings that 'securevol allow' reads; the others belong to the daemon alone.
+_ADMIN_SETTINGS = ("state_dir", "default_policy", "log_level")
+
 # How long a stopping worker may finish its requests. systemd kills the daemon
 # 30 s (TimeoutStopSec) after SIGTERM. With gunicorn's default of 30 s, a
 # client that sent half a request kept a worker busy until that kill. A Mount
@@ -242,19 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
         "allow",
         help="show or change the allowlist of a volume",
         description="Show or change which containers may use a volume (the 'allow' option; syntax in "
-        "docs/allowlist.md). Give the same settings as to 'securevol serve', at least --state-dir.",
+        "docs/allowlist.md). It reads the daemon's state directory, so give the --state-dir and "
+        "--default-policy that the daemon uses, by flag or by the same SECUREVOL_* variables.",
     )
     allow_commands = allow_parser.add_subparsers(dest="allow_command", metavar="ACTION", required=True)
     show_parser = allow_commands.add_parser("show", help="print the allowlist of VOLUME")
-    show_parser.add_argument("volume", metavar="VOLUME")
-    config.add_arguments(show_parser)
+    show_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
+    config.add_arguments(show_parser, _ADMIN_SETTINGS)
     show_parser.set_defaults(func=_run_admin(allow_show))
     set_parser = allow_commands.add_parser(
         "set", help="replace the allowlist of VOLUME with RULES, e.g. 'service:db,name:backup'"
     )
-    set_parser.add_argument("volume", metavar="VOLUME")
-    set_parser.add_argument("rules", metavar="RULES")
-    config.add_arguments(set_parser)
+    set_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
+    set_parser.add_argument(
+        "rules", metavar="RULES", help="comma-separated rules such as name:NAME, service:SVC or host"
+    )
+    config.add_arguments(set_parser, _ADMIN_SETTINGS)
     set_parser.set_defaults(func=_run_admin(allow_set))
     return parser
 

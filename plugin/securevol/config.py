@@ -7,7 +7,7 @@ flags and their help text from it.
 
 import argparse
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,9 +141,11 @@ class ConfigError(ValueError):
     """A setting has an invalid value; the message names the flag and the environment variable."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting to *parser*; an unset flag stays None."""
+def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """Add one flag per setting, or per setting in *names*, to *parser*; an unset flag stays None."""
     for spec in SETTINGS:
+        if names is not None and spec.name not in names:
+            continue
         default_text = "" if spec.default is None else f" [default: {spec.default}]"
         parser.add_argument(
             spec.flag,
