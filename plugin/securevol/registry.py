@@ -32,6 +32,7 @@ from typing import Any
 
 from securevol.errors import SecurevolError, VolumeExists, VolumeNotFound
 from securevol.options import validate_name
+from securevol.syscalls import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class Registry:
         _write_json(volume_dir / DEK_FILE, wrapped_dek)
         _write_json(volume_dir / MOUNTS_FILE, asdict(MountState()))
         _write_json(volume_dir / VOLUME_FILE, asdict(record))
-        _fsync_dir(self.volumes_dir)
+        fsync_dir(self.volumes_dir)
 
     def update_options(self, name: str, options: dict[str, str]) -> VolumeRecord:
         """Replace the options in the record of volume *name* and return the new record.
@@ -223,16 +224,16 @@ class Registry:
         volume_dir = self.volume_dir(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(volume_dir / DEK_FILE)
-        _fsync_dir(volume_dir)
+        fsync_dir(volume_dir)
 
     def remove(self, name: str) -> None:
         """Delete what is left of the volume: the record first, then the ciphertext and the rest."""
         volume_dir = self.volume_dir(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(volume_dir / VOLUME_FILE)
-        _fsync_dir(volume_dir)
+        fsync_dir(volume_dir)
         shutil.rmtree(volume_dir)
-        _fsync_dir(self.volumes_dir)
+        fsync_dir(self.volumes_dir)
 
 
 def _check_leftover(volume_dir: Path, name: str) -> None:
@@ -307,12 +308,5 @@ def _write_json(path: Path, data: Any) -> None:
     except OSError:
         os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -73,6 +73,15 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync(2) the directory *path*, so that entries just created, renamed or removed in it persist."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def forbid_core_dumps() -> None:
     """Keep this process's memory (DEKs, the KEK, plaintext) out of core dumps.
 

@@ -33,6 +33,7 @@ from securevol.crypto import DEK_LEN, DataKey
 from securevol.errors import KeyProviderError
 from securevol.keys import KeyProvider, check_record_provider
 from securevol.registry import DEK_FILE
+from securevol.syscalls import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +197,8 @@ def _create_master_key(path: Path) -> None:
         log.info("master key created path=%s", path)
     finally:
         os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _decode_field(record: dict[str, Any], field: str, length: int) -> bytes:
