@@ -506,6 +506,23 @@ def test_second_process_on_same_backing_refused(volume, tmp_path):
     assert (volume.mountpoint / "still-works").write_bytes(b"x") == 1
 
 
+def test_unopenable_journal_reported(volume):
+    volume.stop()
+    journal = volume.backing / "securevol.journal"
+    journal.unlink()
+    journal.mkdir()  # open(2) of the journal now fails with EISDIR
+    volume.expected_errors.append("mount failed vol=testvol")
+
+    with pytest.raises(MountFailed, match=r"^error opening the backing store .* failed \(Is a directory\); see"):
+        volume.start()
+
+    assert not is_mounted(volume.mountpoint)
+    assert any("mount failed vol=testvol" in line for line in volume.log_lines("ERROR"))
+    journal.rmdir()
+    volume.start()
+    assert os.listdir(volume.mountpoint) == []
+
+
 def test_wrong_key_hides_names(volume):
     (volume.mountpoint / "f").write_bytes(b"data")
     volume.stop()

@@ -828,6 +828,27 @@ def test_killed_fuse_process_replaced_on_next_mount(server):
 
 
 @needs_fuse
+def test_counts_of_dead_process_dropped_on_replace(server):
+    # What a host reboot leaves: counts in mounts.json, no FUSE process, no mount.
+    name = create(server)
+    mountpoint = Path(mount(server, name, "before-reboot"))
+    old_pid = fuse_pid(server, name)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for_exit(old_pid)
+    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=True)
+
+    mount(server, name, "after-reboot")
+    new_pid = fuse_pid(server, name)
+    unmount(server, name, "after-reboot")
+
+    wait_for_exit(new_pid)
+    assert not mounts_under(mountpoint)
+    assert json.loads((server.volume_dir(name) / "mounts.json").read_text())["counts"] == {}
+    unmount(server, name, "before-reboot")  # a late Unmount of a lost ID is ignored
+    assert server.call("Remove", {"Name": name}).err == ""
+
+
+@needs_fuse
 def test_mounts_of_many_volumes_in_parallel(server):
     names = [create(server) for _ in range(4)]
     results = {}

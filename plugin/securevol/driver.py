@@ -143,6 +143,11 @@ class VolumeDriver:
         if state.pid is not None or state.total:
             log.warning("fuse process not serving, replacing it vol=%s pid=%s count=%d", name, state.pid, state.total)
         self.mounter.clear_stale(state.pid, mountpoint)
+        # The counted mount IDs belong to containers that lost the volume with
+        # the old process (or ran before a reboot); they cannot reach the new
+        # mount. Kept, they would keep it mounted after its last user's Unmount,
+        # and their own late Unmount is ignored as unknown.
+        state.counts.clear()
         state.pid = None
         state.mountpoint = None
         self.registry.write_mounts(name, state)

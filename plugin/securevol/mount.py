@@ -19,6 +19,7 @@ import re
 import resource
 import signal
 import sys
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -242,6 +243,12 @@ def _serve(args: argparse.Namespace, keys) -> int:
         log.error("mount failed vol=%s error=%s", args.volume, exc)
         _report(args.ready_fd, f"error {exc}")
         return 1
+    except (OSError, IntegrityError) as exc:
+        # Opening the journal or redoing its record, such as ENOSPC during the replay.
+        log.exception("mount failed vol=%s backing=%s", args.volume, args.backing)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _report(args.ready_fd, f"error opening the backing store {args.backing} failed ({reason}); see the volume log")
+        return 1
     try:
         pyfuse3.init(operations, args.mountpoint, set(MOUNT_OPTIONS))
     except RuntimeError:
@@ -250,7 +257,6 @@ def _serve(args: argparse.Namespace, keys) -> int:
         _report(args.ready_fd, f"error mounting FUSE at {args.mountpoint} failed; see the volume log")
         return 1
 
-    unmount = False
     # The objects of start-up (modules, classes, functions) live as long as
     # the process. Frozen, they are left out of every later full collection,
     # which otherwise walked them all and, after the page cache was dropped,
@@ -258,7 +264,7 @@ def _serve(args: argparse.Namespace, keys) -> int:
     # from disk (18 major faults in a cold stat of 10,000 files, 3 frozen).
     gc.freeze()
     try:
-        unmount = trio.run(_run_until_unmounted, mountpoint, args)
+        outcome = trio.run(_run_until_unmounted, mountpoint, args)
     except BaseException:
         _ignore_stop_signals()
         log.exception("FUSE loop failed vol=%s", args.volume)
@@ -269,10 +275,10 @@ def _serve(args: argparse.Namespace, keys) -> int:
 
     # After an external unmount the mountpoint may already belong to a new
     # mount; only a stop by this process leaves its own mount to remove.
-    pyfuse3.close(unmount=unmount)
+    pyfuse3.close(unmount=outcome.stopped_here)
     operations.close()
     log.info("volume unmounted vol=%s", args.volume)
-    return 0
+    return 0 if outcome.ready else 1
 
 
 def _make_operations(args: argparse.Namespace, keys) -> SecurevolOperations:
@@ -282,14 +288,22 @@ def _make_operations(args: argparse.Namespace, keys) -> SecurevolOperations:
     return SecurevolOperations(args.volume, args.backing, keys)
 
 
-async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> bool:
-    """Serve requests until the filesystem is unmounted or this process stops it; tell whether it stopped it."""
+class _LoopOutcome(NamedTuple):
+    """How the request loop ended."""
+
+    stopped_here: bool  # this process ended it, so its mount is still in place
+    ready: bool  # "ready" was reported; otherwise an error line was
+
+
+async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> _LoopOutcome:
+    """Serve requests until the filesystem is unmounted or this process stops it."""
     stopped_here = False
+    ready = False
 
     async def announce_ready() -> None:
         # The stat in _raise_read_ahead returns once this loop has answered the
         # kernel's INIT, so "ready" means mounted and serving.
-        nonlocal stopped_here
+        nonlocal stopped_here, ready
         try:
             await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
         except OSError as exc:
@@ -306,6 +320,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
             _report(args.ready_fd, "error the FUSE process was stopped before it was ready")
             return
         if _report(args.ready_fd, f"ready {os.getpid()}"):
+            ready = True
             log.info("volume mounted vol=%s mountpoint=%s pid=%d", args.volume, mountpoint, os.getpid())
             return
         log.error("mount abandoned vol=%s: the ready pipe is closed", args.volume)
@@ -340,7 +355,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> boo
         nursery.start_soon(announce_ready)
         await fuse_loop.serve()
         nursery.cancel_scope.cancel()
-    return stopped_here
+    return _LoopOutcome(stopped_here, ready)
 
 
 def _ignore_stop_signals() -> None:
