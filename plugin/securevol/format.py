@@ -41,7 +41,7 @@ HEADER_LEN = _HEADER_STRUCT.size  # 24
 # AES itself, bounded sequential reads with 4 KiB blocks (docs/format.md, "Blocks").
 BLOCK_SIZE = 32768
 # 128-bit random nonces, as gocryptfs uses. Random 96-bit nonces collide with
-# probability about q**2 / 2**97 after q block writes, 2**-32 at 16 TiB written,
+# probability about q**2 / 2**97 after q block writes, 2**-32 at 128 TiB written,
 # which a busy database volume can reach. A 128-bit nonce is hashed by GHASH
 # into the initial counter; docs/format.md ("Nonces") gives the estimate.
 NONCE_LEN = 16
