@@ -501,6 +501,23 @@ def test_tls_with_ca_file(tmp_path):
         server.stop()
 
 
+def test_tls_default_trusts_openssl_ca_file(tmp_path, monkeypatch):
+    # Without SECUREVOL_TRANSIT_CA_FILE the provider trusts OpenSSL's default
+    # CA file, as other programs on the host do, not certifi's bundle.
+    # SSL_CERT_FILE stands in for a CA added to the system bundle.
+    server = DevServer(tmp_path, tls=True)
+    try:
+        server.admin.sys.enable_secrets_engine("transit", path="transit")
+        key_name = server.create_key()
+        monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))
+        provider = server.provider(key_name, ca_file=None)
+        dek = DataKey.generate()
+
+        assert provider.unwrap(provider.wrap(dek, VOLUME_ID), VOLUME_ID) == dek
+    finally:
+        server.stop()
+
+
 # Settings
 
 

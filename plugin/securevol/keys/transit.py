@@ -52,6 +52,7 @@ import hmac
 import logging
 import os
 import re
+import ssl
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,6 +159,15 @@ class TransitSettings:
             raise KeyProviderError("SECUREVOL_TRANSIT_TIMEOUT must be a number of seconds greater than 0.")
 
 
+def _system_ca_bundle() -> str | bool:
+    """Return OpenSSL's default CA file (SSL_CERT_FILE, else the system's bundle), or True if there is none.
+
+    requests would otherwise trust certifi's bundle inside the virtualenv,
+    which knows nothing of a CA added with update-ca-certificates.
+    """
+    return ssl.get_default_verify_paths().cafile or True
+
+
 class TransitKeyProvider(KeyProvider):
     """Wraps DEKs with a key of an OpenBao or Vault Transit engine."""
 
@@ -166,7 +176,7 @@ class TransitKeyProvider(KeyProvider):
     def __init__(self, settings: TransitSettings) -> None:
         settings.validate()
         self.settings = settings
-        verify: bool | str = str(settings.ca_file) if settings.ca_file else True
+        verify = str(settings.ca_file) if settings.ca_file else _system_ca_bundle()
         # An explicit empty token keeps hvac from reading VAULT_TOKEN or ~/.vault-token.
         # _request() sets the real token before each request.
         self._hvac = hvac.Client(
