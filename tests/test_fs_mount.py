@@ -533,6 +533,7 @@ def test_wrong_key_hides_names(volume):
 
     assert os.listdir(volume.mountpoint) == []
     expect_errno(errno.ENOENT, (volume.mountpoint / "f").read_bytes)
+    assert any("name unreadable vol=testvol backing=" in line for line in volume.log_lines("ERROR"))
 
 
 def test_modes_of_new_entries_ignore_process_umask(volume):

@@ -160,12 +160,12 @@ class SecurevolOperations(pyfuse3.Operations):
         self._backing_root = os.path.realpath(backing_root)
         root_fd = os.open(self._backing_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._inodes = InodeTable(root_fd)
-        self._names = names.NameCipher(keys.name_key)
+        self._names = names.NameCipher(keys.name_key, volume)
         # Finish a change cut short by the death of the previous process before serving anything.
         self._journal = Journal(root_fd, volume)
         self._journal.recover()
         self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key), self._journal.apply)
-        self._xattrs = ExtendedAttributes(keys.xattr_key)
+        self._xattrs = ExtendedAttributes(keys.xattr_key, volume)
         self._files: dict[int, OpenFile] = {}
         self._read_ahead_worker = ReadAheadWorker()
         self._dirs: dict[int, OpenDir] = {}

@@ -126,10 +126,11 @@ class NameCipher:
     AES-256 in both of its halves.
     """
 
-    def __init__(self, name_key: bytes) -> None:
+    def __init__(self, name_key: bytes, volume: str = "-") -> None:
         if len(name_key) != NAME_KEY_LEN:
             raise ValueError(f"a name key has {NAME_KEY_LEN} bytes, not {len(name_key)}")
         self._siv = AESSIV(name_key)
+        self._volume = volume  # for log lines
         # (plaintext name, directory IV) -> BackingName; cleared when full.
         self._backing_names: dict[tuple[bytes, bytes], BackingName] = {}
 
@@ -217,7 +218,7 @@ class NameCipher:
             try:
                 plain = self.plain_name_for(dir_fd, backing_name, dir_iv)
             except IntegrityError as exc:
-                log.error("name unreadable backing=%s error=%s", backing_name, exc)
+                log.error("name unreadable vol=%s backing=%s error=%s", self._volume, backing_name, exc)
                 continue
             entries.append(DirEntry(plain, backing_name))
         return entries

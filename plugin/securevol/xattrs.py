@@ -66,10 +66,11 @@ class XattrError(Exception):
 class ExtendedAttributes:
     """Reads and writes the encrypted extended attributes of backing inodes with one volume's xattr key."""
 
-    def __init__(self, xattr_key: bytes) -> None:
+    def __init__(self, xattr_key: bytes, volume: str = "-") -> None:
         if len(xattr_key) != 64:
             raise ValueError(f"an xattr key has 64 bytes, not {len(xattr_key)}")
         self._siv = AESSIV(xattr_key)
+        self._volume = volume  # for log lines
         # The kernel requests security.capability before every write(2), so
         # each attribute name is encrypted once.
         self._backing_names: dict[bytes, str] = {}
@@ -112,7 +113,7 @@ class ExtendedAttributes:
             try:
                 names.append(self.plain_name(backing_name))
             except IntegrityError as exc:
-                log.error("attribute name unreadable backing=%s error=%s", backing_name, exc)
+                log.error("attribute name unreadable vol=%s backing=%s error=%s", self._volume, backing_name, exc)
         return names
 
     # --- encryption ------------------------------------------------------------------------------
