@@ -827,15 +827,24 @@ def test_killed_fuse_process_replaced_on_next_mount(server):
     assert not mounts_under(mountpoint)
 
 
+def rewrite_mounts(server, name, **changes) -> None:
+    """Change fields of a volume's mounts.json, as a crash or a reboot leaves it."""
+    mounts_file = server.volume_dir(name) / "mounts.json"
+    state = json.loads(mounts_file.read_text())
+    state.update(changes)
+    mounts_file.write_text(json.dumps(state))
+
+
 @needs_fuse
-def test_counts_of_dead_process_dropped_on_replace(server):
-    # What a host reboot leaves: counts in mounts.json, no FUSE process, no mount.
+def test_counts_from_earlier_boot_dropped(server):
     name = create(server)
     mountpoint = Path(mount(server, name, "before-reboot"))
     old_pid = fuse_pid(server, name)
+    # What a reboot leaves: no FUSE process, no mount, counts of another boot.
     os.kill(old_pid, signal.SIGKILL)
     wait_for_exit(old_pid)
     subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=True)
+    rewrite_mounts(server, name, boot_id="an-earlier-boot")
 
     mount(server, name, "after-reboot")
     new_pid = fuse_pid(server, name)
@@ -844,7 +853,48 @@ def test_counts_of_dead_process_dropped_on_replace(server):
     wait_for_exit(new_pid)
     assert not mounts_under(mountpoint)
     assert json.loads((server.volume_dir(name) / "mounts.json").read_text())["counts"] == {}
-    unmount(server, name, "before-reboot")  # a late Unmount of a lost ID is ignored
+    assert server.call("Remove", {"Name": name}).err == ""
+
+
+@needs_fuse
+def test_reused_id_after_crash_keeps_mount(server):
+    # dockerd mounts a running container's volumes again under that
+    # container's mount ID for 'docker cp'. After a FUSE crash in the same
+    # boot, the container's own Unmount must not take the copy's mount away.
+    name = create(server)
+    mountpoint = Path(mount(server, name, "container-c"))
+    old_pid = fuse_pid(server, name)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for_exit(old_pid)
+
+    mount(server, name, "container-d")
+    mount(server, name, "container-c")  # docker cp into container C
+    new_pid = fuse_pid(server, name)
+    (mountpoint / "copied").write_bytes(PLAINTEXT)
+    unmount(server, name, "container-c")  # C stops
+    unmount(server, name, "container-d")  # D stops
+
+    assert pid_running(new_pid)
+    assert (mountpoint / "copied").read_bytes() == PLAINTEXT
+    unmount(server, name, "container-c")  # docker cp ends
+    wait_for_exit(new_pid)
+    assert not mounts_under(mountpoint)
+
+
+@needs_fuse
+def test_repeated_unmount_stops_process_without_mounts(server):
+    name = create(server)
+    mountpoint = Path(mount(server, name, "only"))
+    pid = fuse_pid(server, name)
+    # An Unmount whose worker was killed after it wrote mounts.json and before
+    # it stopped the FUSE process leaves this; dockerd then sends it again.
+    rewrite_mounts(server, name, counts={})
+
+    unmount(server, name, "only")
+
+    wait_for_exit(pid)
+    assert not mounts_under(mountpoint)
+    assert "fuse process without mounts stopped vol=" in server.log_text()
     assert server.call("Remove", {"Name": name}).err == ""
 
 

@@ -143,11 +143,6 @@ class VolumeDriver:
         if state.pid is not None or state.total:
             log.warning("fuse process not serving, replacing it vol=%s pid=%s count=%d", name, state.pid, state.total)
         self.mounter.clear_stale(state.pid, mountpoint)
-        # The counted mount IDs belong to containers that lost the volume with
-        # the old process (or ran before a reboot); they cannot reach the new
-        # mount. Kept, they would keep it mounted after its last user's Unmount,
-        # and their own late Unmount is ignored as unknown.
-        state.counts.clear()
         state.pid = None
         state.mountpoint = None
         self.registry.write_mounts(name, state)
@@ -204,11 +199,12 @@ class VolumeDriver:
                 # A repeated Unmount, or one for counts dropped earlier, must
                 # not take away the mount of another container.
                 log.warning("unmount of unknown mount id ignored vol=%s id=%s", name, mount_id)
+                self._stop_orphan(name, state)
                 return
             # Recorded before the FUSE process is stopped, which can take
             # longer than a stopping daemon waits for this request. A process
-            # left running stays recorded for the next Mount or Remove, and an
-            # Unmount that dockerd sends again finds the ID gone and succeeds.
+            # left running stays recorded: the Unmount that dockerd sends
+            # again stops it (_stop_orphan), a Mount adopts it, Remove stops it.
             self.registry.write_mounts(name, state)
             if state.total == 0:
                 self.mounter.stop(state.pid, self._mountpoint(name))
@@ -218,6 +214,18 @@ class VolumeDriver:
                 self.registry.write_mounts(name, state)
 
         log.info("volume unmounted vol=%s id=%s count=%d", name, mount_id, state.total)
+
+    def _stop_orphan(self, name: str, state: MountState) -> None:
+        """Stop a FUSE process that serves no counted mount, left by an Unmount cut short after its write."""
+        if state.total or state.pid is None:
+            return
+        mountpoint = self._mountpoint(name)
+        if self.mounter.is_serving(state.pid, mountpoint):
+            log.warning("fuse process without mounts stopped vol=%s pid=%d", name, state.pid)
+            self.mounter.stop(state.pid, mountpoint)
+        state.pid = None
+        state.mountpoint = None
+        self.registry.write_mounts(name, state)
 
     # -- reads, without the lock -----------------------------------------------
 

@@ -20,6 +20,7 @@ old or the new version.
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -70,23 +71,39 @@ class VolumeRecord:
         )
 
 
+
+@functools.cache
+def current_boot_id() -> str:
+    """Return the kernel's boot ID, which changes with every boot (the same inside containers)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
 @dataclass
 class MountState:
     """The mount state of one volume, stored in mounts.json: Docker mount IDs as a multiset and the FUSE process.
 
     Docker reuses a mount ID for ``docker cp`` into a running container, so
-    an ID can be mounted more than once and must be counted.
+    an ID can be mounted more than once and must be counted. *boot_id* is the
+    kernel's boot ID when the state was written: nothing stays mounted across
+    a reboot, so counts from an earlier boot are dropped when they are read.
     """
 
     counts: dict[str, int] = field(default_factory=dict)
     pid: int | None = None
     mountpoint: str | None = None
+    boot_id: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "MountState":
         counts = {str(k): int(v) for k, v in dict(data.get("counts", {})).items() if int(v) > 0}
         pid = data.get("pid")
-        return cls(counts=counts, pid=int(pid) if pid is not None else None, mountpoint=data.get("mountpoint"))
+        boot_id = data.get("boot_id")
+        return cls(
+            counts=counts,
+            pid=int(pid) if pid is not None else None,
+            mountpoint=data.get("mountpoint"),
+            boot_id=str(boot_id) if boot_id is not None else None,
+        )
 
     @property
     def total(self) -> int:
@@ -162,7 +179,14 @@ class Registry:
         data = _read_json(self.volume_dir(name) / MOUNTS_FILE)
         if data is None:
             return MountState()
-        return _parse(MountState.from_json, data, name, MOUNTS_FILE)
+        state = _parse(MountState.from_json, data, name, MOUNTS_FILE)
+        if state.boot_id is not None and state.boot_id != current_boot_id():
+            # After a reboot dockerd mounts again, often under the same IDs,
+            # and never unmounts what was mounted before it; kept, those
+            # counts would hold the volume mounted for good.
+            log.debug("mount state from an earlier boot ignored vol=%s count=%d", name, state.total)
+            return MountState()
+        return state
 
     def list_volumes(self) -> list[VolumeRecord]:
         """Return every complete volume record, sorted by name, skipping damaged ones with a warning."""
@@ -217,6 +241,7 @@ class Registry:
         return record
 
     def write_mounts(self, name: str, state: MountState) -> None:
+        state.boot_id = current_boot_id()
         _write_json(self.volume_dir(name) / MOUNTS_FILE, asdict(state))
 
     def destroy_wrapped_dek(self, name: str) -> None:
