@@ -181,9 +181,9 @@ class Registry:
             return MountState()
         state = _parse(MountState.from_json, data, name, MOUNTS_FILE)
         if state.boot_id is not None and state.boot_id != current_boot_id():
-            # After a reboot dockerd mounts again, often under the same IDs,
-            # and never unmounts what was mounted before it; kept, those
-            # counts would hold the volume mounted for good.
+            # Nothing is mounted after a reboot, and dockerd never unmounts
+            # what was mounted before it. Kept, those counts would hold the
+            # volume mounted for good once it is mounted again.
             log.debug("mount state from an earlier boot ignored vol=%s count=%d", name, state.total)
             return MountState()
         return state
