@@ -857,6 +857,51 @@ def test_counts_from_earlier_boot_dropped(server):
 
 
 @needs_fuse
+def test_counts_without_boot_id_dropped_after_reboot(server):
+    # The same, when the release before this one wrote mounts.json last: it
+    # recorded no boot ID.
+    name = create(server)
+    mountpoint = Path(mount(server, name, "container-c"))
+    old_pid = fuse_pid(server, name)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for_exit(old_pid)
+    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=True)
+    mounts_file = server.volume_dir(name) / "mounts.json"
+    state = json.loads(mounts_file.read_text())
+    del state["boot_id"]
+    mounts_file.write_text(json.dumps(state))
+
+    mount(server, name, "container-c")  # dockerd restarts the container under its old mount ID
+    new_pid = fuse_pid(server, name)
+    unmount(server, name, "container-c")
+
+    wait_for_exit(new_pid)
+    assert not mounts_under(mountpoint)
+    assert server.call("Remove", {"Name": name}).err == ""
+
+
+@needs_fuse
+def test_stale_boot_id_beside_live_process_kept(server):
+    # A mounts.json restored from a backup of an earlier boot while this
+    # boot's FUSE process serves container C: a live process cannot predate
+    # the boot, so its counts still hold.
+    name = create(server)
+    mountpoint = Path(mount(server, name, "container-c"))
+    pid = fuse_pid(server, name)
+    (mountpoint / "kept").write_bytes(PLAINTEXT)
+    rewrite_mounts(server, name, boot_id="an-earlier-boot")
+
+    assert get(server, name)["Status"]["mounted"]
+    mount(server, name, "container-d")
+    assert fuse_pid(server, name) == pid
+    assert server.call("Remove", {"Name": name}).err != ""
+    assert (mountpoint / "kept").read_bytes() == PLAINTEXT
+    unmount(server, name, "container-d")
+    unmount(server, name, "container-c")
+    wait_for_exit(pid)
+
+
+@needs_fuse
 def test_reused_id_after_crash_keeps_mount(server):
     # dockerd mounts a running container's volumes again under that
     # container's mount ID for 'docker cp'. After a FUSE crash in the same

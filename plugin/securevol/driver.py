@@ -87,7 +87,7 @@ class VolumeDriver:
 
         with self.registry.creating_or_removing():
             self.registry.read_volume(name)  # raises VolumeNotFound
-            state = self.registry.read_mounts(name)
+            state = self._current_mounts(name)
             mountpoint = self._mountpoint(name)
             self._check_not_in_use(name, state, mountpoint)
             self.mounter.clear_stale(state.pid, mountpoint)
@@ -128,7 +128,7 @@ class VolumeDriver:
             if self.guard is not None:
                 # Raises AccessDenied; writes the access file the FUSE process reads.
                 self.guard.check_mount(name, record.options.get("allow"), self._access_file(name))
-            state = self.registry.read_mounts(name)
+            state = self._current_mounts(name)
             mountpoint = self._mountpoint(name)
             if not self.mounter.is_serving(state.pid, mountpoint):
                 self._start_fuse(record, state, mountpoint)
@@ -194,7 +194,7 @@ class VolumeDriver:
         validate_name(name)
 
         with self.registry.changing_mounts(name):
-            state = self.registry.read_mounts(name)
+            state = self._current_mounts(name)
             if not state.discard(mount_id):
                 # A repeated Unmount, or one for counts dropped earlier, must
                 # not take away the mount of another container.
@@ -215,6 +215,23 @@ class VolumeDriver:
 
         log.info("volume unmounted vol=%s id=%s count=%d", name, mount_id, state.total)
 
+    def _current_mounts(self, name: str) -> MountState:
+        """Read the mount state of *name*, without counts that no container of this boot can hold.
+
+        Nothing is mounted after a reboot, and dockerd never unmounts what it
+        mounted before. Kept, those counts would hold the volume mounted for
+        good once it is mounted again. A state written in this boot, or one
+        whose FUSE process still serves (so it cannot predate the boot), is
+        kept as it is; a state without a boot ID, from an older release,
+        counts as an earlier boot's unless its process serves.
+        """
+        state = self.registry.read_mounts(name)
+        if state.written_this_boot or self.mounter.is_serving(state.pid, self._mountpoint(name)):
+            return state
+        if state.total or state.pid is not None:
+            log.debug("mount state of an earlier boot ignored vol=%s count=%d", name, state.total)
+        return MountState()
+
     def _stop_orphan(self, name: str, state: MountState) -> None:
         """Stop a FUSE process that serves no counted mount, left by an Unmount cut short after its write."""
         if state.total or state.pid is None:
@@ -233,7 +250,7 @@ class VolumeDriver:
         """Return the mountpoint of *name* if it is mounted, else ""."""
         validate_name(name)
         self.registry.read_volume(name)  # raises VolumeNotFound
-        return self._mounted_path(self.registry.read_mounts(name))
+        return self._mounted_path(self._current_mounts(name))
 
     def get(self, name: str) -> dict[str, Any]:
         """Return the protocol's description of volume *name*."""
@@ -251,7 +268,7 @@ class VolumeDriver:
         return {"Scope": "local"}
 
     def _describe(self, record: VolumeRecord) -> dict[str, Any]:
-        state = self.registry.read_mounts(record.name)
+        state = self._current_mounts(record.name)
         description: dict[str, Any] = {"Name": record.name, "CreatedAt": record.created_at}
         mountpoint = self._mounted_path(state)
         if mountpoint:

@@ -84,8 +84,8 @@ class MountState:
 
     Docker reuses a mount ID for ``docker cp`` into a running container, so
     an ID can be mounted more than once and must be counted. *boot_id* is the
-    kernel's boot ID when the state was written: nothing stays mounted across
-    a reboot, so counts from an earlier boot are dropped when they are read.
+    kernel's boot ID when the state was last written (None if the release that
+    wrote it did not record one).
     """
 
     counts: dict[str, int] = field(default_factory=dict)
@@ -104,6 +104,10 @@ class MountState:
             mountpoint=data.get("mountpoint"),
             boot_id=str(boot_id) if boot_id is not None else None,
         )
+
+    @property
+    def written_this_boot(self) -> bool:
+        return self.boot_id == current_boot_id()
 
     @property
     def total(self) -> int:
@@ -179,14 +183,7 @@ class Registry:
         data = _read_json(self.volume_dir(name) / MOUNTS_FILE)
         if data is None:
             return MountState()
-        state = _parse(MountState.from_json, data, name, MOUNTS_FILE)
-        if state.boot_id is not None and state.boot_id != current_boot_id():
-            # Nothing is mounted after a reboot, and dockerd never unmounts
-            # what was mounted before it. Kept, those counts would hold the
-            # volume mounted for good once it is mounted again.
-            log.debug("mount state from an earlier boot ignored vol=%s count=%d", name, state.total)
-            return MountState()
-        return state
+        return _parse(MountState.from_json, data, name, MOUNTS_FILE)
 
     def list_volumes(self) -> list[VolumeRecord]:
         """Return every complete volume record, sorted by name, skipping damaged ones with a warning."""
