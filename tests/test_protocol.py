@@ -881,6 +881,35 @@ def test_counts_without_boot_id_dropped_after_reboot(server):
 
 
 @needs_fuse
+def test_crash_after_upgrade_keeps_counts(server):
+    # Container C was mounted in this boot by the release before the boot ID,
+    # the package was upgraded in place (FUSE processes survive that), and
+    # then the FUSE process crashed. Its dead mount shows the counts are of
+    # this boot, so a docker cp into C keeps its mount after C stops.
+    name = create(server)
+    mountpoint = Path(mount(server, name, "container-c"))
+    mounts_file = server.volume_dir(name) / "mounts.json"
+    state = json.loads(mounts_file.read_text())
+    del state["boot_id"]
+    mounts_file.write_text(json.dumps(state))
+    old_pid = fuse_pid(server, name)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for_exit(old_pid)
+
+    mount(server, name, "container-d")
+    mount(server, name, "container-c")  # docker cp into container C
+    new_pid = fuse_pid(server, name)
+    (mountpoint / "copied").write_bytes(PLAINTEXT)
+    unmount(server, name, "container-c")  # C stops
+    unmount(server, name, "container-d")  # D stops
+
+    assert pid_running(new_pid)
+    assert (mountpoint / "copied").read_bytes() == PLAINTEXT
+    unmount(server, name, "container-c")  # docker cp ends
+    wait_for_exit(new_pid)
+
+
+@needs_fuse
 def test_stale_boot_id_beside_live_process_kept(server):
     # A mounts.json restored from a backup of an earlier boot while this
     # boot's FUSE process serves container C: a live process cannot predate

@@ -220,13 +220,13 @@ class VolumeDriver:
 
         Nothing is mounted after a reboot, and dockerd never unmounts what it
         mounted before. Kept, those counts would hold the volume mounted for
-        good once it is mounted again. A state written in this boot, or one
-        whose FUSE process still serves (so it cannot predate the boot), is
-        kept as it is; a state without a boot ID, from an older release,
-        counts as an earlier boot's unless its process serves.
+        good once it is mounted again. A state is kept when it was written in
+        this boot, or when a FUSE mount, even a dead one, is still at the
+        mountpoint, because no mount survives a boot. A state without a boot
+        ID (from an older release) and no mount counts as an earlier boot's.
         """
         state = self.registry.read_mounts(name)
-        if state.written_this_boot or self.mounter.is_serving(state.pid, self._mountpoint(name)):
+        if state.written_this_boot or is_mounted(self._mountpoint(name)):
             return state
         if state.total or state.pid is not None:
             log.debug("mount state of an earlier boot ignored vol=%s count=%d", name, state.total)
