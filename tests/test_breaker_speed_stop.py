@@ -234,25 +234,34 @@ def test_fusermount_busy_then_lazy_unmount_ends_process(volume):
     volume.pid = None
 
 
+def _launch_mount_process(mount: FuseMount, *extra_args: str, read_status: bool = True):
+    """Start ``python -m securevol.mount`` for *mount* and hand it the key; return it and the status pipe's read end.
+
+    With *read_status* False the read end is closed before the start, and None is returned for it.
+    """
+    mount.backing.mkdir()
+    mount.mountpoint.mkdir()
+    key_read, key_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    if not read_status:
+        os.close(ready_read)
+        ready_read = None
+    command = [sys.executable, "-m", "securevol.mount", *mount.command_args(), *extra_args,
+               "--key-fd", str(key_read), "--ready-fd", str(ready_write)]
+    process = subprocess.Popen(command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL)
+    os.close(key_read)
+    os.close(ready_write)
+    os.write(key_write, KEY)
+    os.close(key_write)
+    return process, ready_read
+
+
 def test_closed_ready_pipe_unmounts_and_exits(tmp_path):
     # No process reads the status line, so the FUSE process must take its mount down
     # again (pyfuse3.terminate from the readiness task) and exit.
     require_fuse()
     mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
-    mount.backing.mkdir()
-    mount.mountpoint.mkdir()
-    key_read, key_write = os.pipe()
-    ready_read, ready_write = os.pipe()
-    os.close(ready_read)
-    command = [sys.executable, "-m", "securevol.mount", *mount.command_args(),
-               "--key-fd", str(key_read), "--ready-fd", str(ready_write)]
-    launcher = subprocess.Popen(
-        command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL
-    )
-    os.close(key_read)
-    os.close(ready_write)
-    os.write(key_write, KEY)
-    os.close(key_write)
+    launcher, _ = _launch_mount_process(mount, read_status=False)
     launcher.wait(timeout=30)
 
     deadline = time.monotonic() + EXIT_TIMEOUT
@@ -289,7 +298,7 @@ def _fuse_process_of(mountpoint) -> int | None:
 @pytest.mark.parametrize("attempt", range(5))
 def test_sigterm_as_mount_appears_unmounts(tmp_path, attempt):
     # The signal arrives before the request loop listens for it. Its default
-    # action would end the process and leave a mount that nobody serves
+    # action would end the process and leave a mount that no process serves
     # (seen in 6 of 10 tries before the signals were held back).
     require_fuse()
     mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
@@ -350,8 +359,8 @@ def _holds_back_stop_signals(pid: int) -> bool:
     except OSError:
         return False
     [blocked] = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigBlk:")]
-    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
-    return blocked & wanted == wanted
+    stop_bits = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    return blocked & stop_bits == stop_bits
 
 
 def test_sigterm_during_start_reports_no_ready(tmp_path):
@@ -404,17 +413,7 @@ def test_signals_after_unmount_keep_exit_status_zero(tmp_path):
     # Python handler; a stop signal arriving then ended the process with it.
     require_fuse()
     mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
-    mount.backing.mkdir()
-    mount.mountpoint.mkdir()
-    key_read, key_write = os.pipe()
-    ready_read, ready_write = os.pipe()
-    command = [sys.executable, "-m", "securevol.mount", *mount.command_args(), "--foreground",
-               "--key-fd", str(key_read), "--ready-fd", str(ready_write)]
-    process = subprocess.Popen(command, pass_fds=(key_read, ready_write), cwd=REPO, stderr=subprocess.DEVNULL)
-    os.close(key_read)
-    os.close(ready_write)
-    os.write(key_write, KEY)
-    os.close(key_write)
+    process, ready_read = _launch_mount_process(mount, "--foreground")
     try:
         with os.fdopen(ready_read) as ready:
             assert ready.readline().startswith("ready ")

@@ -504,7 +504,7 @@ def test_tls_with_ca_file(tmp_path):
 def test_tls_default_trusts_openssl_ca_file(tmp_path, monkeypatch):
     # Without SECUREVOL_TRANSIT_CA_FILE the provider trusts OpenSSL's default
     # CA file, as other programs on the host do, not certifi's bundle.
-    # SSL_CERT_FILE stands in for a CA added to the system bundle.
+    # SSL_CERT_FILE replaces a CA added to the system bundle here.
     server = DevServer(tmp_path, tls=True)
     try:
         server.admin.sys.enable_secrets_engine("transit", path="transit")

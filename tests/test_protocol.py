@@ -835,15 +835,48 @@ def rewrite_mounts(server, name, **changes) -> None:
     mounts_file.write_text(json.dumps(state))
 
 
+def end_fuse_process_and_mount(server, name, mountpoint: Path) -> None:
+    """Kill a volume's FUSE process and detach its mount, as a reboot ends both."""
+    pid = fuse_pid(server, name)
+    os.kill(pid, signal.SIGKILL)
+    wait_for_exit(pid)
+    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=True)
+
+
+def drop_boot_id(server, name) -> None:
+    """Rewrite a volume's mounts.json as the release before the boot ID wrote it."""
+    mounts_file = server.volume_dir(name) / "mounts.json"
+    state = json.loads(mounts_file.read_text())
+    del state["boot_id"]
+    mounts_file.write_text(json.dumps(state))
+
+
+def crash_then_copy_into_container(server, name, mountpoint: Path) -> int:
+    """Kill the FUSE process that container C mounted, then play Docker's calls; return the new PID.
+
+    Container D mounts the volume, a docker cp into C mounts it again under
+    C's mount ID and writes a file, then C and D stop. The copy still holds
+    its mount afterwards.
+    """
+    old_pid = fuse_pid(server, name)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for_exit(old_pid)
+
+    mount(server, name, "container-d")
+    mount(server, name, "container-c")  # docker cp into container C
+    new_pid = fuse_pid(server, name)
+    (mountpoint / "copied").write_bytes(PLAINTEXT)
+    unmount(server, name, "container-c")  # C stops
+    unmount(server, name, "container-d")  # D stops
+    return new_pid
+
+
 @needs_fuse
 def test_counts_from_earlier_boot_dropped(server):
     name = create(server)
     mountpoint = Path(mount(server, name, "before-reboot"))
-    old_pid = fuse_pid(server, name)
     # What a reboot leaves: no FUSE process, no mount, counts of another boot.
-    os.kill(old_pid, signal.SIGKILL)
-    wait_for_exit(old_pid)
-    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=True)
+    end_fuse_process_and_mount(server, name, mountpoint)
     rewrite_mounts(server, name, boot_id="an-earlier-boot")
 
     mount(server, name, "after-reboot")
@@ -862,14 +895,8 @@ def test_counts_without_boot_id_dropped_after_reboot(server):
     # recorded no boot ID.
     name = create(server)
     mountpoint = Path(mount(server, name, "container-c"))
-    old_pid = fuse_pid(server, name)
-    os.kill(old_pid, signal.SIGKILL)
-    wait_for_exit(old_pid)
-    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=True)
-    mounts_file = server.volume_dir(name) / "mounts.json"
-    state = json.loads(mounts_file.read_text())
-    del state["boot_id"]
-    mounts_file.write_text(json.dumps(state))
+    end_fuse_process_and_mount(server, name, mountpoint)
+    drop_boot_id(server, name)
 
     mount(server, name, "container-c")  # dockerd restarts the container under its old mount ID
     new_pid = fuse_pid(server, name)
@@ -888,20 +915,8 @@ def test_crash_after_upgrade_keeps_counts(server):
     # this boot, so a docker cp into C keeps its mount after C stops.
     name = create(server)
     mountpoint = Path(mount(server, name, "container-c"))
-    mounts_file = server.volume_dir(name) / "mounts.json"
-    state = json.loads(mounts_file.read_text())
-    del state["boot_id"]
-    mounts_file.write_text(json.dumps(state))
-    old_pid = fuse_pid(server, name)
-    os.kill(old_pid, signal.SIGKILL)
-    wait_for_exit(old_pid)
-
-    mount(server, name, "container-d")
-    mount(server, name, "container-c")  # docker cp into container C
-    new_pid = fuse_pid(server, name)
-    (mountpoint / "copied").write_bytes(PLAINTEXT)
-    unmount(server, name, "container-c")  # C stops
-    unmount(server, name, "container-d")  # D stops
+    drop_boot_id(server, name)
+    new_pid = crash_then_copy_into_container(server, name, mountpoint)
 
     assert pid_running(new_pid)
     assert (mountpoint / "copied").read_bytes() == PLAINTEXT
@@ -937,16 +952,7 @@ def test_reused_id_after_crash_keeps_mount(server):
     # boot, the container's own Unmount must not take the copy's mount away.
     name = create(server)
     mountpoint = Path(mount(server, name, "container-c"))
-    old_pid = fuse_pid(server, name)
-    os.kill(old_pid, signal.SIGKILL)
-    wait_for_exit(old_pid)
-
-    mount(server, name, "container-d")
-    mount(server, name, "container-c")  # docker cp into container C
-    new_pid = fuse_pid(server, name)
-    (mountpoint / "copied").write_bytes(PLAINTEXT)
-    unmount(server, name, "container-c")  # C stops
-    unmount(server, name, "container-d")  # D stops
+    new_pid = crash_then_copy_into_container(server, name, mountpoint)
 
     assert pid_running(new_pid)
     assert (mountpoint / "copied").read_bytes() == PLAINTEXT

@@ -143,9 +143,7 @@ class VolumeDriver:
         if state.pid is not None or state.total:
             log.warning("fuse process not serving, replacing it vol=%s pid=%s count=%d", name, state.pid, state.total)
         self.mounter.clear_stale(state.pid, mountpoint)
-        state.pid = None
-        state.mountpoint = None
-        self.registry.write_mounts(name, state)
+        self._record_no_fuse_process(name, state)
 
         self._check_format(record)
         dek = self._unwrap_dek(record)
@@ -209,9 +207,7 @@ class VolumeDriver:
             if state.total == 0:
                 self.mounter.stop(state.pid, self._mountpoint(name))
                 log.info("fuse process stopped vol=%s pid=%s", name, state.pid)
-                state.pid = None
-                state.mountpoint = None
-                self.registry.write_mounts(name, state)
+                self._record_no_fuse_process(name, state)
 
         log.info("volume unmounted vol=%s id=%s count=%d", name, mount_id, state.total)
 
@@ -240,6 +236,9 @@ class VolumeDriver:
         if self.mounter.is_serving(state.pid, mountpoint):
             log.warning("fuse process without mounts stopped vol=%s pid=%d", name, state.pid)
             self.mounter.stop(state.pid, mountpoint)
+        self._record_no_fuse_process(name, state)
+
+    def _record_no_fuse_process(self, name: str, state: MountState) -> None:
         state.pid = None
         state.mountpoint = None
         self.registry.write_mounts(name, state)

@@ -258,10 +258,10 @@ def _serve(args: argparse.Namespace, keys) -> int:
         return 1
 
     # The objects of start-up (modules, classes, functions) live as long as
-    # the process. Frozen, they are left out of every later full collection,
-    # which otherwise walked them all and, after the page cache was dropped,
-    # read code pages of every extension module's traverse function back
-    # from disk (18 major faults in a cold stat of 10,000 files, 3 frozen).
+    # the process, so frozen they are left out of every later full collection.
+    # Such a collection walked them all. After the page cache was dropped, it
+    # read each extension module's traverse function back from disk: 18 major
+    # faults in a cold stat of 10,000 files, and 3 with the objects frozen.
     gc.freeze()
     try:
         outcome = trio.run(_run_until_unmounted, mountpoint, args)
@@ -289,7 +289,7 @@ def _make_operations(args: argparse.Namespace, keys) -> SecurevolOperations:
 
 
 class _LoopOutcome(NamedTuple):
-    """How the request loop ended."""
+    """Outcome of the request loop."""
 
     stopped_here: bool  # this process ended it, so its mount is still in place
     ready: bool  # "ready" was reported; otherwise an error line was

@@ -163,7 +163,7 @@ def _system_ca_bundle() -> str | bool:
     """Return OpenSSL's default CA file (SSL_CERT_FILE, else the system's bundle), or True if there is none.
 
     requests would otherwise trust certifi's bundle inside the virtualenv,
-    which knows nothing of a CA added with update-ca-certificates.
+    which does not contain a CA added with update-ca-certificates.
     """
     return ssl.get_default_verify_paths().cafile or True
 
