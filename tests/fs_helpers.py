@@ -6,6 +6,7 @@ cleans up by the PID it was given: ``fusermount3 -u``, then ``-uz``, then
 SIGKILL to that PID only.
 """
 
+import ctypes
 import errno
 import hashlib
 import multiprocessing
@@ -199,6 +200,32 @@ def resident_bytes(path: Path) -> int:
         ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True, capture_output=True, text=True
     ).stdout
     return int(output.strip())
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # x86_64 and most other architectures, Linux 6.5 and later
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def dirty_bytes(path: Path) -> int:
+    """Return how many bytes of *path* are dirty in the page cache (written, writeback not started), by cachestat(2)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        result = _Cachestat()
+        whole_file = _CachestatRange(0, 0)
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole_file), ctypes.byref(result), 0) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"cachestat: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+    return result.dirty * os.sysconf("SC_PAGE_SIZE")
 
 
 def drop_cached_pages(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the read-ahead thread (readahead.py): requests it cannot carry out, and descriptors on a mount.
+"""Tests of the backing I/O thread (backing_io.py): requests it cannot carry out, and descriptors on a mount.
 
 The thread must survive every request: once it is gone, requests fill its
 queue, each holding a duplicate descriptor, and stop() at unmount waits for
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from securevol.readahead import MAX_PENDING, ReadAheadWorker
+from securevol.backing_io import MAX_PENDING, BackingIoWorker
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 
 STOP_TIMEOUT = 60.0
@@ -23,7 +23,7 @@ def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _stop_in_thread(worker: ReadAheadWorker) -> bool:
+def _stop_in_thread(worker: BackingIoWorker) -> bool:
     """Call worker.stop() and tell whether it returned; a hang fails the test instead of blocking it."""
     stopper = threading.Thread(target=worker.stop, daemon=True)
     stopper.start()
@@ -35,7 +35,8 @@ def _stop_in_thread(worker: ReadAheadWorker) -> bool:
     ("offset", "length"),
     [
         # A client may write near the 2**63 limit of file offsets. The ciphertext
-        # offset after it does not fit in off_t, so posix_fadvise raises OverflowError.
+        # offset after it does not fit in off_t, so posix_fadvise raises
+        # OverflowError, and so does the check before sync_file_range.
         (2**63 + 2**20, 8 * 2**20),
         (0, -1),  # EINVAL from the kernel
     ],
@@ -46,11 +47,12 @@ def test_failing_requests_keep_worker_alive(tmp_path, offset, length):
     path.write_bytes(b"x" * 4096)
     fd = os.open(path, os.O_RDONLY)
     before = _open_descriptors()
-    worker = ReadAheadWorker()
+    worker = BackingIoWorker()
 
-    for _ in range(2 * MAX_PENDING):
-        worker.request(fd, offset, length)
-    worker.request(fd, 0, 4096)
+    for _ in range(MAX_PENDING):
+        worker.read_ahead(fd, offset, length)
+        worker.write_behind(fd, offset, length)
+    worker.read_ahead(fd, 0, 4096)
 
     assert _stop_in_thread(worker)
     assert _open_descriptors() == before

@@ -45,7 +45,7 @@ from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
 from securevol.journal import Journal
-from securevol.readahead import ReadAheadWorker
+from securevol.backing_io import BackingIoWorker
 from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ _CAPABILITY = b"security.capability"
 
 # Ciphertext that sequential reads ask the backing filesystem to fetch ahead of them.
 _READ_AHEAD_BYTES = 8 << 20
+
+# Ciphertext of sequential writes that is handed to the disk at a time, and the
+# ciphertext behind the latest write that is left alone (OpenFile.write_behind_range).
+_WRITE_BEHIND_BYTES = 8 << 20
+_WRITE_BEHIND_MARGIN = 1 << 20
 
 # Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
 _MAX_UNSYNCED_IVS = 1024
@@ -101,39 +106,60 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class OpenFile:
-    """An open regular file: its inode, a read-write descriptor of its backing file, and its read-ahead state."""
+    """An open regular file: its inode, a read-write descriptor of its backing file, and its read-ahead and write-behind state."""
 
-    __slots__ = ("inode", "fd", "next_offset", "advised_until")
+    __slots__ = ("inode", "fd", "next_offset", "advised_until", "written_back_from")
 
     def __init__(self, inode: Inode, fd: int) -> None:
         self.inode = inode
         self.fd = fd
         self.next_offset = 0  # plaintext offset where the previous read or write ended
         self.advised_until = 0  # backing offset up to which read-ahead was requested
+        self.written_back_from = 0  # backing offset from which write-behind has not been requested yet
 
-    def read_ahead_range(self, offset: int, size: int, max_gap: int = 0) -> tuple[int, int] | None:
-        """Return the backing range (offset, length) to fetch ahead after an access to [offset, offset + size).
-
-        Only an access that starts at most *max_gap* bytes after the previous
-        one ended counts as moving forward; others ask for nothing. Reads pass
-        0. The backing file's own read-ahead is smaller than one FUSE read, so
-        without this every read waits for the disk and nothing overlaps
-        decryption. Writes pass a gap too: the kernel writes dirty pages back
-        in file order, and a block write that does not cover whole backing
-        pages must read them first.
-        """
-        end = offset + size
+    def advance(self, offset: int, size: int) -> int:
+        """Record an access to [offset, offset + size); return its distance from the end of the previous one."""
         gap = offset - self.next_offset
-        self.next_offset = end
-        if not 0 <= gap <= max_gap:
-            return None
+        self.next_offset = offset + size
+        return gap
 
+    def read_ahead_range(self, end: int) -> tuple[int, int] | None:
+        """Return the backing range (offset, length) to fetch ahead of a forward access that ended at *end*.
+
+        The backing file's own read-ahead is smaller than one FUSE read, so
+        without this every read waits for the disk and nothing overlaps
+        decryption. A block write that does not cover whole backing pages must
+        read them first, so writes ask too. A read moves forward when it starts
+        where the previous one ended; a write may start up to
+        _READ_AHEAD_BYTES later, because the kernel writes dirty pages back in
+        file order but skips the clean ones.
+        """
         start = fmt.block_offset(end // fmt.BLOCK_SIZE)
         if start + _READ_AHEAD_BYTES // 2 <= self.advised_until:
             return None
         begin = max(start, self.advised_until)
         self.advised_until = start + _READ_AHEAD_BYTES
         return begin, self.advised_until - begin
+
+    def write_behind_range(self, offset: int, end: int, gap: int) -> tuple[int, int] | None:
+        """Return the backing range (offset, length) to start writing back after a write to [offset, end).
+
+        Only a run of contiguous writes (*gap* 0) asks, once every
+        _WRITE_BEHIND_BYTES, and never for the last _WRITE_BEHIND_MARGIN
+        before the write: the next writes still change those pages, and a page
+        under writeback would be written twice. Any other write starts a new
+        run, so that pages that scattered writes may change again stay in the
+        cache until the kernel or an fsync(2) writes them.
+        """
+        if gap != 0:
+            self.written_back_from = fmt.block_offset(offset // fmt.BLOCK_SIZE)
+            return None
+        until = fmt.block_offset(end // fmt.BLOCK_SIZE) - _WRITE_BEHIND_MARGIN
+        if until - self.written_back_from < _WRITE_BEHIND_BYTES:
+            return None
+        begin = self.written_back_from
+        self.written_back_from = until
+        return begin, until - begin
 
 
 class OpenDir:
@@ -167,7 +193,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._contents = EncryptedContents(fmt.ContentCipher(keys.content_key), self._journal.apply)
         self._xattrs = ExtendedAttributes(keys.xattr_key, volume)
         self._files: dict[int, OpenFile] = {}
-        self._read_ahead_worker = ReadAheadWorker()
+        self._backing_io = BackingIoWorker()
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = itertools.count(1)
         # (inode, block) pairs logged as damaged; repeats log at DEBUG until the file changes.
@@ -190,7 +216,7 @@ class SecurevolOperations(pyfuse3.Operations):
             os.close(fd)
         self._unsynced_ivs.clear()
         self._dirs.clear()
-        self._read_ahead_worker.stop()
+        self._backing_io.stop()
         self._journal.close()
         self._inodes.close_all()
 
@@ -509,7 +535,8 @@ class SecurevolOperations(pyfuse3.Operations):
     @_handler
     def read(self, fh: int, offset: int, size: int) -> memoryview:
         handle = self._files[fh]
-        self._read_ahead(handle, offset, size, 0)
+        if handle.advance(offset, size) == 0:
+            self._read_ahead(handle, offset + size)
         try:
             return self._contents.read(handle.fd, offset, size)
         except IntegrityError as exc:
@@ -520,12 +547,20 @@ class SecurevolOperations(pyfuse3.Operations):
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._files[fh]
         self._reported_damage.pop(handle.inode.ino, None)
-        self._read_ahead(handle, offset, len(data), _READ_AHEAD_BYTES)
+        end = offset + len(data)
+        gap = handle.advance(offset, len(data))
+        if 0 <= gap <= _READ_AHEAD_BYTES:
+            self._read_ahead(handle, end)
+
         try:
             self._contents.write(handle.fd, offset, data)
         except IntegrityError as exc:
             self._report_damage(handle.inode, exc, handle.fd)
             raise FUSEError(errno.EIO) from None
+
+        backing_range = handle.write_behind_range(offset, end, gap)
+        if backing_range is not None:
+            self._backing_io.write_behind(handle.fd, *backing_range)
         return len(data)
 
     async def flush(self, fh: int) -> None:
@@ -612,8 +647,8 @@ class SecurevolOperations(pyfuse3.Operations):
             self.volume, operation, exc.strerror, len(self._inodes), len(self._files), soft,
         )
 
-    def _read_ahead(self, handle: OpenFile, offset: int, size: int, max_gap: int) -> None:
-        backing_range = handle.read_ahead_range(offset, size, max_gap)
+    def _read_ahead(self, handle: OpenFile, end: int) -> None:
+        backing_range = handle.read_ahead_range(end)
         if backing_range is None:
             return
 
@@ -623,7 +658,7 @@ class SecurevolOperations(pyfuse3.Operations):
         start, length = backing_range
         on_disk = os.fstat(handle.fd).st_size - start
         if on_disk > 0:
-            self._read_ahead_worker.request(handle.fd, start, min(length, on_disk))
+            self._backing_io.read_ahead(handle.fd, start, min(length, on_disk))
 
     def _inode(self, ino: int) -> Inode:
         inode = self._inodes.get(ino)

@@ -16,6 +16,9 @@ UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
 PR_SET_DUMPABLE = 4
+SYNC_FILE_RANGE_WRITE = 2
+_OFF_T_MAX = 2**63 - 1
+SYNC_FILE_RANGE_WRITE = 2
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -56,6 +59,22 @@ def rename_at(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str, fl
     """Rename with renameat2(2), so that RENAME_NOREPLACE and RENAME_EXCHANGE work."""
     result = _libc.renameat2(old_dir_fd, os.fsencode(old_name), new_dir_fd, os.fsencode(new_name), flags)
     _check(result, "renameat2")
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing the dirty pages of [offset, offset + length) of *fd* to storage, without waiting for them."""
+    _check(_libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE), "sync_file_range")
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing the dirty pages of [offset, offset + length) of *fd* to storage, and return without waiting.
+
+    Raises OverflowError for a range beyond off_t, which ctypes would otherwise wrap around.
+    """
+    if not (0 <= offset <= _OFF_T_MAX and 0 <= length <= _OFF_T_MAX):
+        raise OverflowError(f"range {offset}+{length} does not fit in off_t")
+    result = _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE)
+    _check(result, "sync_file_range")
 
 
 def syncfs(path: str) -> None:
