@@ -51,7 +51,7 @@ def test_failing_requests_keep_worker_alive(tmp_path, offset, length):
 
     for _ in range(MAX_PENDING):
         worker.read_ahead(fd, offset, length)
-        worker.write_behind(fd, offset, length)
+        worker.write_behind(fd, (offset, length), (offset, length))
     worker.read_ahead(fd, 0, 4096)
 
     assert _stop_in_thread(worker)

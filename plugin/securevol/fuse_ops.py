@@ -68,6 +68,8 @@ _READ_AHEAD_BYTES = 8 << 20
 # ciphertext behind the latest write that is left alone (OpenFile.write_behind_range).
 _WRITE_BEHIND_BYTES = 8 << 20
 _WRITE_BEHIND_MARGIN = 1 << 20
+# How far behind the range handed to the disk the ciphertext is dropped from the cache.
+_DROP_BEHIND_BYTES = 24 << 20
 
 # Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
 _MAX_UNSYNCED_IVS = 1024
@@ -108,14 +110,17 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
 class OpenFile:
     """An open regular file: its inode, a read-write descriptor of its backing file, and its read-ahead and write-behind state."""
 
-    __slots__ = ("inode", "fd", "next_offset", "advised_until", "written_back_from")
+    __slots__ = ("inode", "fd", "next_offset", "advised_until", "written_back_from", "dropped_from")
 
     def __init__(self, inode: Inode, fd: int) -> None:
         self.inode = inode
         self.fd = fd
         self.next_offset = 0  # plaintext offset where the previous read or write ended
         self.advised_until = 0  # backing offset up to which read-ahead was requested
-        self.written_back_from = 0  # backing offset from which write-behind has not been requested yet
+        # Backing offsets from which write-behind and drop-behind have not been
+        # requested yet. They start after the file header, so that its page,
+        # which every write reads, stays in the cache.
+        self.written_back_from = self.dropped_from = fmt.block_offset(0)
 
     def advance(self, offset: int, size: int) -> int:
         """Record an access to [offset, offset + size); return its distance from the end of the previous one."""
@@ -141,8 +146,8 @@ class OpenFile:
         self.advised_until = start + _READ_AHEAD_BYTES
         return begin, self.advised_until - begin
 
-    def write_behind_range(self, offset: int, end: int, gap: int) -> tuple[int, int] | None:
-        """Return the backing range (offset, length) to start writing back after a write to [offset, end).
+    def write_behind_ranges(self, offset: int, end: int, gap: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """Return the backing ranges (offset, length) to write back and to drop after a write to [offset, end).
 
         Only a run of contiguous writes (*gap* 0) asks, once every
         _WRITE_BEHIND_BYTES, and never for the last _WRITE_BEHIND_MARGIN
@@ -150,16 +155,24 @@ class OpenFile:
         under writeback would be written twice. Any other write starts a new
         run, so that pages that scattered writes may change again stay in the
         cache until the kernel or an fsync(2) writes them.
+
+        The range to drop from the cache ends _DROP_BEHIND_BYTES before the
+        range to write back, so that its writeback has most likely finished:
+        the kernel keeps pages that are dirty or under writeback.
         """
         if gap != 0:
-            self.written_back_from = fmt.block_offset(offset // fmt.BLOCK_SIZE)
+            self.written_back_from = self.dropped_from = fmt.block_offset(offset // fmt.BLOCK_SIZE)
             return None
         until = fmt.block_offset(end // fmt.BLOCK_SIZE) - _WRITE_BEHIND_MARGIN
         if until - self.written_back_from < _WRITE_BEHIND_BYTES:
             return None
-        begin = self.written_back_from
+
+        write_back = (self.written_back_from, until - self.written_back_from)
         self.written_back_from = until
-        return begin, until - begin
+        drop_until = max(self.dropped_from, write_back[0] - _DROP_BEHIND_BYTES)
+        drop = (self.dropped_from, drop_until - self.dropped_from)
+        self.dropped_from = drop_until
+        return write_back, drop
 
 
 class OpenDir:
@@ -558,9 +571,9 @@ class SecurevolOperations(pyfuse3.Operations):
             self._report_damage(handle.inode, exc, handle.fd)
             raise FUSEError(errno.EIO) from None
 
-        backing_range = handle.write_behind_range(offset, end, gap)
-        if backing_range is not None:
-            self._backing_io.write_behind(handle.fd, *backing_range)
+        backing_ranges = handle.write_behind_ranges(offset, end, gap)
+        if backing_ranges is not None:
+            self._backing_io.write_behind(handle.fd, *backing_ranges)
         return len(data)
 
     async def flush(self, fh: int) -> None:
