@@ -18,7 +18,6 @@ RENAME_EXCHANGE = 1 << 1
 PR_SET_DUMPABLE = 4
 SYNC_FILE_RANGE_WRITE = 2
 _OFF_T_MAX = 2**63 - 1
-SYNC_FILE_RANGE_WRITE = 2
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -59,11 +58,6 @@ def rename_at(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str, fl
     """Rename with renameat2(2), so that RENAME_NOREPLACE and RENAME_EXCHANGE work."""
     result = _libc.renameat2(old_dir_fd, os.fsencode(old_name), new_dir_fd, os.fsencode(new_name), flags)
     _check(result, "renameat2")
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing the dirty pages of [offset, offset + length) of *fd* to storage, without waiting for them."""
-    _check(_libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE), "sync_file_range")
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
