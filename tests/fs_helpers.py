@@ -228,6 +228,18 @@ def dirty_bytes(path: Path) -> int:
     return result.dirty * os.sysconf("SC_PAGE_SIZE")
 
 
+def wait_until_dirty_at_most(path: Path, limit: int, timeout: float = 10.0) -> int:
+    """Return the dirty bytes of *path* once at most *limit*, or after *timeout* seconds.
+
+    Writeback that the FUSE process requests runs on its thread, a moment
+    after the write that caused it.
+    """
+    deadline = time.monotonic() + timeout
+    while dirty_bytes(path) > limit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return dirty_bytes(path)
+
+
 def drop_cached_pages(path: Path) -> None:
     """Write back and drop the page cache of *path* alone; only clean pages can be dropped."""
     fd = os.open(path, os.O_RDONLY)

@@ -8,7 +8,13 @@ import pytest
 from securevol import format as fmt
 from securevol.backing_io import MAX_PENDING, BackingIoWorker
 from securevol.fuse_ops import OpenFile
-from tests.fs_helpers import dirty_bytes, drop_cached_pages, resident_bytes, wait_until_resident
+from tests.fs_helpers import (
+    dirty_bytes,
+    drop_cached_pages,
+    resident_bytes,
+    wait_until_dirty_at_most,
+    wait_until_resident,
+)
 
 
 def _open_descriptors() -> int:
@@ -70,13 +76,6 @@ def _dirty_file(path, size: int) -> int:
     return fd
 
 
-def _wait_until_clean(path, limit: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while dirty_bytes(path) > limit and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return dirty_bytes(path)
-
-
 def test_write_behind_starts_writeback_of_range_only(tmp_path):
     size = 8 * 2**20
     for attempt in range(3):
@@ -95,7 +94,7 @@ def test_write_behind_starts_writeback_of_range_only(tmp_path):
     os.close(fd)
 
     # The first half is handed to the disk; the second half is left dirty.
-    assert _wait_until_clean(tmp_path / "f", size // 2) == size // 2
+    assert wait_until_dirty_at_most(tmp_path / "f", size // 2) == size // 2
 
 
 def test_drop_behind_drops_clean_pages_loses_nothing(tmp_path):
@@ -131,7 +130,7 @@ def test_write_behind_works_after_range_beyond_off_t(tmp_path, offset, length):
     worker.stop()
     os.close(fd)
 
-    assert _wait_until_clean(tmp_path / "f", 0) == 0
+    assert wait_until_dirty_at_most(tmp_path / "f", 0) == 0
 
 
 # --- which ranges an open file asks for ---------------------------------------------------------

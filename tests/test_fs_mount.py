@@ -36,6 +36,7 @@ from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
     run_mount_command,
     tree_snapshot,
     volume,
+    wait_until_dirty_at_most,
     wait_until_resident,
 )
 
@@ -437,13 +438,6 @@ def _write_sequentially(path: Path, size: int, chunk: int = 2**20) -> None:
         os.close(fd)
 
 
-def _wait_until_dirty_at_most(path: Path, limit: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while dirty_bytes(path) > limit and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return dirty_bytes(path)
-
-
 def test_sequential_writes_start_writeback_of_ciphertext(volume):
     size = 64 * 2**20
     _write_sequentially(volume.mountpoint / "f", size)
@@ -452,7 +446,7 @@ def test_sequential_writes_start_writeback_of_ciphertext(volume):
     # Without write-behind, all 64 MiB would stay dirty for the kernel's 30 s
     # expiry: the flusher starts only when a tenth of the memory is dirty.
     # With it, at most the last 8 MiB run, the 1 MiB margin and the tail are.
-    assert _wait_until_dirty_at_most(backing, 10 * 2**20) <= 10 * 2**20
+    assert wait_until_dirty_at_most(backing, 10 * 2**20) <= 10 * 2**20
     # The ciphertext behind that, once written, leaves the cache: the mount's
     # own cache holds the plaintext. Pages still under writeback when their
     # drop was asked for stay, so the bound leaves room.
