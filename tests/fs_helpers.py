@@ -214,18 +214,28 @@ _SYS_CACHESTAT = 451  # x86_64 and most other architectures, Linux 6.5 and later
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def dirty_bytes(path: Path) -> int:
-    """Return how many bytes of *path* are dirty in the page cache (written, writeback not started), by cachestat(2)."""
+def _cachestat(path: Path, offset: int = 0, length: int = 0) -> _Cachestat:
+    """Return the page cache state of [offset, offset + length) of *path* (length 0: to the end), by cachestat(2)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         result = _Cachestat()
-        whole_file = _CachestatRange(0, 0)
-        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole_file), ctypes.byref(result), 0) != 0:
+        byte_range = _CachestatRange(offset, length)
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(byte_range), ctypes.byref(result), 0) != 0:
             error = ctypes.get_errno()
             raise OSError(error, f"cachestat: {os.strerror(error)}")
     finally:
         os.close(fd)
-    return result.dirty * os.sysconf("SC_PAGE_SIZE")
+    return result
+
+
+def dirty_bytes(path: Path) -> int:
+    """Return how many bytes of *path* are dirty in the page cache (written, writeback not started)."""
+    return _cachestat(path).dirty * os.sysconf("SC_PAGE_SIZE")
+
+
+def cached_bytes(path: Path, offset: int, length: int) -> int:
+    """Return how many bytes of [offset, offset + length) of *path* are in the page cache."""
+    return _cachestat(path, offset, length).cache * os.sysconf("SC_PAGE_SIZE")
 
 
 def wait_until_dirty_at_most(path: Path, limit: int, timeout: float = 10.0) -> int:
