@@ -40,12 +40,12 @@ from pyfuse3 import FUSEError
 
 from securevol import format as fmt
 from securevol import names, syscalls, xattrs
+from securevol.backing_io import BackingIoWorker
 from securevol.contents import EncryptedContents
 from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
 from securevol.journal import Journal
-from securevol.backing_io import BackingIoWorker
 from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ _CAPABILITY = b"security.capability"
 _READ_AHEAD_BYTES = 8 << 20
 
 # Ciphertext of sequential writes that is handed to the disk at a time, and the
-# ciphertext behind the latest write that is left alone (OpenFile.write_behind_range).
+# ciphertext behind the latest write that is left alone (OpenFile.write_behind_ranges).
 _WRITE_BEHIND_BYTES = 8 << 20
 _WRITE_BEHIND_MARGIN = 1 << 20
 # How far behind the range handed to the disk the ciphertext is dropped from the cache.
