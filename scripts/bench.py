@@ -630,6 +630,13 @@ class Results:
         return statistics.median(values) if values else None
 
 
+def size_text(size: int) -> str:
+    """Return *size* bytes as whole MiB, or as KiB below 1 MiB."""
+    if size < MIB:
+        return f"{size / 1024:,.0f} KiB"
+    return f"{size / MIB:,.0f} MiB"
+
+
 def rotated(items: list, round_no: int) -> list:
     shift = round_no % len(items)
     return items[shift:] + items[:shift]
@@ -640,6 +647,9 @@ def run_benchmark(config: Config) -> Results:
     filesystems = [FILESYSTEM_CLASSES[name](workdir / name, config) for name in config.filesystems]
     results = Results()
     progress(f"working in {workdir}")
+    progress(f"sizes: sequential file {size_text(config.size)}, {config.files:,} small files, "
+             f"fio file {size_text(config.fio_size)} ({size_text(config.fio_io_size)} per job), "
+             f"{config.rounds} round(s)")
     try:
         if "untar" in config.workloads:
             prepare_tarball(config, workdir)

@@ -18,7 +18,7 @@ FUSE_FILESYSTEMS = ("securevol", "gocryptfs", "securefs")
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
     if os.geteuid() != 0:
         if os.environ.get("CI"):
             pytest.fail("the benchmark mounts FUSE filesystems, which needs root")
@@ -31,12 +31,12 @@ def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout), workdir
+    return json.loads(result.stdout), workdir, result.stderr
 
 
 @pytest.mark.slow
-def test_quick_run_reports_every_metric(quick_report: tuple[dict, Path]) -> None:
-    report, _ = quick_report
+def test_quick_run_reports_every_metric(quick_report: tuple[dict, Path, str]) -> None:
+    report, _, _ = quick_report
     for filesystem in ("plain", *FUSE_FILESYSTEMS):
         medians = report["median"][filesystem]
         for metric in SPEED_METRICS:
@@ -45,16 +45,16 @@ def test_quick_run_reports_every_metric(quick_report: tuple[dict, Path]) -> None
 
 
 @pytest.mark.slow
-def test_quick_run_reports_fuse_memory(quick_report: tuple[dict, Path]) -> None:
-    report, _ = quick_report
+def test_quick_run_reports_fuse_memory(quick_report: tuple[dict, Path, str]) -> None:
+    report, _, _ = quick_report
     for filesystem in FUSE_FILESYSTEMS:
         assert report["median"][filesystem]["peak_rss"] > 0, filesystem
     assert "peak_rss" not in report["median"]["plain"]
 
 
 @pytest.mark.slow
-def test_quick_run_judges_every_target(quick_report: tuple[dict, Path]) -> None:
-    report, _ = quick_report
+def test_quick_run_judges_every_target(quick_report: tuple[dict, Path, str]) -> None:
+    report, _, _ = quick_report
     judged = {verdict["metric"]: verdict for verdict in report["targets"]}
     assert sorted(judged) == sorted(SPEED_METRICS)
     for verdict in judged.values():
@@ -62,8 +62,14 @@ def test_quick_run_judges_every_target(quick_report: tuple[dict, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_quick_run_leaves_nothing_behind(quick_report: tuple[dict, Path]) -> None:
-    _, workdir = quick_report
+def test_quick_run_leaves_nothing_behind(quick_report: tuple[dict, Path, str]) -> None:
+    _, workdir, _ = quick_report
     assert list(workdir.iterdir()) == []
     with open("/proc/self/mountinfo") as f:
         assert not [line for line in f if str(workdir) in line]
+
+
+@pytest.mark.slow
+def test_quick_run_states_its_sizes(quick_report: tuple[dict, Path, str]) -> None:
+    _, _, progress = quick_report
+    assert "sizes: sequential file 4 MiB, 50 small files, fio file 1 MiB (256 KiB per job), 1 round(s)" in progress

@@ -518,6 +518,14 @@ def test_process_detaches_and_reports_its_pid(volume):
     assert "securevol" in Path("/proc/self/mountinfo").read_text()
 
 
+def test_fuse_process_threads_named_for_operators(volume):
+    (volume.mountpoint / "f").write_bytes(b"x")  # the closer thread starts with the inode table
+    names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{volume.pid}/task").iterdir()}
+
+    assert "sv-backing-io" in names
+    assert "sv-closer" in names
+
+
 def test_mount_options(volume):
     line = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(volume.mountpoint) in line)
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 64
 
+THREAD_NAME = "sv-backing-io"
+
 _READ_AHEAD, _WRITE_BEHIND = "read-ahead", "write-behind"
 
 
@@ -47,7 +49,7 @@ class BackingIoWorker:
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[str, int, int, int, int, int] | None] = queue.Queue(MAX_PENDING)
-        self._thread = threading.Thread(target=self._run, name="securevol-backing-io", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
     def read_ahead(self, fd: int, offset: int, length: int) -> None:
@@ -79,6 +81,7 @@ class BackingIoWorker:
             os.close(duplicate)
 
     def _run(self) -> None:
+        syscalls.name_current_thread(THREAD_NAME)
         while (item := self._queue.get()) is not None:
             kind, fd, offset, length, drop_offset, drop_length = item
             try:

@@ -24,10 +24,14 @@ import time
 
 import pyfuse3
 
+from securevol import syscalls
+
 log = logging.getLogger(__name__)
 
 # Seconds the closer thread waits after a first dropped descriptor for others to close with it.
 CLOSE_BATCH_DELAY = 0.002
+
+CLOSER_THREAD_NAME = "sv-closer"
 
 
 class Inode:
@@ -144,7 +148,7 @@ class _DescriptorCloser:
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="securevol-closer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=CLOSER_THREAD_NAME, daemon=True)
         self._thread.start()
 
     def close_later(self, fd: int) -> None:
@@ -156,6 +160,7 @@ class _DescriptorCloser:
         self._thread.join()
 
     def _run(self) -> None:
+        syscalls.name_current_thread(CLOSER_THREAD_NAME)
         while True:
             batch = [self._queue.get()]
             # An rm -r drops thousands of inodes. Gathering them before closing

@@ -15,6 +15,7 @@ AT_EMPTY_PATH = 0x1000
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
+PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
 SYNC_FILE_RANGE_WRITE = 2
 _OFF_T_MAX = 2**63 - 1
@@ -93,6 +94,15 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def name_current_thread(name: str) -> None:
+    """Give the calling thread *name* (at most 15 bytes) in ps, top and /proc/PID/task/TID/comm.
+
+    Python's thread names stay inside Python, so operators would see every
+    thread of a FUSE process as "python".
+    """
+    _check(_libc.prctl(PR_SET_NAME, os.fsencode(name)[:15], 0, 0, 0), "prctl")
 
 
 def forbid_core_dumps() -> None:
