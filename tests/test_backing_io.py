@@ -76,7 +76,7 @@ def _dirty_file(path, size: int) -> int:
     return fd
 
 
-def test_write_behind_starts_writeback_of_range_only(tmp_path):
+def test_write_behind_starts_range_only(tmp_path):
     size = 8 * 2**20
     for attempt in range(3):
         fd = _dirty_file(tmp_path / "f", size)
@@ -97,7 +97,7 @@ def test_write_behind_starts_writeback_of_range_only(tmp_path):
     assert wait_until_dirty_at_most(tmp_path / "f", size // 2) == size // 2
 
 
-def test_drop_behind_drops_clean_pages_loses_nothing(tmp_path):
+def test_drop_behind_loses_no_data(tmp_path):
     path = tmp_path / "f"
     size = 8 * 2**20
     fd = _dirty_file(path, size)
@@ -121,7 +121,7 @@ def test_drop_behind_drops_clean_pages_loses_nothing(tmp_path):
     [(2**63, 4096), (0, 2**63), (-1, 4096)],
     ids=["offset-beyond-off_t", "length-beyond-off_t", "negative-offset"],
 )
-def test_write_behind_works_after_range_beyond_off_t(tmp_path, offset, length):
+def test_write_behind_survives_range_beyond_off_t(tmp_path, offset, length):
     fd = _dirty_file(tmp_path / "f", 4096)
     worker = BackingIoWorker()
 
@@ -148,7 +148,7 @@ def _write_behind_requests(writes: list[tuple[int, int]]) -> list[tuple[tuple[in
     return requests
 
 
-def test_contiguous_writes_ask_every_run_with_margin_and_lagging_drop():
+def test_contiguous_run_write_back_and_drop():
     mib = 2**20
     requests = _write_behind_requests([(i * mib, mib) for i in range(64)])
 
@@ -166,7 +166,7 @@ def test_contiguous_writes_ask_every_run_with_margin_and_lagging_drop():
         assert drop[0] + drop[1] <= write_back[0] - 24 * mib or drop[1] == 0
 
 
-def test_gaps_and_backward_writes_ask_for_nothing():
+def test_scattered_backward_writes_ask_nothing():
     mib = 2**20
     scattered = [(offset, 4096) for offset in range(0, 256 * mib, 2 * mib)]
     backward = [(offset, mib) for offset in range(63 * mib, -1, -mib)]

@@ -451,7 +451,7 @@ def test_sequential_writes_start_writeback_of_ciphertext(volume):
     assert (volume.mountpoint / "f").read_bytes() == random.Random(5).randbytes(2**20) * 64
 
 
-def test_sequential_writes_drop_written_ciphertext_from_cache(volume):
+def test_sequential_writes_drop_cached_ciphertext(volume):
     path = volume.mountpoint / "f"
     chunk = random.Random(6).randbytes(2**20)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -518,7 +518,7 @@ def test_process_detaches_and_reports_its_pid(volume):
     assert "securevol" in Path("/proc/self/mountinfo").read_text()
 
 
-def test_fuse_process_threads_named_for_operators(volume):
+def test_fuse_threads_have_kernel_names(volume):
     (volume.mountpoint / "f").write_bytes(b"x")  # the closer thread starts with the inode table
     names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{volume.pid}/task").iterdir()}
 
