@@ -674,6 +674,11 @@ def run_round(order: list[Filesystem], round_no: int, config: Config, results: R
         if workload not in WORKLOADS:
             continue
         for fs in order:
+            # Every filesystem starts from an empty page cache. On the test VM,
+            # filling memory that the cache has not used for a while costs
+            # about 8 us per page, so whichever filesystem ran later in the
+            # round wrote much slower (docs/benchmarks.md, "Fresh memory").
+            drop_page_cache()
             settle_disk()
             values = WORKLOADS[workload](fs, config)
             fs.sample_memory()
