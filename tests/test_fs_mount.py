@@ -524,6 +524,7 @@ def test_fuse_threads_have_kernel_names(volume):
 
     assert "sv-backing-io" in names
     assert "sv-closer" in names
+    assert "sv-forget" in names
 
 
 def test_mount_options(volume):

@@ -46,6 +46,7 @@ from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
 from securevol.journal import Journal
+from securevol.kernel_cache import EntryForgetter
 from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._xattrs = ExtendedAttributes(keys.xattr_key, volume)
         self._files: dict[int, OpenFile] = {}
         self._backing_io = BackingIoWorker()
+        self._forgetter = EntryForgetter()
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = itertools.count(1)
         # (inode, block) pairs logged as damaged; repeats log at DEBUG until the file changes.
@@ -231,8 +233,14 @@ class SecurevolOperations(pyfuse3.Operations):
         os.umask(umask)
         self._umask_is_zero = umask == 0
 
+    def stop_kernel_requests(self) -> None:
+        """End the thread that sends the kernel requests to forget entries; call before pyfuse3.close()."""
+        if not self._forgetter.stop():
+            log.warning("forget requests still running at unmount vol=%s", self.volume)
+
     def close(self) -> None:
         """Close every descriptor; call once the filesystem is unmounted."""
+        self._forgetter.stop()
         for handle in self._files.values():
             os.close(handle.fd)
         self._files.clear()
@@ -729,8 +737,7 @@ class SecurevolOperations(pyfuse3.Operations):
             return
 
         entries = self._inodes.least_recent_entries(known - int(limit * _FORGET_DOWN_TO_SHARE))
-        for parent_ino, name in entries:
-            pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+        self._forgetter.forget(entries)
         self._forget_requested = len(entries)
         self._dropped_at_forget_request = self._inodes.dropped
         log.info(
