@@ -719,6 +719,16 @@ def _wait_for_descriptors_at_most(pid: int, limit: int, timeout: float = 10.0) -
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _settled_descriptors(pid: int, limit: int, directories: int) -> int:
+    """Return how many descriptors the FUSE process may hold once it has asked the kernel to forget entries.
+
+    Forgetting starts at 70% of *limit* in known inodes and is checked every
+    limit/20 lookups. The process also holds descriptors of its own (counted
+    now) and one per directory created since the last fsync (its IV file).
+    """
+    return int(limit * 0.7) + limit // 20 + len(os.listdir(f"/proc/{pid}/fd")) + directories
+
+
 def test_more_files_than_descriptor_limit(volume):
     # The kernel keeps looked-up inodes until memory runs short; the FUSE
     # process asks it to forget the oldest entries once 70% of its descriptor
@@ -727,7 +737,7 @@ def test_more_files_than_descriptor_limit(volume):
     # up more new entries than the remaining 30% at once can still get EMFILE.
     soft, hard = resource.prlimit(volume.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (400, hard))
-    settled = int(400 * 0.7) + 64  # where forgetting starts, plus the lookups between two checks
+    settled = _settled_descriptors(volume.pid, 400, directories=10)
     tree = {f"d{d}/f{i}": b"%d/%d" % (d, i) for d in range(10) for i in range(60)}
     listed = []
     try:
@@ -746,6 +756,32 @@ def test_more_files_than_descriptor_limit(volume):
     assert sorted(listed) == sorted(tree)
     assert contents == tree
     assert [line for line in volume.log_lines("WARNING") if "file descriptors exhausted" in line] == []
+    assert any("kernel asked to forget entries" in line for line in volume.log_lines("INFO"))
+
+
+def test_working_directory_kept_while_forgetting(volume):
+    soft, hard = resource.prlimit(volume.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (300, hard))
+    settled = _settled_descriptors(volume.pid, 300, directories=9)
+    work = volume.mountpoint / "work"
+    work.mkdir()
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        # Entries looked up after the working directory push it to the least recent end.
+        for d in range(8):
+            (volume.mountpoint / f"d{d}").mkdir()
+            for i in range(40):
+                (volume.mountpoint / f"d{d}/f{i}").write_bytes(b"x")
+            assert _wait_for_descriptors_at_most(volume.pid, settled) <= settled
+        cwd = os.getcwd()
+        Path("here").write_bytes(b"y")
+    finally:
+        os.chdir(previous)
+        resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+    assert cwd == str(work)
+    assert (work / "here").read_bytes() == b"y"
     assert any("kernel asked to forget entries" in line for line in volume.log_lines("INFO"))
 
 

@@ -11,6 +11,7 @@ from securevol.inodes import InodeTable
 def table(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d").mkdir()
     root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     inodes = InodeTable(root_fd)
     yield inodes, tmp_path
@@ -31,9 +32,10 @@ def test_least_recent_entries_in_lookup_order(table):
     assert inodes.least_recent_entries(2) == [(1, b"b"), (1, b"c")]
 
 
-def test_open_inodes_and_returned_entries_skipped(table):
+def test_open_inodes_directories_and_returned_entries_skipped(table):
     inodes, directory = table
     opened = _look_up(inodes, directory, "a")
+    _look_up(inodes, directory, "d")  # a directory may be a process's working directory
     _look_up(inodes, directory, "b")
     _look_up(inodes, directory, "c")
     inodes.opened(opened)

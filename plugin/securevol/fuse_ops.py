@@ -76,7 +76,7 @@ _DROP_BEHIND_BYTES = 24 << 20
 # least recently looked-up entries until about the second share is left.
 _FORGET_ABOVE_SHARE = 0.7
 _FORGET_DOWN_TO_SHARE = 0.5
-# Lookups between two checks of that limit; each reads it with getrlimit(2).
+# Lookups between two checks of that limit at most; each reads it with getrlimit(2).
 _FORGET_CHECK_INTERVAL = 64
 
 # Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
@@ -726,8 +726,10 @@ class SecurevolOperations(pyfuse3.Operations):
         self._lookups_until_forget_check -= 1
         if self._lookups_until_forget_check > 0:
             return
-        self._lookups_until_forget_check = _FORGET_CHECK_INTERVAL
         limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # A small limit is checked more often, so that the lookups between two
+        # checks cannot use up the 30% of it kept free.
+        self._lookups_until_forget_check = max(1, min(_FORGET_CHECK_INTERVAL, limit // 20))
 
         # Inodes the kernel was asked to forget and has not forgotten yet
         # count as gone: asking again for them would only pick further entries.

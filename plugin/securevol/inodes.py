@@ -118,15 +118,17 @@ class InodeTable:
     def least_recent_entries(self, count: int) -> list[tuple[int, bytes]]:
         """Return up to *count* entries of the inodes looked up least recently, and forget them here.
 
-        Inodes that are open, and the root, are skipped: the kernel cannot
-        forget them. An entry is returned once, so that asking the kernel again
-        before its forget requests arrive does not repeat it.
+        Open inodes are skipped, because the kernel cannot forget them, and so
+        are directories: the kernel drops a forgotten entry from its dentry
+        cache even while it is some process's working directory, and getcwd(2)
+        then fails with ENOENT there. An entry is returned once, so that asking
+        the kernel again before its forget requests arrive does not repeat it.
         """
         entries = []
         for inode in self._inodes.values():
             if len(entries) >= count:
                 break
-            if inode.entry is None or inode.opens > 0 or inode.ino == pyfuse3.ROOT_INODE:
+            if inode.entry is None or inode.opens > 0 or inode.is_dir:
                 continue
             entries.append(inode.entry)
             inode.entry = None
