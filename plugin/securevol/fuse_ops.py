@@ -46,7 +46,6 @@ from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
 from securevol.inodes import Inode, InodeTable
 from securevol.journal import Journal
-from securevol.kernel_cache import EntryForgetter
 from securevol.xattrs import ExtendedAttributes, XattrError
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,6 @@ _WRITE_BEHIND_BYTES = 8 << 20
 _WRITE_BEHIND_MARGIN = 1 << 20
 # How far behind the range handed to the disk the ciphertext is dropped from the cache.
 _DROP_BEHIND_BYTES = 24 << 20
-
-# Shares of RLIMIT_NOFILE: above the first, the kernel is asked to forget the
-# least recently looked-up entries until about the second share is left.
-_FORGET_ABOVE_SHARE = 0.7
-_FORGET_DOWN_TO_SHARE = 0.5
-# Lookups between two checks of that limit at most; each reads it with getrlimit(2).
-_FORGET_CHECK_INTERVAL = 64
 
 # Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
 _MAX_UNSYNCED_IVS = 1024
@@ -157,7 +149,7 @@ class OpenFile:
     def write_behind_ranges(self, offset: int, end: int, gap: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
         """Return the backing ranges (offset, length) to write back and to drop after a write to [offset, end).
 
-        Only a run of contiguous writes (*gap* 0) makes a request, once every
+        Only a run of contiguous writes (*gap* 0) asks, once every
         _WRITE_BEHIND_BYTES, and never for the last _WRITE_BEHIND_MARGIN
         before the write: the next writes still change those pages, and a page
         under writeback would be written twice. Any other write starts a new
@@ -215,7 +207,6 @@ class SecurevolOperations(pyfuse3.Operations):
         self._xattrs = ExtendedAttributes(keys.xattr_key, volume)
         self._files: dict[int, OpenFile] = {}
         self._backing_io = BackingIoWorker()
-        self._forgetter = EntryForgetter()
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = itertools.count(1)
         # (inode, block) pairs logged as damaged; repeats log at DEBUG until the file changes.
@@ -223,24 +214,14 @@ class SecurevolOperations(pyfuse3.Operations):
         # Read-only descriptors of directory IV files written by mkdir but not yet fsynced.
         self._unsynced_ivs: list[int] = []
         self._last_descriptor_warning: float | None = None
-        self._lookups_until_forget_check = 0
-        # Entries the kernel was last asked to forget, and the table's drop count then.
-        self._forget_requested = 0
-        self._dropped_at_forget_request = 0
         self._euid = os.geteuid()
         self._egid = os.getegid()
         umask = os.umask(0)
         os.umask(umask)
         self._umask_is_zero = umask == 0
 
-    def stop_kernel_requests(self) -> None:
-        """End the thread that sends the kernel requests to forget entries; call before pyfuse3.close()."""
-        if not self._forgetter.stop():
-            log.warning("forget requests still running at unmount vol=%s", self.volume)
-
     def close(self) -> None:
         """Close every descriptor; call once the filesystem is unmounted."""
-        self._forgetter.stop()
         for handle in self._files.values():
             os.close(handle.fd)
         self._files.clear()
@@ -269,7 +250,7 @@ class SecurevolOperations(pyfuse3.Operations):
             fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except FileNotFoundError:
             return self._negative_entry()
-        return self._remember(fd, (parent_ino, name))
+        return self._remember(fd)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -352,7 +333,7 @@ class SecurevolOperations(pyfuse3.Operations):
             names.make_dir(parent.fd, backing.name, 0o700, fsync=False)
             self._defer_iv_fsync(parent, backing.name)
             setgid = stat.S_ISGID if inherit_gid else 0
-            return self._set_up_entry(parent, backing.name, uid, gid, stat.S_IFDIR | mode | setgid, name)
+            return self._set_up_entry(parent, backing.name, uid, gid, stat.S_IFDIR | mode | setgid)
 
     @_handler
     def mknod(
@@ -370,7 +351,7 @@ class SecurevolOperations(pyfuse3.Operations):
                 mode &= ~stat.S_ISVTX
             else:
                 os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
-            return self._set_up_entry(parent, backing.name, uid, gid, mode, name)
+            return self._set_up_entry(parent, backing.name, uid, gid, mode)
 
     @_handler
     def symlink(
@@ -382,7 +363,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
         with self._side_record(parent, backing):
             self._names.write_symlink(parent.fd, backing.name, target)
-            return self._set_up_entry(parent, backing.name, uid, gid, None, name)
+            return self._set_up_entry(parent, backing.name, uid, gid, None)
 
     @_handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -481,8 +462,7 @@ class SecurevolOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, entry.plain_name, attributes, index + 1):
                 os.close(fd)
                 return
-            self._inodes.remember(fd, st, (directory.ino, entry.plain_name))
-            self._limit_known_inodes()
+            self._inodes.remember(fd, st)
 
     @_handler
     def releasedir(self, fh: int) -> None:
@@ -512,7 +492,7 @@ class SecurevolOperations(pyfuse3.Operations):
         with self._side_record(parent, backing):
             fd, path_fd = self._create_backing_file(parent, backing, mode, flags, uid, gid, inherit_gid)
 
-        attributes = self._remember(path_fd, (parent_ino, name))
+        attributes = self._remember(path_fd)
         inode = self._inodes.get(attributes.st_ino)
         inode.absent_xattrs.add(_CAPABILITY)  # a new file has no file capabilities yet
         return self._open_handle(inode, fd), attributes
@@ -700,52 +680,15 @@ class SecurevolOperations(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         return inode
 
-    def _remember(self, fd: int, entry: tuple[int, bytes] | None = None) -> pyfuse3.EntryAttributes:
-        """Count a lookup of the inode behind O_PATH descriptor *fd* (owned from now on), return its attributes.
-
-        *entry* is the (parent inode, name) the kernel looks it up by.
-        """
+    def _remember(self, fd: int) -> pyfuse3.EntryAttributes:
+        """Count a lookup of the inode behind O_PATH descriptor *fd* (owned from now on), return its attributes."""
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        inode = self._inodes.remember(fd, st, entry)
-        self._limit_known_inodes()
+        inode = self._inodes.remember(fd, st)
         return self._attributes(inode.ino, st)
-
-    def _limit_known_inodes(self) -> None:
-        """Ask the kernel to forget the least recently looked-up entries when descriptors run short.
-
-        Each inode in the kernel's cache keeps a descriptor open here, and the
-        kernel forgets inodes on its own only under memory pressure. Without this, a
-        volume with more files in use than RLIMIT_NOFILE allows failed lookups
-        and creates with EMFILE. Forgetting an entry only costs the kernel a
-        LOOKUP when it is used again.
-        """
-        self._lookups_until_forget_check -= 1
-        if self._lookups_until_forget_check > 0:
-            return
-        limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        # A small limit is checked more often, so that the lookups between two
-        # checks cannot use up the 30% of it kept free.
-        self._lookups_until_forget_check = max(1, min(_FORGET_CHECK_INTERVAL, limit // 20))
-
-        # Inodes the kernel was asked to forget and has not forgotten yet
-        # count as gone: asking again for them would only pick further entries.
-        pending = self._forget_requested - (self._inodes.dropped - self._dropped_at_forget_request)
-        known = len(self._inodes) - max(pending, 0)
-        if known <= limit * _FORGET_ABOVE_SHARE:
-            return
-
-        entries = self._inodes.least_recent_entries(known - int(limit * _FORGET_DOWN_TO_SHARE))
-        self._forgetter.forget(entries)
-        self._forget_requested = len(entries)
-        self._dropped_at_forget_request = self._inodes.dropped
-        log.info(
-            "kernel asked to forget entries vol=%s known_inodes=%d entries=%d limit=%d",
-            self.volume, len(self._inodes), len(entries), limit,
-        )
 
     def _attributes(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         """Return the plaintext view of backing attributes *st*: plaintext sizes, symlinks as symlinks."""
@@ -905,9 +848,9 @@ class SecurevolOperations(pyfuse3.Operations):
         )
 
     def _set_up_entry(
-        self, parent: Inode, backing_name: str, uid: int, gid: int, mode: int | None, name: bytes
+        self, parent: Inode, backing_name: str, uid: int, gid: int, mode: int | None
     ) -> pyfuse3.EntryAttributes:
-        """Give a new backing entry (plaintext *name*) its owner, inherited ACL and *mode*, then count its lookup.
+        """Give a new backing entry its owner, inherited ACL and *mode*, then count its lookup.
 
         *mode* includes the file type; None leaves the mode alone (symlinks).
         Only regular files and directories inherit a default ACL, because
@@ -930,7 +873,7 @@ class SecurevolOperations(pyfuse3.Operations):
             os.close(fd)
             self._discard_new_entry(parent, backing_name)
             raise
-        return self._remember(fd, (parent.ino, name))
+        return self._remember(fd)
 
     def _discard_new_entry(self, parent: Inode, backing_name: str) -> None:
         """Remove an entry that a failing request created, so that no entry outlives the error the client gets.

@@ -37,7 +37,7 @@ CLOSER_THREAD_NAME = "sv-closer"
 class Inode:
     """One backing inode with a lookup count above zero or an open handle."""
 
-    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "absent_xattrs", "unlinked_times", "entry")
+    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "absent_xattrs", "unlinked_times")
 
     def __init__(self, ino: int, fd: int, is_dir: bool) -> None:
         self.ino = ino
@@ -52,9 +52,6 @@ class Inode:
         # (atime_ns, mtime_ns) set on an unlinked file and kept here instead of
         # on the backing inode, which is about to be freed; None keeps a time.
         self.unlinked_times: tuple[int | None, int | None] | None = None
-        # (parent FUSE inode, plaintext name) of the kernel's latest lookup of
-        # this inode, so that the kernel can be asked to forget that entry.
-        self.entry: tuple[int, bytes] | None = None
 
     @property
     def proc_path(self) -> str:
@@ -75,7 +72,6 @@ class InodeTable:
         root.lookups = 1  # the root stays in the table for the whole mount
         self._inodes: dict[int, Inode] = {root.ino: root}
         self._closer = _DescriptorCloser()
-        self.dropped = 0  # records dropped since the mount, for callers that wait for drops
 
     @property
     def root(self) -> Inode:
@@ -95,44 +91,21 @@ class InodeTable:
     def get(self, ino: int) -> Inode | None:
         return self._inodes.get(ino)
 
-    def remember(self, fd: int, st: os.stat_result, entry: tuple[int, bytes] | None = None) -> Inode:
+    def remember(self, fd: int, st: os.stat_result) -> Inode:
         """Count one lookup of the backing inode behind O_PATH descriptor *fd* and return its record.
 
         Takes ownership of *fd*: it becomes the record's descriptor, or is
-        closed if the inode is known already. *entry* is the (parent inode,
-        name) the kernel looked it up by, if any. The table keeps records in
-        the order of their latest lookup, for least_recent_entries().
+        closed if the inode is known already.
         """
         ino = self.fuse_ino(st.st_ino)
-        inode = self._inodes.pop(ino, None)
+        inode = self._inodes.get(ino)
         if inode is None:
             inode = Inode(ino, fd, is_dir=stat.S_ISDIR(st.st_mode))
+            self._inodes[ino] = inode
         else:
             os.close(fd)
-        self._inodes[ino] = inode
         inode.lookups += 1
-        if entry is not None:
-            inode.entry = entry
         return inode
-
-    def least_recent_entries(self, count: int) -> list[tuple[int, bytes]]:
-        """Return up to *count* entries of the inodes looked up least recently, and forget them here.
-
-        Open inodes are skipped, because the kernel cannot forget them, and so
-        are directories: the kernel drops a forgotten entry from its dentry
-        cache even while it is some process's working directory, and getcwd(2)
-        then fails with ENOENT there. An entry is returned once, so that asking
-        the kernel again before its forget requests arrive does not repeat it.
-        """
-        entries = []
-        for inode in self._inodes.values():
-            if len(entries) >= count:
-                break
-            if inode.entry is None or inode.opens > 0 or inode.is_dir:
-                continue
-            entries.append(inode.entry)
-            inode.entry = None
-        return entries
 
     def forget(self, ino: int, count: int) -> None:
         """Take *count* lookups off an inode, dropping it when nothing refers to it any more."""
@@ -163,7 +136,6 @@ class InodeTable:
         if inode.lookups > 0 or inode.opens > 0 or inode.ino == pyfuse3.ROOT_INODE:
             return
         del self._inodes[inode.ino]
-        self.dropped += 1
         # The record is gone, so nothing uses this descriptor any more, and its
         # number cannot be handed out again before the closer closes it.
         self._closer.close_later(inode.fd)

@@ -268,7 +268,6 @@ def _serve(args: argparse.Namespace, keys) -> int:
     except BaseException:
         _ignore_stop_signals()
         log.exception("FUSE loop failed vol=%s", args.volume)
-        operations.stop_kernel_requests()
         pyfuse3.close(unmount=True)
         operations.close()
         return 1
@@ -276,7 +275,6 @@ def _serve(args: argparse.Namespace, keys) -> int:
 
     # After an external unmount the mountpoint may already belong to a new
     # mount; only a stop by this process leaves its own mount to remove.
-    operations.stop_kernel_requests()
     pyfuse3.close(unmount=outcome.stopped_here)
     operations.close()
     log.info("volume unmounted vol=%s", args.volume)
