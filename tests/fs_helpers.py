@@ -194,14 +194,6 @@ def backing_bytes(backing: Path) -> bytes:
     return b"\n".join(parts)
 
 
-def resident_bytes(path: Path) -> int:
-    """Return how many bytes of *path* are in the page cache, as fincore(1) counts them."""
-    output = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True, capture_output=True, text=True
-    ).stdout
-    return int(output.strip())
-
-
 class _CachestatRange(ctypes.Structure):
     _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
@@ -210,7 +202,7 @@ class _Cachestat(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
 
 
-_SYS_CACHESTAT = 451  # x86_64 and most other architectures, Linux 6.5 and later
+_SYS_CACHESTAT = 451  # the number of cachestat(2) on x86_64, Linux 6.5 and later
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -233,8 +225,13 @@ def dirty_bytes(path: Path) -> int:
     return _cachestat(path).dirty * os.sysconf("SC_PAGE_SIZE")
 
 
+def resident_bytes(path: Path) -> int:
+    """Return how many bytes of *path* are in the page cache."""
+    return cached_bytes(path, 0, 0)
+
+
 def cached_bytes(path: Path, offset: int, length: int) -> int:
-    """Return how many bytes of [offset, offset + length) of *path* are in the page cache."""
+    """Return how many bytes of [offset, offset + length) of *path* are in the page cache (length 0: to the end)."""
     return _cachestat(path, offset, length).cache * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -133,7 +133,7 @@ def test_write_behind_survives_range_beyond_off_t(tmp_path, offset, length):
     assert wait_until_dirty_at_most(tmp_path / "f", 0) == 0
 
 
-# --- which ranges an open file asks for ---------------------------------------------------------
+# --- which ranges an open file requests -------------------------------------------------------
 
 
 def _write_behind_requests(writes: list[tuple[int, int]]) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -134,7 +134,7 @@ class OpenFile:
         The backing file's own read-ahead is smaller than one FUSE read, so
         without this every read waits for the disk and nothing overlaps
         decryption. A block write that does not cover whole backing pages must
-        read them first, so writes ask too. A read moves forward when it starts
+        read them first, so writes request it too. A read moves forward when it starts
         where the previous one ended; a write may start up to
         _READ_AHEAD_BYTES later, because the kernel writes dirty pages back in
         file order but skips the clean ones.
@@ -149,7 +149,7 @@ class OpenFile:
     def write_behind_ranges(self, offset: int, end: int, gap: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
         """Return the backing ranges (offset, length) to write back and to drop after a write to [offset, end).
 
-        Only a run of contiguous writes (*gap* 0) asks, once every
+        Only a run of contiguous writes (*gap* 0) makes a request, once every
         _WRITE_BEHIND_BYTES, and never for the last _WRITE_BEHIND_MARGIN
         before the write: the next writes still change those pages, and a page
         under writeback would be written twice. Any other write starts a new
