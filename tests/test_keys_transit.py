@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from securevol.crypto import DataKey
 from securevol.errors import KeyProviderError
 from securevol.keys import create_provider
 from securevol.keys.transit import TransitKeyProvider, TransitSettings
+from securevol.registry import Registry, VolumeRecord, now_rfc3339
 
 VOLUME_ID = bytes(range(16))
 OTHER_VOLUME_ID = bytes(range(1, 17))
@@ -190,8 +192,8 @@ def test_wrap_is_randomised(provider):
     assert first["ciphertext"] != second["ciphertext"]
 
 
-def test_create_provider_from_environment(bao, monkeypatch, tmp_path):
-    key_name = bao.create_key()
+def configure_environment(monkeypatch, bao, key_name: str, tmp_path: Path) -> None:
+    """Set the SECUREVOL_TRANSIT_* variables for *key_name*, with the root token in a token file."""
     token_file = tmp_path / "token"
     token_file.write_text(bao.root_token + "\n")
     token_file.chmod(0o600)
@@ -199,6 +201,11 @@ def test_create_provider_from_environment(bao, monkeypatch, tmp_path):
     monkeypatch.setenv("SECUREVOL_TRANSIT_TOKEN_FILE", str(token_file))
     monkeypatch.setenv("SECUREVOL_TRANSIT_KEY", key_name)
     monkeypatch.delenv("SECUREVOL_TRANSIT_TOKEN", raising=False)
+
+
+def test_create_provider_from_environment(bao, monkeypatch, tmp_path):
+    key_name = bao.create_key()
+    configure_environment(monkeypatch, bao, key_name, tmp_path)
 
     provider = create_provider(SimpleNamespace(key_provider="transit"))
     dek = DataKey.generate()
@@ -319,6 +326,72 @@ def test_rewrap_keeps_volume_binding(bao):
 
     with pytest.raises(KeyProviderError, match="failed authentication"):
         provider.rewrap(record, OTHER_VOLUME_ID)
+
+
+def test_rekey_command_rotates_and_rewraps_every_volume(bao, monkeypatch, tmp_path):
+    """``securevol rekey --rotate-transit-key`` on a state directory of two transit volumes."""
+    key_name = bao.create_key()
+    configure_environment(monkeypatch, bao, key_name, tmp_path)
+    provider = bao.provider(key_name)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    registry = Registry(state_dir)
+    registry.ensure_layout()
+    volumes = {}
+    for name in ("first", "second"):
+        volume_id, dek = os.urandom(16), DataKey.generate()
+        record = VolumeRecord(name=name, volume_id=volume_id.hex(), created_at=now_rfc3339(), options={},
+                              key_provider="transit")
+        registry.create(record, provider.wrap(dek, volume_id), (0, 0, 0o755))
+        volumes[name] = (volume_id, dek)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "rekey", "--state-dir", str(state_dir), "--key-provider",
+         "transit", "--rotate-transit-key"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "Rewrapped 2 volume(s) under Transit key version 2." in result.stdout
+    assert bao.root_token not in result.stdout + result.stderr
+    # Retiring version 1 leaves every rewrapped record readable.
+    bao.admin.secrets.transit.update_key_configuration(key_name, min_decryption_version=2, mount_point="transit")
+    for name, (volume_id, dek) in volumes.items():
+        record = registry.read_wrapped_dek(name)
+        assert record["key_version"] == 2
+        assert record["ciphertext"].startswith("vault:v2:")
+        assert provider.unwrap(record, volume_id) == dek
+
+
+def test_rekey_command_reports_an_unreachable_server(bao, monkeypatch, tmp_path):
+    key_name = bao.create_key()
+    provider = bao.provider(key_name)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    registry = Registry(state_dir)
+    registry.ensure_layout()
+    volume_id = os.urandom(16)
+    record = VolumeRecord(name="only", volume_id=volume_id.hex(), created_at=now_rfc3339(), options={},
+                          key_provider="transit")
+    registry.create(record, provider.wrap(DataKey.generate(), volume_id), (0, 0, 0o755))
+    before = registry.read_wrapped_dek("only")
+    port = free_port()
+    monkeypatch.setenv("SECUREVOL_TRANSIT_ADDR", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("SECUREVOL_TRANSIT_TOKEN", bao.root_token)
+    monkeypatch.setenv("SECUREVOL_TRANSIT_KEY", key_name)
+    monkeypatch.delenv("SECUREVOL_TRANSIT_TOKEN_FILE", raising=False)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "rekey", "--state-dir", str(state_dir), "--key-provider", "transit"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("securevol: Volume 'only' was not rewrapped (")
+    assert "its record still works, and 0 volume(s) before it were rewrapped." in message
+    assert bao.root_token not in result.stdout + result.stderr
+    assert registry.read_wrapped_dek("only") == before
 
 
 # Server and token failures

@@ -51,6 +51,7 @@ from securevol.containers import (
 from securevol.engine import EngineClient, EngineError, EngineTimeout, VolumeUser, socket_path_from_host
 from securevol.errors import AccessDenied
 from securevol.policy import Allowlist, AllowlistError, ContainerInfo, Rule, resolve_allowlist
+from securevol.syscalls import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +123,8 @@ class AccessPolicy:
 
 
 def write_access_file(path: str | os.PathLike[str], policy: AccessPolicy) -> None:
-    """Replace the access file atomically (temporary file, fsync, rename), mode 0600."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    payload = json.dumps(policy.to_json(), indent=2).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with open(fd, "wb", closefd=False) as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
-        raise
+    """Replace the access file atomically and durably, mode 0600."""
+    replace_file(path, json.dumps(policy.to_json(), indent=2).encode() + b"\n")
 
 
 def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:

@@ -24,6 +24,7 @@ from securevol.errors import SecurevolError, VolumeNotFound
 from securevol.log import setup_logging
 from securevol.policy import parse_allowlist
 from securevol.registry import Registry
+from securevol.rekey import rekey as run_rekey
 from securevol.syscalls import forbid_core_dumps
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ _THREADS_PER_WORKER = 8
 
 # The settings that 'securevol allow' reads; the others belong to the daemon alone.
 _ADMIN_SETTINGS = ("state_dir", "default_policy", "log_level")
+# The settings that 'securevol rekey' reads; Transit's come from SECUREVOL_TRANSIT_* variables.
+_REKEY_SETTINGS = ("state_dir", "key_provider", "master_key", "log_level")
 
 # How long a stopping worker may finish its requests. systemd kills the daemon
 # 30 s (TimeoutStopSec) after SIGTERM. With gunicorn's default of 30 s, a
@@ -191,6 +194,27 @@ def allow_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def rekey(args: argparse.Namespace) -> int:
+    """Wrap every volume's DEK under a new KEK: a new master key, or the newest Transit key version."""
+    # With the local provider this process has every volume's DEK in memory for a moment.
+    forbid_core_dumps()
+    settings = config.resolve(vars(args))
+    setup_logging(settings.log_level)
+    if not settings.state_dir.is_dir():
+        raise SecurevolError(f"The state directory {settings.state_dir} does not exist; give the --state-dir "
+                             "that the daemon uses.")
+
+    result = run_rekey(settings, rotate_transit_key=args.rotate_transit_key)
+    if result.provider == "local":
+        print(f"Rewrapped {len(result.rewrapped)} volume(s) under master key {result.new_key} "
+              f"(was {result.old_key}).")
+    else:
+        print(f"Rewrapped {len(result.rewrapped)} volume(s) under Transit key version {result.new_key or '-'}.")
+    if result.other_provider:
+        print(f"Left alone, wrapped by another key provider: {', '.join(result.other_provider)}.")
+    return 0
+
+
 def _settings_and_registry(args: argparse.Namespace) -> tuple[config.Settings, Registry]:
     settings = config.resolve(vars(args))
     setup_logging(settings.log_level)
@@ -209,7 +233,10 @@ def _run_admin(command):
         except config.ConfigError as exc:
             print(f"securevol: {exc}", file=sys.stderr)
             return 2
-        except VolumeNotFound:
+        except VolumeNotFound as exc:
+            if not hasattr(args, "volume"):
+                print(f"securevol: {exc}", file=sys.stderr)
+                return 1
             # The usual cause is a daemon that runs with another state directory.
             state_dir = config.resolve(vars(args)).state_dir
             print(
@@ -220,6 +247,10 @@ def _run_admin(command):
             return 1
         except SecurevolError as exc:
             print(f"securevol: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"securevol: {exc.filename or 'a file'}: {exc.strerror}; run it as the daemon's user (root).",
+                  file=sys.stderr)
             return 1
 
     return run
@@ -262,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(set_parser, _ADMIN_SETTINGS)
     set_parser.set_defaults(func=_run_admin(allow_set))
+
+    rekey_parser = commands.add_parser(
+        "rekey",
+        help="wrap every volume's key under a new master key or Transit key version",
+        description="Wrap the data key (DEK) of every volume under a new key-encryption key. With the "
+        "local provider, a new random master key replaces the one in the master key file; with transit, "
+        "each record is rewrapped under the newest version of the Transit key. The volumes' ciphertext "
+        "does not change, and the daemon may keep running. Give the settings the daemon uses.",
+    )
+    rekey_parser.add_argument(
+        "--rotate-transit-key", action="store_true",
+        help="first add a new version of the Transit key (the token needs update on MOUNT/keys/KEY/rotate)",
+    )
+    config.add_arguments(rekey_parser, _REKEY_SETTINGS)
+    rekey_parser.set_defaults(func=_run_admin(rekey))
     return parser
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from securevol.errors import SecurevolError, VolumeExists, VolumeNotFound
 from securevol.options import validate_name
-from securevol.syscalls import fsync_dir
+from securevol.syscalls import fsync_dir, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,10 @@ class Registry:
         state.boot_id = current_boot_id()
         _write_json(self.volume_dir(name) / MOUNTS_FILE, asdict(state))
 
+    def replace_wrapped_dek(self, name: str, wrapped_dek: dict[str, Any]) -> None:
+        """Store *wrapped_dek* as volume *name*'s record, atomically; the caller holds ``creating_or_removing()``."""
+        _write_json(self.volume_dir(name) / DEK_FILE, wrapped_dek)
+
     def destroy_wrapped_dek(self, name: str) -> None:
         """Delete the wrapped DEK and make the deletion durable, so the ciphertext becomes unreadable."""
         volume_dir = self.volume_dir(name)
@@ -315,20 +319,5 @@ def _parse(parser, data: Any, name: str, file_name: str):
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Replace *path* atomically and durably: temporary file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    payload = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
-
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
+    """Replace *path* atomically and durably with *data* as JSON."""
+    replace_file(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")

@@ -96,6 +96,32 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace *path* atomically and durably with a mode 0600 file holding *data*.
+
+    The steps are a temporary file next to it, fsync, rename(2) over *path*,
+    and fsync of the directory, so a reader sees the old or the new content.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        os.close(fd)
+
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    fsync_dir(directory or ".")
+
+
 def name_current_thread(name: str) -> None:
     """Give the calling thread *name* (at most 15 bytes) in ps, top and /proc/PID/task/TID/comm.
 

@@ -11,6 +11,13 @@ record carries a short key ID (a hash of the master key, which reveals
 nothing about it) so that a daemon started with the wrong master key says so
 instead of reporting a damaged record.
 
+A provider made from a key file follows that file. It reads the file again
+before each wrap, and before it unwraps a record of another key ID. Then it
+also tries the previous master key, which a rotation keeps next to the file
+(``master.key.previous``) until every record is wrapped anew.
+``securevol rekey`` (rekey.py) drives a rotation; the steps on the key files
+are here.
+
 Keeping the master key on the same disk as the ciphertext protects against
 copies of the backing store alone (backups that skip it), not against a
 thief of the whole disk; an external KMS (``transit``) covers that case.
@@ -18,6 +25,7 @@ thief of the whole disk; an external KMS (``transit``) covers that case.
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,12 +41,13 @@ from securevol.crypto import DEK_LEN, DataKey
 from securevol.errors import KeyProviderError
 from securevol.keys import KeyProvider, check_record_provider
 from securevol.registry import DEK_FILE
-from securevol.syscalls import fsync_dir
+from securevol.syscalls import fsync_dir, replace_file
 
 log = logging.getLogger(__name__)
 
 MASTER_KEY_LEN = 32
 MASTER_KEY_FILE = "master.key"
+PREVIOUS_SUFFIX = ".previous"
 RECORD_VERSION = 1
 
 _NONCE_LEN = 12
@@ -48,20 +57,23 @@ _KEY_ID_PREFIX = b"securevol local KEK id v1\0"
 
 
 class LocalKeyProvider(KeyProvider):
-    """Wraps DEKs under a 32-byte master key."""
+    """Wraps DEKs under a 32-byte master key, read again from *path* when that file changes."""
 
     name = "local"
 
-    def __init__(self, master_key: bytes) -> None:
-        if len(master_key) != MASTER_KEY_LEN:
-            raise KeyProviderError(f"A master key has {MASTER_KEY_LEN} bytes, not {len(master_key)}.")
-        self._aead = AESGCM(master_key)
-        self.key_id = hashlib.sha256(_KEY_ID_PREFIX + master_key).hexdigest()[:16]
+    def __init__(self, master_key: bytes, path: Path | None = None) -> None:
+        self._path = path
+        # None: the first wrap reads the file again, in case it changed since the caller read it.
+        self._file_identity: tuple[int, int, int] | None = None
+        self._use(master_key)
 
     def __repr__(self) -> str:
         return f"LocalKeyProvider(key_id={self.key_id})"
 
     def wrap(self, dek: DataKey, volume_id: bytes) -> dict[str, Any]:
+        # A rotation may have replaced the key file since the last wrap, and a
+        # DEK wrapped under the old key would be lost when that key is retired.
+        self._follow_key_file()
         nonce = os.urandom(_NONCE_LEN)
         wrapped = self._aead.encrypt(nonce, dek.raw(), _WRAP_AAD_PREFIX + volume_id)
         return {
@@ -79,7 +91,8 @@ class LocalKeyProvider(KeyProvider):
                 f"The wrapped key record has version {record.get('version')!r}; "
                 f"this securevol reads version {RECORD_VERSION}."
             )
-        if record.get("key_id") != self.key_id:
+        aead = self._aead_for(record.get("key_id"))
+        if aead is None:
             raise KeyProviderError(
                 f"The volume's key was wrapped with master key {record.get('key_id')!r}, but the daemon "
                 f"has master key {self.key_id!r}; start it with the master key file the volume was created with."
@@ -88,7 +101,7 @@ class LocalKeyProvider(KeyProvider):
         nonce = _decode_field(record, "nonce", _NONCE_LEN)
         wrapped = _decode_field(record, "wrapped_key", DEK_LEN + _TAG_LEN)
         try:
-            raw = self._aead.decrypt(nonce, wrapped, _WRAP_AAD_PREFIX + volume_id)
+            raw = aead.decrypt(nonce, wrapped, _WRAP_AAD_PREFIX + volume_id)
         except InvalidTag:
             raise KeyProviderError(
                 "The volume's wrapped key failed authentication: the record was modified or "
@@ -96,15 +109,76 @@ class LocalKeyProvider(KeyProvider):
             ) from None
         return DataKey(raw)
 
+    def _use(self, master_key: bytes) -> None:
+        if len(master_key) != MASTER_KEY_LEN:
+            raise KeyProviderError(f"A master key has {MASTER_KEY_LEN} bytes, not {len(master_key)}.")
+        self._aead = AESGCM(master_key)
+        self.key_id = key_id_of(master_key)
+
+    def _follow_key_file(self) -> None:
+        """Load the key file again if it is not the file this provider read last."""
+        if self._path is None:
+            return
+        # Taken before the read: if the file is replaced in between, the next call reads it again.
+        identity = _file_identity(self._path)
+        if identity == self._file_identity:
+            return
+        previous_key_id = self.key_id
+        self._use(load_master_key(self._path))
+        self._file_identity = identity
+        if self.key_id != previous_key_id:
+            log.info("master key reloaded path=%s key_id=%s", self._path, self.key_id)
+
+    def _aead_for(self, key_id: Any) -> AESGCM | None:
+        """Return the cipher of master key *key_id*: the current one, or the one a rotation retires."""
+        if key_id == self.key_id:
+            return self._aead
+        if self._path is None:
+            return None
+
+        self._follow_key_file()
+        if key_id == self.key_id:
+            return self._aead
+        previous = previous_key_path(self._path)
+        if not previous.exists():
+            return None
+        previous_key = load_master_key(previous)
+        return AESGCM(previous_key) if key_id_of(previous_key) == key_id else None
+
+
+def key_id_of(master_key: bytes) -> str:
+    """Return the short public identifier of *master_key* that wrapped records carry."""
+    return hashlib.sha256(_KEY_ID_PREFIX + master_key).hexdigest()[:16]
+
+
+def previous_key_path(path: Path) -> Path:
+    """Return where a rotation keeps the master key it retires, until every DEK is wrapped anew."""
+    return path.with_name(path.name + PREVIOUS_SUFFIX)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise KeyProviderError(f"Cannot read the master key file {path}: {exc.strerror}.") from None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
 
 def create_provider(settings: Any) -> LocalKeyProvider:
     """Build the provider from ``settings.master_key`` or, if unset, STATE/master.key."""
+    path = master_key_path(settings)
     if settings.master_key is not None:
-        return LocalKeyProvider(load_master_key(Path(settings.master_key)))
-    path = Path(settings.state_dir) / MASTER_KEY_FILE
+        return LocalKeyProvider(load_master_key(path), path)
     if not path.exists():
         _check_no_volume_needs_key(Path(settings.state_dir), path)
-    return LocalKeyProvider(load_or_create_master_key(path))
+    return LocalKeyProvider(load_or_create_master_key(path), path)
+
+
+def master_key_path(settings: Any) -> Path:
+    """Return the master key file that *settings* name: ``master_key``, or STATE/master.key."""
+    if settings.master_key is not None:
+        return Path(settings.master_key)
+    return Path(settings.state_dir) / MASTER_KEY_FILE
 
 
 def _check_no_volume_needs_key(state_dir: Path, path: Path) -> None:
@@ -199,6 +273,35 @@ def _create_master_key(path: Path) -> None:
         os.unlink(tmp)
     fsync_dir(path.parent)
 
+
+
+def start_rotation(path: Path) -> tuple[bytes, bytes]:
+    """Put a new master key into *path*, keep the old one in path.previous; return (old, new).
+
+    If an earlier rotation stopped before it finished, return its two keys
+    instead, so that it can finish. *path* holds a valid key at every moment,
+    so a daemon that starts meanwhile never makes a key of its own.
+    """
+    previous = previous_key_path(path)
+    current = load_master_key(path)
+    if previous.exists():
+        old = load_master_key(previous)
+        if old != current:
+            return old, current
+        # Stopped after saving the old key but before the new one took its place.
+        os.unlink(previous)
+
+    replace_file(previous, current)
+    replace_file(path, os.urandom(MASTER_KEY_LEN))
+    return current, load_master_key(path)
+
+
+def finish_rotation(path: Path) -> None:
+    """Delete the master key that a rotation retired, once no record needs it."""
+    previous = previous_key_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(previous)
+    fsync_dir(previous.parent)
 
 
 def _decode_field(record: dict[str, Any], field: str, length: int) -> bytes:

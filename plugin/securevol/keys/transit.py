@@ -15,6 +15,7 @@ already; a key without derivation ignores the context, and the envelope check ca
 Rotation: ``rotate_key`` adds a new version of the Transit key, and ``rewrap`` re-encrypts a
 record under the newest version on the server, without the DEK ever reaching securevol. Records
 of older versions unwrap as long as the key's ``min_decryption_version`` allows them.
+``securevol rekey`` (rekey.py) calls both for every volume.
 
 Settings, all from environment variables:
 
@@ -234,8 +235,8 @@ class TransitKeyProvider(KeyProvider):
     def rewrap(self, record: dict[str, Any], volume_id: bytes) -> dict[str, Any]:
         """Return *record* re-encrypted under the newest version of the Transit key.
 
-        The DEK stays on the server. Call it for every volume after ``rotate_key``; then the
-        old key versions can be retired with ``min_decryption_version``.
+        The DEK stays on the server. ``securevol rekey`` calls it for every volume after
+        ``rotate_key``; then the old key versions can be retired with ``min_decryption_version``.
         """
         _check_volume_id(volume_id)
         ciphertext = self._check_record(record)
