@@ -704,6 +704,31 @@ def test_managed_plugin_set_and_reenable_keep_data(managed_plugin: ManagedPlugin
 
 @pytest.mark.slow
 @pytest.mark.docker
+def test_managed_plugin_rekey_in_its_mount_namespace(managed_plugin: ManagedPlugin, busybox_image: str):
+    """docs/install.md's way to rotate the KEK of a managed plugin: nsenter into the plugin's mounts."""
+    plugin = managed_plugin
+    plugin.dockerd.docker("volume", "create", "-d", plugin.name, "rekeyed")
+    write_and_read(plugin, busybox_image, "rekeyed", PLAINTEXT)
+    old_key = (plugin.state_dir / "master.key").read_bytes()
+
+    # The commands of docs/install.md ("Admin commands"), with the test's plugin name.
+    script = (
+        f"id=$(docker plugin inspect -f '{{{{.Id}}}}' {plugin.name})\n"
+        'pid=$(grep -l "$id" /proc/[0-9]*/cgroup | head -n 1 | cut -d/ -f3)\n'
+        'nsenter --target "$pid" --mount -- /opt/securevol/bin/securevol rekey\n'
+    )
+    result = subprocess.run(["bash", "-ec", script], env=plugin.dockerd.env, capture_output=True, text=True,
+                            timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert "Rewrapped" in result.stdout
+    assert (plugin.state_dir / "master.key").read_bytes() != old_key
+    assert not (plugin.state_dir / "master.key.previous").exists()
+    assert read_back(plugin, busybox_image, "rekeyed") == PLAINTEXT + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.docker
 def test_managed_plugin_rejects_unsettable_value(managed_plugin: ManagedPlugin):
     plugin = managed_plugin
     plugin.disable()
