@@ -10,6 +10,7 @@ import pytest
 
 from securevol.errors import InvalidVolumeName, SecurevolError, VolumeNotFound
 from securevol.registry import MountState, Registry, VolumeRecord, now_rfc3339
+from securevol.syscalls import replace_file, temporary_files_of
 
 FORK = multiprocessing.get_context("fork")
 
@@ -268,3 +269,24 @@ def test_readers_never_see_partial_files(tmp_path):
     assert writer.exitcode == 0
     assert not [p for p in registry.volume_dir("db").iterdir() if p.name.endswith(".tmp")]
     assert os.path.exists(registry.volume_dir("db") / "volume.lock")
+
+
+def test_replace_file_leaves_no_temporary_file_on_failure(tmp_path):
+    target = tmp_path / "occupied"
+    target.mkdir()
+    (target / "entry").write_text("x")
+
+    with pytest.raises(OSError):
+        replace_file(target, b"data")
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["occupied"]
+    assert temporary_files_of(target) == []
+
+
+def test_replace_file_writes_mode_0600(tmp_path):
+    target = tmp_path / "record"
+
+    replace_file(target, b"data")
+
+    assert target.read_bytes() == b"data"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600

@@ -18,6 +18,7 @@ from tests.plugin_server import PluginServer
 from tests.test_protocol import create, mount, needs_fuse, unmount
 
 from securevol import config
+from securevol.cli import _describe_os_error
 from securevol.crypto import DataKey
 from securevol.driver import VolumeDriver
 from securevol.errors import KeyProviderError
@@ -218,6 +219,87 @@ def test_rekey_refuses_a_damaged_volume_record(state_dir):
     assert record_of(state_dir, "alpha")["key_id"] == local.key_id_of(old_key)
 
 
+def test_rekey_refuses_a_state_dir_without_volumes(tmp_path):
+    key_file = tmp_path / "kek"
+    key_file.write_bytes(os.urandom(local.MASTER_KEY_LEN))
+    key_file.chmod(0o600)
+    old_key = key_file.read_bytes()
+    (tmp_path / "mistyped").mkdir()
+
+    result = run_rekey(tmp_path / "mistyped", "--master-key", str(key_file))
+
+    assert result.returncode == 1
+    assert "has its key wrapped by a local master key, so nothing was changed" in result.stderr
+    assert key_file.read_bytes() == old_key
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kek", "mistyped"]
+
+
+def test_rekey_refuses_ciphertext_without_volume_record(state_dir):
+    key_file = state_dir / "master.key"
+    old_key = load_master_key(key_file)
+    volume_dir = state_dir / "volumes" / "beta"
+    (volume_dir / "data" / "ciphertext").write_bytes(os.urandom(64))
+    (volume_dir / "volume.json").unlink()
+
+    result = run_rekey(state_dir)
+
+    assert result.returncode == 1
+    assert "Volume 'beta' has ciphertext and a wrapped key but no volume.json" in result.stderr
+    assert "Nothing was changed." in result.stderr
+    assert load_master_key(key_file) == old_key
+    assert record_of(state_dir, "beta")["key_id"] == local.key_id_of(old_key)
+
+
+def test_rekey_skips_an_unfinished_create(state_dir):
+    (state_dir / "volumes" / "beta" / "volume.json").unlink()
+
+    result = run_rekey(state_dir)
+
+    assert result.returncode == 0, result.stderr
+    assert "Rewrapped 2 volume(s)" in result.stdout
+    assert "rekey skips an unfinished create vol=beta" in result.stderr
+
+
+def test_rekey_through_a_symlinked_key_file(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / "kek"
+    target.write_bytes(os.urandom(local.MASTER_KEY_LEN))
+    target.chmod(0o600)
+    link = tmp_path / "master.key"
+    link.symlink_to(target)
+    state = tmp_path / "state"
+    VolumeDriver.from_settings(settings_for(state, link)).create("alpha", {})
+    daemon_provider = local.create_provider(settings_for(state, target))
+
+    result = run_rekey(state, "--master-key", str(link))
+
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink()
+    new_id = local.key_id_of(target.read_bytes())
+    assert record_of(state, "alpha")["key_id"] == new_id
+    assert sorted(path.name for path in store.iterdir()) == ["kek"]
+    assert daemon_provider.wrap(DataKey.generate(), bytes(range(16)))["key_id"] == new_id
+
+
+def test_rekey_removes_leftover_temporary_files(state_dir):
+    key_file = state_dir / "master.key"
+    old_key = load_master_key(key_file)
+    leftovers = [
+        state_dir / ".master.key.999.0badc0de.tmp",
+        state_dir / ".master.key.previous.999.0badc0de.tmp",
+        state_dir / "volumes" / "alpha" / ".dek.json.999.0badc0de.tmp",
+    ]
+    for path in leftovers:
+        path.write_bytes(old_key)
+
+    result = run_rekey(state_dir)
+
+    assert result.returncode == 0, result.stderr
+    for path in leftovers:
+        assert not path.exists(), path
+
+
 def test_rekey_refuses_transit_flag_with_local_provider(state_dir):
     result = run_rekey(state_dir, "--rotate-transit-key")
 
@@ -291,3 +373,10 @@ def test_rekey_while_the_daemon_runs(tmp_path):
         mount(server, created_after, "c1")
         unmount(server, created_after, "c1")
         assert "volume key unwrap failed" not in server.log_text()
+
+
+def test_os_error_messages_name_the_cause():
+    assert _describe_os_error(OSError(28, "No space left on device", "/state/x")) == \
+        "No space left on device on /state/x."
+    assert _describe_os_error(OSError(13, "Permission denied", "/state/x")) == \
+        "Permission denied on /state/x; run it as the daemon's user (root)."

@@ -7,6 +7,7 @@ variables (see ``config.py`` and ``securevol serve --help``).
 """
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -249,11 +250,16 @@ def _run_admin(command):
             print(f"securevol: {exc}", file=sys.stderr)
             return 1
         except OSError as exc:
-            print(f"securevol: {exc.filename or 'a file'}: {exc.strerror}; run it as the daemon's user (root).",
-                  file=sys.stderr)
+            print(f"securevol: {_describe_os_error(exc)}", file=sys.stderr)
             return 1
 
     return run
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = f" on {exc.filename}" if exc.filename else ""
+    hint = "; run it as the daemon's user (root)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+    return f"{exc.strerror or exc}{where}{hint}."
 
 
 def build_parser() -> argparse.ArgumentParser:

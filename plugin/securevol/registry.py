@@ -241,6 +241,10 @@ class Registry:
         state.boot_id = current_boot_id()
         _write_json(self.volume_dir(name) / MOUNTS_FILE, asdict(state))
 
+    def check_leftover(self, name: str) -> None:
+        """Raise VolumeExists if volume *name* has no record but has ciphertext and a wrapped DEK."""
+        _check_leftover(self.volume_dir(name), name)
+
     def replace_wrapped_dek(self, name: str, wrapped_dek: dict[str, Any]) -> None:
         """Store *wrapped_dek* as volume *name*'s record, atomically; the caller holds ``creating_or_removing()``."""
         _write_json(self.volume_dir(name) / DEK_FILE, wrapped_dek)

@@ -17,15 +17,17 @@ record rewrapped on the server under the newest version; the DEK never
 reaches securevol. Records stay valid throughout.
 """
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from securevol.crypto import DataKey
-from securevol.errors import KeyProviderError, SecurevolError, VolumeNotFound
+from securevol.errors import KeyProviderError, SecurevolError, VolumeExists, VolumeNotFound
 from securevol.keys import create_provider, local
 from securevol.registry import DEK_FILE, Registry
+from securevol.syscalls import temporary_files_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,13 @@ def rekey(settings: Any, rotate_transit_key: bool = False) -> RekeyResult:
 def _rekey_local(registry: Registry, path) -> RekeyResult:
     with registry.creating_or_removing():
         volumes, others = _wrapped_volumes(registry, local.LocalKeyProvider.name)
+        if not volumes:
+            # A mistyped --state-dir would otherwise pass every check, and the rotation
+            # would retire the key of the volumes in the right one.
+            raise KeyProviderError(
+                f"No volume in {registry.volumes_dir} has its key wrapped by a local master key, so nothing "
+                "was changed; give the --state-dir that the daemon uses."
+            )
         current = local.LocalKeyProvider(local.load_master_key(path))
         previous_path = local.previous_key_path(path)
         if previous_path.exists():
@@ -140,9 +149,11 @@ def _wrapped_volumes(registry: Registry, provider_name: str) -> tuple[list[_Wrap
     """
     volumes, others = [], []
     for name in _volume_names(registry):
+        _remove_temporary_records(registry, name)
         try:
             record = registry.read_volume(name)
         except VolumeNotFound:
+            _check_unfinished_create(registry, name)
             log.warning("rekey skips an unfinished create vol=%s", name)
             continue
         except SecurevolError as exc:
@@ -160,6 +171,21 @@ def _wrapped_volumes(registry: Registry, provider_name: str) -> tuple[list[_Wrap
         wrapped = registry.read_wrapped_dek(name)
         volumes.append(_WrappedVolume(name, bytes.fromhex(record.volume_id), wrapped))
     return volumes, others
+
+
+def _check_unfinished_create(registry: Registry, name: str) -> None:
+    """Raise unless volume *name*, which has no record, is a Create that did not finish."""
+    try:
+        registry.check_leftover(name)
+    except VolumeExists as exc:
+        raise SecurevolError(f"{exc} Nothing was changed.") from exc
+
+
+def _remove_temporary_records(registry: Registry, name: str) -> None:
+    """Remove wrapped-key records that a killed rotation or Create left in temporary files."""
+    for leftover in temporary_files_of(registry.volume_dir(name) / DEK_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
 
 
 def _volume_names(registry: Registry) -> list[str]:

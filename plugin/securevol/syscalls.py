@@ -6,6 +6,7 @@ descriptor itself, including a symlink's own inode, and renameat2(2) for the
 rename flags. Each raises OSError with the errno, like the os module.
 """
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -107,19 +108,32 @@ def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with open(fd, "wb", closefd=False) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        os.close(fd)
-
-    try:
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
+    except BaseException:
+        # A kill leaves the file behind: callers that store secrets remove such files themselves.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     fsync_dir(directory or ".")
+
+
+def temporary_files_of(path: str | os.PathLike[str]) -> list[str]:
+    """Return the temporary files that replace_file() calls for *path* left, for example when killed."""
+    directory, name = os.path.split(os.fspath(path))
+    prefix = f".{name}."
+    try:
+        entries = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, entry) for entry in entries
+            if entry.startswith(prefix) and entry.endswith(".tmp") and entry.count(".") == name.count(".") + 4]
 
 
 def name_current_thread(name: str) -> None:

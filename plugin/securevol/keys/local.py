@@ -41,7 +41,7 @@ from securevol.crypto import DEK_LEN, DataKey
 from securevol.errors import KeyProviderError
 from securevol.keys import KeyProvider, check_record_provider
 from securevol.registry import DEK_FILE
-from securevol.syscalls import fsync_dir, replace_file
+from securevol.syscalls import fsync_dir, replace_file, temporary_files_of
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,18 @@ def key_id_of(master_key: bytes) -> str:
 
 
 def previous_key_path(path: Path) -> Path:
-    """Return where a rotation keeps the master key it retires, until every DEK is wrapped anew."""
-    return path.with_name(path.name + PREVIOUS_SUFFIX)
+    """Return where a rotation keeps the master key it retires, until every DEK is wrapped anew.
+
+    It lies next to the file that *path* leads to, so that a daemon given a
+    symlink and a rotation given its target agree on it.
+    """
+    real = key_file_target(path)
+    return real.with_name(real.name + PREVIOUS_SUFFIX)
+
+
+def key_file_target(path: Path) -> Path:
+    """Return the file that the key file path *path* leads to, after symlinks."""
+    return Path(os.path.realpath(path))
 
 
 def _file_identity(path: Path) -> tuple[int, int, int]:
@@ -276,14 +286,17 @@ def _create_master_key(path: Path) -> None:
 
 
 def start_rotation(path: Path) -> tuple[bytes, bytes]:
-    """Put a new master key into *path*, keep the old one in path.previous; return (old, new).
+    """Put a new master key into the key file *path*, keep the old one in .previous; return (old, new).
 
     If an earlier rotation stopped before it finished, return its two keys
-    instead, so that it can finish. *path* holds a valid key at every moment,
-    so a daemon that starts meanwhile never makes a key of its own.
+    instead, so that it can finish. The key file holds a valid key at every
+    moment, so a daemon that starts meanwhile never makes a key of its own.
+    A symlink at *path* stays: the file it leads to gets the new key.
     """
+    path = key_file_target(path)
     previous = previous_key_path(path)
     current = load_master_key(path)
+    _remove_temporary_key_files(path)
     if previous.exists():
         old = load_master_key(previous)
         if old != current:
@@ -298,10 +311,20 @@ def start_rotation(path: Path) -> tuple[bytes, bytes]:
 
 def finish_rotation(path: Path) -> None:
     """Delete the master key that a rotation retired, once no record needs it."""
+    path = key_file_target(path)
     previous = previous_key_path(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(previous)
+    _remove_temporary_key_files(path)
     fsync_dir(previous.parent)
+
+
+def _remove_temporary_key_files(path: Path) -> None:
+    """Remove key copies that a killed rotation left in temporary files next to the key file."""
+    for leftover in temporary_files_of(path) + temporary_files_of(previous_key_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+        log.info("temporary key file removed path=%s", leftover)
 
 
 def _decode_field(record: dict[str, Any], field: str, length: int) -> bytes:
