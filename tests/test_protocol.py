@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from securevol import config
+from securevol.crypto import DataKey
 from securevol.keys.local import LocalKeyProvider, load_master_key
 from securevol.options import allowlist_supported
 from tests.plugin_server import PluginServer, mounts_under, plugin_request
@@ -1002,16 +1003,53 @@ def test_mounts_of_many_volumes_in_parallel(server):
 
 def test_mount_with_wrong_master_key_fails_clearly(fresh_server):
     server = fresh_server
+    name, other = create(server), create(server)
+    # The record of one volume under another master key, as one imported from another host would be.
+    volume_id = bytes.fromhex(json.loads((server.volume_dir(name) / "volume.json").read_text())["volume_id"])
+    foreign = LocalKeyProvider(os.urandom(32))
+    (server.volume_dir(name) / "dek.json").write_text(json.dumps(foreign.wrap(DataKey.generate(), volume_id)))
+
+    response = server.call("Mount", {"Name": name, "ID": "x"})
+
+    assert_one_sentence_error(response, name, "cannot be unlocked", "master key")
+    assert not mounts_under(server.mount_root)
+    assert get(server, other)["Name"] == other
+
+
+def test_daemon_refuses_a_master_key_of_no_volume(fresh_server):
+    server = fresh_server
     name = create(server)
     server.stop()
     key_file = server.state_dir / "master.key"
     key_file.write_bytes(os.urandom(32))
 
-    server.start()
-    response = server.call("Mount", {"Name": name, "ID": "x"})
+    with pytest.raises(RuntimeError, match="exited with status 1") as caught:
+        server.start()
 
-    assert_one_sentence_error(response, name, "cannot be unlocked", "master key")
-    assert not mounts_under(server.mount_root)
+    message = str(caught.value)
+    assert f"but none of the 1 volume(s) with local keys was wrapped with it (volume {name!r} needs key" in message
+    assert "restore the right file, or set SECUREVOL_MASTER_KEY to where it is now." in message
+
+
+@needs_fuse
+def test_records_of_a_removed_volume_do_not_mount_new_data(server):
+    """Records saved from a volume and restored over a new volume of the same name must not mount."""
+    name = create(server)
+    Path(mount(server, name, "a"), "old.txt").write_text("old\n")
+    unmount(server, name, "a")
+    saved = {file: (server.volume_dir(name) / file).read_bytes() for file in ("volume.json", "dek.json")}
+    assert server.call("Remove", {"Name": name}).status == 200
+    create(server, name)
+    Path(mount(server, name, "b"), "new.txt").write_text("new\n")
+    unmount(server, name, "b")
+    for file, content in saved.items():
+        (server.volume_dir(name) / file).write_bytes(content)
+
+    response = server.call("Mount", {"Name": name, "ID": "c"})
+
+    assert_one_sentence_error(response, f"Volume {name!r} could not be mounted",
+                              "decrypts none of the 1 names", "restore the pair that was saved with it")
+    assert not mounts_under(server.mount_root / name)
 
 
 @needs_fuse

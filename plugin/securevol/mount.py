@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         volume_id = _parse_volume_id(args.volume_id)
         _check_directories(args.backing, args.mountpoint)
         _prepare_backing_root(args.backing)
+        keys = derive_volume_keys(dek, volume_id)
+        _check_key_reads_names(args.backing, keys, args.volume)
     except StartupError as exc:
         log.error("mount failed vol=%s error=%s", args.volume, exc)
         _report(args.ready_fd, f"error {exc}")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.foreground:
         _detach()
-    return _serve(args, derive_volume_keys(dek, volume_id))
+    return _serve(args, keys)
 
 
 # --- start-up steps ------------------------------------------------------------------------------
@@ -161,6 +163,37 @@ def _prepare_backing_root(backing: str) -> None:
         log.info("backing store initialised path=%s", backing)
     finally:
         os.close(root_fd)
+
+
+def _check_key_reads_names(backing: str, keys, volume: str) -> None:
+    """Refuse a key under which no entry name in the backing root authenticates.
+
+    A volume.json and dek.json restored from another volume of the same name
+    would otherwise mount as an empty directory that accepts writes, with the
+    real files hidden. One name that authenticates is enough, and a root
+    without entries cannot tell, so both mount.
+    """
+    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dir_iv = names.read_dir_iv(root_fd)
+        cipher = names.NameCipher(keys.name_key, volume)
+        unreadable = 0
+        for backing_name in os.listdir(backing):
+            if names.is_reserved(backing_name) and not names.is_long_name(backing_name):
+                continue
+            try:
+                cipher.plain_name_for(root_fd, backing_name, dir_iv)
+                return
+            except (IntegrityError, OSError):
+                unreadable += 1
+    finally:
+        os.close(root_fd)
+
+    if unreadable:
+        raise StartupError(
+            f"the volume's key decrypts none of the {unreadable} names in its backing store {backing}, so "
+            "its volume.json and dek.json belong to other data; restore the pair that was saved with it"
+        )
 
 
 def _detach() -> None:

@@ -178,10 +178,49 @@ def create_provider(settings: Any) -> LocalKeyProvider:
     """Build the provider from ``settings.master_key`` or, if unset, STATE/master.key."""
     path = master_key_path(settings)
     if settings.master_key is not None:
-        return LocalKeyProvider(load_master_key(path), path)
-    if not path.exists():
-        _check_no_volume_needs_key(Path(settings.state_dir), path)
-    return LocalKeyProvider(load_or_create_master_key(path), path)
+        master_key = load_master_key(path)
+    else:
+        if not path.exists():
+            _check_no_volume_needs_key(Path(settings.state_dir), path)
+        master_key = load_or_create_master_key(path)
+    _check_key_fits_volumes(Path(settings.state_dir), path, key_id_of(master_key))
+    return LocalKeyProvider(master_key, path)
+
+
+def _check_key_fits_volumes(state_dir: Path, path: Path, key_id: str) -> None:
+    """Raise KeyProviderError if volumes have local records and none is wrapped with this key.
+
+    A replaced key file would otherwise start a daemon whose new volumes are
+    wrapped with a key the administrator will put back. During a rotation the
+    records may also name the retired key in path.previous.
+    """
+    wanted = _local_record_key_ids(state_dir)
+    if not wanted or key_id in wanted:
+        return
+    previous = previous_key_path(path)
+    if previous.exists() and key_id_of(load_master_key(previous)) in wanted:
+        return
+
+    volume_count = sum(len(volumes) for volumes in wanted.values())
+    example_key, example_volumes = min(wanted.items(), key=lambda item: item[1][0])
+    raise KeyProviderError(
+        f"The master key file {path} holds key {key_id}, but none of the {volume_count} volume(s) with "
+        f"local keys was wrapped with it (volume {example_volumes[0]!r} needs key {example_key}); "
+        "restore the right file, or set SECUREVOL_MASTER_KEY to where it is now."
+    )
+
+
+def _local_record_key_ids(state_dir: Path) -> dict[str, list[str]]:
+    """Return {key ID: volume names} of the readable local-provider records under *state_dir*."""
+    key_ids: dict[str, list[str]] = {}
+    for record_path in sorted(state_dir.glob(f"volumes/*/{DEK_FILE}")):
+        try:
+            record = json.loads(record_path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("provider") == LocalKeyProvider.name:
+            key_ids.setdefault(str(record.get("key_id")), []).append(record_path.parent.name)
+    return key_ids
 
 
 def master_key_path(settings: Any) -> Path:
