@@ -30,7 +30,7 @@ python=${PYTHON:-python3}
 apt_packages=(
     docker.io fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
     gocryptfs securefs fio busybox-static debootstrap docker-registry systemd
-    sqlite3 attr acl libcap2-bin git postgresql
+    sqlite3 attr acl libcap2-bin git postgresql strace
 )
 
 log() {

@@ -329,11 +329,13 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
 
+        temp_name = names.new_temp_name()
         with self._side_record(parent, backing):
-            names.make_dir(parent.fd, backing.name, 0o700, fsync=False)
-            self._defer_iv_fsync(parent, backing.name)
+            names.make_dir(parent.fd, temp_name, 0o700, fsync=False)
             setgid = stat.S_ISGID if inherit_gid else 0
-            return self._set_up_entry(parent, backing.name, uid, gid, stat.S_IFDIR | mode | setgid)
+            attributes = self._set_up_entry(parent, temp_name, backing.name, uid, gid, stat.S_IFDIR | mode | setgid)
+        self._defer_iv_fsync(parent, backing.name)
+        return attributes
 
     @_handler
     def mknod(
@@ -343,15 +345,16 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
 
+        temp_name = names.new_temp_name()
         with self._side_record(parent, backing):
             if stat.S_ISREG(mode):
                 # A regular file from mknod(2) is an empty file, and must not carry the
                 # sticky bit that marks the backing file of a long symlink.
-                os.close(os.open(backing.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=parent.fd))
+                os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=parent.fd))
                 mode &= ~stat.S_ISVTX
             else:
-                os.mknod(backing.name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
-            return self._set_up_entry(parent, backing.name, uid, gid, mode)
+                os.mknod(temp_name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent.fd)
+            return self._set_up_entry(parent, temp_name, backing.name, uid, gid, mode)
 
     @_handler
     def symlink(
@@ -361,9 +364,10 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
 
+        temp_name = names.new_temp_name()
         with self._side_record(parent, backing):
-            self._names.write_symlink(parent.fd, backing.name, target)
-            return self._set_up_entry(parent, backing.name, uid, gid, None)
+            self._names.write_symlink(parent.fd, temp_name, target)
+            return self._set_up_entry(parent, temp_name, backing.name, uid, gid, None)
 
     @_handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -510,20 +514,25 @@ class SecurevolOperations(pyfuse3.Operations):
         """Create the backing file of a new regular file; return a read-write and an O_PATH descriptor of it."""
         open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & _BACKING_OPEN_FLAGS)
         # When open(2) alone gives the file its owner and mode, two journaled
-        # changes of the backing inode per created file are spared.
+        # changes of the backing inode per created file are spared. Otherwise
+        # the file is set up under a temporary name and renamed into place, so
+        # that a kill never leaves a visible file with root's owner and mode 0600.
         as_requested = self._creates_as_requested(parent, uid, gid, inherit_gid)
         initial_mode = stat.S_IMODE(mode) & ~stat.S_ISVTX if as_requested else 0o600
-        fd = os.open(backing.name, open_flags, initial_mode, dir_fd=parent.fd)
+        name = backing.name if as_requested else names.new_temp_name()
+        fd = os.open(name, open_flags, initial_mode, dir_fd=parent.fd)
         try:
             if not as_requested:
                 os.fchown(fd, uid, gid)
                 mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFREG | mode)
                 os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISVTX)
+                syscalls.rename_at(parent.fd, name, parent.fd, backing.name, syscalls.RENAME_NOREPLACE)
+                name = backing.name
             # Only this process changes the backing directory, so the name still leads to the new file.
             path_fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except BaseException:
             os.close(fd)
-            self._discard_new_entry(parent, backing.name)
+            self._discard_new_entry(parent, name)
             raise
         return fd, path_fd
 
@@ -848,18 +857,21 @@ class SecurevolOperations(pyfuse3.Operations):
         )
 
     def _set_up_entry(
-        self, parent: Inode, backing_name: str, uid: int, gid: int, mode: int | None
+        self, parent: Inode, temp_name: str, backing_name: str, uid: int, gid: int, mode: int | None
     ) -> pyfuse3.EntryAttributes:
-        """Give a new backing entry its owner, inherited ACL and *mode*, then count its lookup.
+        """Give the new entry *temp_name* its owner, inherited ACL and *mode*, rename it to *backing_name*.
 
-        *mode* includes the file type; None leaves the mode alone (symlinks).
-        Only regular files and directories inherit a default ACL, because
-        Linux has no user.* attributes on device nodes, FIFOs and sockets.
+        The entry stays under its reserved temporary name until it is complete
+        (a directory's IV, owner and mode), so a kill of this process never
+        leaves a visible half-made entry. Then its lookup is counted. *mode*
+        includes the file type; None leaves the mode alone (symlinks). Only
+        regular files and directories inherit a default ACL, because Linux has
+        no user.* attributes on device nodes, FIFOs and sockets.
         """
         try:
-            fd = os.open(backing_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            fd = os.open(temp_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except BaseException:
-            self._discard_new_entry(parent, backing_name)
+            self._discard_new_entry(parent, temp_name)
             raise
 
         path = f"/proc/self/fd/{fd}"
@@ -869,9 +881,10 @@ class SecurevolOperations(pyfuse3.Operations):
                 if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                     mode = self._inherit_default_acl(parent, path, mode)
                 os.chmod(path, stat.S_IMODE(mode))
+            syscalls.rename_at(parent.fd, temp_name, parent.fd, backing_name, syscalls.RENAME_NOREPLACE)
         except BaseException:
             os.close(fd)
-            self._discard_new_entry(parent, backing_name)
+            self._discard_new_entry(parent, temp_name)
             raise
         return self._remember(fd)
 

@@ -408,6 +408,11 @@ def make_dir(parent_fd: int, backing_name: str, mode: int = 0o700, fsync: bool =
         raise
 
 
+def new_temp_name() -> str:
+    """Return a new reserved name for an entry that is made first and renamed into place when complete."""
+    return TEMP_PREFIX + secrets.token_hex(8)
+
+
 def remove_dir(parent_fd: int, backing_name: str) -> None:
     """Remove the empty backing directory *backing_name* in *parent_fd* and its reserved files.
 
@@ -423,7 +428,11 @@ def remove_dir(parent_fd: int, backing_name: str) -> None:
 
         # The IV goes last, so an interrupted removal leaves a directory that still reads.
         for name in sorted(names, key=lambda name: name == DIR_IV_NAME):
-            os.unlink(name, dir_fd=child_fd)
+            try:
+                os.unlink(name, dir_fd=child_fd)
+            except IsADirectoryError:
+                # A directory that a killed mkdir left under its temporary name.
+                remove_dir(child_fd, name)
     finally:
         os.close(child_fd)
     os.rmdir(backing_name, dir_fd=parent_fd)
@@ -563,7 +572,7 @@ def _read_file(dir_fd: int, name: str, max_len: int) -> bytes:
 
 def _write_temp_file(dir_fd: int, data: bytes, mode: int, fsync: bool = True) -> str:
     """Write *data* to a new reserved temporary file in *dir_fd*, fsync it unless told not to, return its name."""
-    temp_name = TEMP_PREFIX + secrets.token_hex(8)
+    temp_name = new_temp_name()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temp_name, flags, 0o600, dir_fd=dir_fd)
     try:
