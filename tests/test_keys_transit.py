@@ -5,14 +5,20 @@ and stops it by PID at the end. Each test uses its own Transit key.
 """
 
 import base64
+import contextlib
+import datetime
+import http.server
+import ipaddress
 import json
 import logging
 import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +27,10 @@ import hvac
 import hvac.exceptions
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from securevol.crypto import DataKey
 from securevol.errors import KeyProviderError
@@ -589,6 +599,133 @@ def test_tls_default_trusts_openssl_ca_file(tmp_path, monkeypatch):
         assert provider.unwrap(provider.wrap(dek, VOLUME_ID), VOLUME_ID) == dek
     finally:
         server.stop()
+
+
+# Redirects
+
+
+class RecordingServer(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server that counts the connections it accepts."""
+
+    daemon_threads = True
+
+    def __init__(self, respond, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.respond = respond
+        self.connections = 0
+        self.ssl_context = ssl_context
+        super().__init__(("127.0.0.1", 0), RecordingHandler)
+
+    @property
+    def address(self) -> str:
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.server_address[1]}"
+
+    def get_request(self):
+        sock, client = super().get_request()
+        self.connections += 1
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True)
+        return sock, client
+
+
+class RecordingHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.respond(self)
+
+    do_PUT = do_GET = do_POST
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(server: http.server.HTTPServer):
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """Write a certificate for 127.0.0.1 that is its own CA; return the certificate and key files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "securevol test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def transit_record(key_name: str) -> dict:
+    return {"provider": "transit", "version": 1, "key": f"transit/keys/{key_name}", "key_version": 1,
+            "ciphertext": "vault:v1:AAAA"}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("operation", ["wrap", "unwrap", "rewrap", "rotate_key"])
+def test_redirect_not_followed(tmp_path, scheme, operation):
+    ssl_context = None
+    ca_file = None
+    if scheme == "https":
+        ca_file, key_file = self_signed_certificate(tmp_path)
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.load_cert_chain(ca_file, key_file)
+
+    def answer_ok(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(b"{}")
+
+    with serving(RecordingServer(answer_ok)) as target:
+        def redirect(handler):
+            handler.send_response(307)
+            handler.send_header("Location", f"{target.address}{handler.path}")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with serving(RecordingServer(redirect, ssl_context)) as redirector:
+            token = secrets.token_hex(16)
+            provider = TransitKeyProvider(
+                TransitSettings(address=redirector.address, key_name="k", token=token, ca_file=ca_file)
+            )
+            with pytest.raises(KeyProviderError) as caught:
+                if operation == "rotate_key":
+                    provider.rotate_key()
+                elif operation == "wrap":
+                    provider.wrap(DataKey.generate(), VOLUME_ID)
+                else:
+                    getattr(provider, operation)(transit_record("k"), VOLUME_ID)
+
+    message = str(caught.value)
+    assert redirector.connections == 1
+    assert target.connections == 0
+    assert f"POST {redirector.address}/v1/transit/" in message
+    assert f"returned HTTP 307, a redirect to {target.address}, which securevol does not follow" in message
+    assert "SECUREVOL_TRANSIT_ADDR" in message
+    assert token not in message
 
 
 # Settings

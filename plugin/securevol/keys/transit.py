@@ -59,6 +59,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import hvac
 import hvac.exceptions
@@ -83,6 +84,8 @@ _ENVELOPE_LEN = len(ENVELOPE_MAGIC) + VOLUME_ID_LEN + DEK_LEN
 _SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 _MOUNT_PATTERN = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
 _KEY_NAME_PATTERN = re.compile(_SEGMENT)
+# A host name, IPv4 or IPv6 address, as urlsplit returns it without brackets.
+_HOST_PATTERN = re.compile(r"[A-Za-z0-9.:-]+")
 
 # HTTP status of each hvac exception, for error messages.
 _HTTP_STATUS = {
@@ -186,6 +189,8 @@ class TransitKeyProvider(KeyProvider):
             verify=verify,
             timeout=settings.timeout,
             namespace=settings.namespace,
+            # requests would send the token, and on encrypt the DEK, to wherever a redirect points.
+            allow_redirects=False,
         )
 
     def __repr__(self) -> str:
@@ -340,6 +345,12 @@ class TransitKeyProvider(KeyProvider):
                 "SECUREVOL_TRANSIT_ADDR and that the server is running."
             ) from None
 
+        if isinstance(response, requests.Response) and 300 <= response.status_code < 400:
+            raise KeyProviderError(
+                f"POST {url} returned HTTP {response.status_code}, a redirect to "
+                f"{_describe_location(url, response.headers.get('Location'))}, which securevol does not "
+                "follow; set SECUREVOL_TRANSIT_ADDR to the address of the Transit server itself."
+            )
         if not isinstance(response, dict):
             return response
         data = response.get("data")
@@ -451,6 +462,27 @@ def _unb64(value: Any, operation: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except binascii.Error:
         raise KeyProviderError(f"The Transit {operation} response is not valid base64.") from None
+
+
+def _describe_location(request_url: str, location: str | None) -> str:
+    """Return the scheme, host and port that a redirect's Location header points to.
+
+    Nothing else of the header is shown: it comes from the server and may contain anything.
+    """
+    if not location:
+        return "no address (the response has no Location header)"
+    invalid = "an address that is not a valid http or https URL"
+    try:
+        target = urlsplit(urljoin(request_url, location))
+        port = target.port or {"http": 80, "https": 443}.get(target.scheme)
+    except ValueError:
+        return invalid
+    host = target.hostname
+    if port is None or host is None or target.scheme not in ("http", "https") or not _HOST_PATTERN.fullmatch(host):
+        return invalid
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{target.scheme}://{host}:{port}"
 
 
 def _optional_path(value: str | None) -> Path | None:
