@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from securevol.crypto import DataKey
 from securevol.errors import KeyProviderError
-from securevol.keys import create_provider
+from securevol.keys import create_provider, transit
 from securevol.keys.transit import TransitKeyProvider, TransitSettings
 from securevol.registry import Registry, VolumeRecord, now_rfc3339
 
@@ -599,6 +599,140 @@ def test_tls_default_trusts_openssl_ca_file(tmp_path, monkeypatch):
         assert provider.unwrap(provider.wrap(dek, VOLUME_ID), VOLUME_ID) == dek
     finally:
         server.stop()
+
+
+# Slow servers
+
+
+class TricklingProxy:
+    """A loopback TCP proxy that forwards requests at once and responses one byte per *interval* seconds."""
+
+    def __init__(self, upstream_port: int, interval: float) -> None:
+        self.upstream_port = upstream_port
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.address = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self) -> "TricklingProxy":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        for thread in list(self.threads):
+            thread.join()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        pump = threading.Thread(target=self._pump, args=(client, upstream), daemon=True)
+        pump.start()
+        try:
+            while not self.stopped.wait(self.interval):
+                byte = upstream.recv(1)
+                if not byte:
+                    break
+                client.sendall(byte)
+        except OSError:
+            pass
+        finally:
+            shut_down(client, upstream)
+            pump.join()
+            client.close()
+            upstream.close()
+
+    @staticmethod
+    def _pump(client: socket.socket, upstream: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                upstream.sendall(data)
+        # The server keeps an idle connection open, so the loop in _serve would wait for it.
+        shut_down(client, upstream)
+
+
+def shut_down(*sockets: socket.socket) -> None:
+    """Shut down both directions of each socket, which wakes threads blocked in recv on it."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def request_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "securevol-transit-request"]
+
+
+def wait_for_request_threads_to_end() -> None:
+    deadline = time.monotonic() + 30
+    while request_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert request_threads() == []
+
+
+# An upper bound for a request with a 1 s timeout to fail, which leaves room for a slow machine.
+TIMEOUT_LIMIT_SECONDS = 3
+
+
+def test_timeout_bounds_whole_request(bao):
+    key_name = bao.create_key()
+    dek = DataKey.generate()
+    record = bao.provider(key_name).wrap(dek, VOLUME_ID)
+
+    with TricklingProxy(bao.port, interval=0.2) as proxy:
+        provider = bao.provider(key_name, address=proxy.address, timeout=1.0)
+        operations = {
+            "wrap": lambda: provider.wrap(DataKey.generate(), VOLUME_ID),
+            "unwrap": lambda: provider.unwrap(record, VOLUME_ID),
+            "rewrap": lambda: provider.rewrap(record, VOLUME_ID),
+        }
+        for name, operation in operations.items():
+            started = time.monotonic()
+            with pytest.raises(KeyProviderError) as caught:
+                operation()
+            elapsed = time.monotonic() - started
+
+            assert elapsed < TIMEOUT_LIMIT_SECONDS, name
+            assert f"POST {proxy.address}/v1/transit/" in str(caught.value)
+            assert "timed out after 1 s" in str(caught.value)
+
+        # The requests that timed out still run, but later ones do not wait for them.
+        proxy.interval = 0
+        assert provider.unwrap(record, VOLUME_ID) == dek
+    wait_for_request_threads_to_end()
+
+
+def test_timed_out_requests_bounded(bao, monkeypatch):
+    wait_for_request_threads_to_end()
+    monkeypatch.setattr(transit, "MAX_REQUESTS_IN_FLIGHT", 2)
+    monkeypatch.setattr(transit, "_request_slots", threading.BoundedSemaphore(2))
+    key_name = bao.create_key()
+
+    with TricklingProxy(bao.port, interval=0.2) as proxy:
+        provider = bao.provider(key_name, address=proxy.address, timeout=0.5)
+        for _ in range(2):
+            with pytest.raises(KeyProviderError, match="timed out after 0.5 s"):
+                provider.wrap(DataKey.generate(), VOLUME_ID)
+        assert len(request_threads()) == 2
+
+        for _ in range(3):
+            with pytest.raises(KeyProviderError, match="not sent, because 2 earlier requests"):
+                provider.wrap(DataKey.generate(), VOLUME_ID)
+            assert len(request_threads()) == 2
+    wait_for_request_threads_to_end()
+
+    assert bao.provider(key_name).wrap(DataKey.generate(), VOLUME_ID)["key_version"] == 1
 
 
 # Redirects

@@ -29,7 +29,8 @@ Settings, all from environment variables:
 ``SECUREVOL_TRANSIT_CA_FILE``             CA certificate that signed the server's certificate
                                           (default: the system's CA bundle)
 ``SECUREVOL_TRANSIT_NAMESPACE``           namespace, on servers that have namespaces
-``SECUREVOL_TRANSIT_TIMEOUT``             seconds to wait for each request (default 10)
+``SECUREVOL_TRANSIT_TIMEOUT``             maximum seconds for each request, from connecting until
+                                          the whole response has arrived (default 10)
 ========================================  =====================================================
 
 The token needs this policy, with MOUNT and KEY replaced (``rotate_key`` also needs ``update``
@@ -49,12 +50,15 @@ of the failed request, never a request or response body.
 
 import base64
 import binascii
+import concurrent.futures
 import hmac
 import logging
 import os
 import re
 import ssl
 import stat
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +79,10 @@ RECORD_VERSION = 1
 DEFAULT_MOUNT = "transit"
 DEFAULT_KEY_NAME = "securevol"
 DEFAULT_TIMEOUT = 10.0
+# Requests to the Transit server that may run at once in a process, counting those that timed
+# out and still wait for the server. Each runs on its own thread.
+MAX_REQUESTS_IN_FLIGHT = 8
+_request_slots = threading.BoundedSemaphore(MAX_REQUESTS_IN_FLIGHT)
 
 # Both are part of the record format: changing one makes every wrapped DEK unreadable.
 ENVELOPE_MAGIC = b"securevol transit v1\0"
@@ -180,18 +188,7 @@ class TransitKeyProvider(KeyProvider):
     def __init__(self, settings: TransitSettings) -> None:
         settings.validate()
         self.settings = settings
-        verify = str(settings.ca_file) if settings.ca_file else _system_ca_bundle()
-        # An explicit empty token keeps hvac from reading VAULT_TOKEN or ~/.vault-token.
-        # _request() sets the real token before each request.
-        self._hvac = hvac.Client(
-            url=settings.address.rstrip("/"),
-            token="",
-            verify=verify,
-            timeout=settings.timeout,
-            namespace=settings.namespace,
-            # requests would send the token, and on encrypt the DEK, to wherever a redirect points.
-            allow_redirects=False,
-        )
+        self._verify = str(settings.ca_file) if settings.ca_file else _system_ca_bundle()
 
     def __repr__(self) -> str:
         return f"TransitKeyProvider(address={self.settings.address!r}, key={self.key_id!r})"
@@ -321,12 +318,13 @@ class TransitKeyProvider(KeyProvider):
 
         *endpoint* and *suffix* rebuild the URL that *call* requests, for error messages. Every
         failure becomes a KeyProviderError that names the method and URL, never a body.
+        SECUREVOL_TRANSIT_TIMEOUT bounds the whole request (see ``_run_with_deadline``).
         """
         base = self.settings.address.rstrip("/")
         url = f"{base}/v1/{self.settings.mount}/{endpoint}/{self.settings.key_name}{suffix}"
-        self._hvac.token = self._read_token()
+        token = self._read_token()
         try:
-            response = call(self._hvac.secrets.transit)
+            response = self._run_with_deadline(url, call, token)
         except hvac.exceptions.VaultError as exc:
             raise self._server_error(action, url, exc) from None
         except requests.exceptions.SSLError:
@@ -335,10 +333,7 @@ class TransitKeyProvider(KeyProvider):
                 "certificate that signed the server's certificate."
             ) from None
         except requests.exceptions.Timeout:
-            raise KeyProviderError(
-                f"POST {url} timed out after {self.settings.timeout:g} s; check that the Transit server "
-                "is up, or raise SECUREVOL_TRANSIT_TIMEOUT."
-            ) from None
+            raise self._timeout_error(url) from None
         except requests.exceptions.RequestException as exc:
             raise KeyProviderError(
                 f"POST {url} failed ({type(exc).__name__}): the Transit server is unreachable; check "
@@ -357,6 +352,92 @@ class TransitKeyProvider(KeyProvider):
         if not isinstance(data, dict):
             raise KeyProviderError(f"POST {url} returned a response without data; check the Transit server.")
         return data
+
+    def _run_with_deadline(self, url: str, call: Callable[[Any], Any], token: str) -> Any:
+        """Run *call* on a worker thread; raise KeyProviderError unless it returns within the timeout.
+
+        requests' own timeout bounds only each wait for the next bytes, so a server that trickles
+        its response one byte at a time would hold the caller, and the registry lock that the
+        daemon holds during a wrap, for as long as it likes. Here the timeout bounds the whole
+        request: connecting, sending and reading the full response. Exceptions of *call* are
+        re-raised here.
+
+        A request that times out keeps its thread until the server finishes or closes the
+        connection, or until one read waits longer than the timeout. Its result is discarded,
+        but the server may still carry the request out (a rotation, for example). Each request
+        uses its own hvac client and requests session, so a late request shares no state with
+        later ones. At most MAX_REQUESTS_IN_FLIGHT requests run at once in a process, counting
+        those that timed out, so the threads that a slow server holds are bounded.
+        """
+        deadline = time.monotonic() + self.settings.timeout
+        slots = _request_slots
+        if not slots.acquire(timeout=self.settings.timeout):
+            raise KeyProviderError(
+                f"POST {url} was not sent, because {MAX_REQUESTS_IN_FLIGHT} earlier requests to the "
+                "Transit server are still running after their timeout; check the Transit server and "
+                "the network path to it."
+            )
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        timed_out = threading.Event()
+        worker = threading.Thread(
+            target=self._run_request,
+            args=(call, token, future, slots, timed_out, url),
+            name="securevol-transit-request",
+            daemon=True,
+        )
+        try:
+            worker.start()
+        except BaseException:
+            slots.release()
+            raise
+
+        concurrent.futures.wait([future], timeout=max(0.0, deadline - time.monotonic()))
+        if not future.done():
+            timed_out.set()
+            raise self._timeout_error(url)
+        return future.result()
+
+    def _run_request(
+        self,
+        call: Callable[[Any], Any],
+        token: str,
+        future: concurrent.futures.Future,
+        slots: threading.BoundedSemaphore,
+        timed_out: threading.Event,
+        url: str,
+    ) -> None:
+        """Run *call* with a new hvac client and store its result or exception in *future*."""
+        started = time.monotonic()
+        try:
+            client = hvac.Client(
+                url=self.settings.address.rstrip("/"),
+                token=token,
+                verify=self._verify,
+                timeout=self.settings.timeout,
+                namespace=self.settings.namespace,
+                # requests would send the token, and on encrypt the DEK, to wherever a redirect points.
+                allow_redirects=False,
+            )
+            try:
+                result = call(client.secrets.transit)
+            finally:
+                client.adapter.close()
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            slots.release()
+            if timed_out.is_set():
+                log.warning("transit request ended after its timeout, result discarded url=%s seconds=%.1f",
+                            url, time.monotonic() - started)
+
+    def _timeout_error(self, url: str) -> KeyProviderError:
+        return KeyProviderError(
+            f"POST {url} timed out after {self.settings.timeout:g} s; check that the Transit server "
+            "is up, or raise SECUREVOL_TRANSIT_TIMEOUT."
+        )
 
     def _server_error(self, action: str, url: str, exc: hvac.exceptions.VaultError) -> KeyProviderError:
         status = _HTTP_STATUS.get(type(exc))
