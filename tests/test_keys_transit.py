@@ -338,6 +338,71 @@ def test_rewrap_keeps_volume_binding(bao):
         provider.rewrap(record, OTHER_VOLUME_ID)
 
 
+@pytest.mark.parametrize("operation", ["unwrap", "rewrap"])
+def test_retired_key_version_explained(bao, operation):
+    key_name = bao.create_key()
+    provider = bao.provider(key_name)
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+    provider.rotate_key()
+    bao.admin.secrets.transit.update_key_configuration(key_name, min_decryption_version=2, mount_point="transit")
+
+    with pytest.raises(KeyProviderError) as caught:
+        getattr(provider, operation)(record, VOLUME_ID)
+
+    message = str(caught.value)
+    assert "HTTP 400: the record was wrapped with version 1 of " in message
+    assert "min_decryption_version no longer allows" in message
+    assert f"bao write transit/keys/{key_name}/config min_decryption_version=1" in message
+    assert "securevol rekey" in message
+    assert "failed authentication" not in message
+
+
+@pytest.mark.parametrize("operation", ["unwrap", "rewrap"])
+def test_deleted_key_explained(bao, operation):
+    key_name = bao.create_key()
+    provider = bao.provider(key_name)
+    record = provider.wrap(DataKey.generate(), VOLUME_ID)
+    bao.admin.secrets.transit.update_key_configuration(key_name, deletion_allowed=True, mount_point="transit")
+    bao.admin.secrets.transit.delete_key(key_name, mount_point="transit")
+
+    with pytest.raises(KeyProviderError) as caught:
+        getattr(provider, operation)(record, VOLUME_ID)
+
+    message = str(caught.value)
+    assert f"HTTP 400: the Transit key transit/keys/{key_name} does not exist on the server" in message
+    assert "restore it" in message
+    assert "failed authentication" not in message
+
+
+def test_signing_key_is_not_an_encryption_key(bao):
+    key_name = f"k{secrets.token_hex(6)}"
+    bao.admin.secrets.transit.create_key(key_name, key_type="ed25519", mount_point="transit")
+    provider = bao.provider(key_name)
+
+    with pytest.raises(KeyProviderError) as caught:
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    message = str(caught.value)
+    assert f"HTTP 400: transit/keys/{key_name} is not an encryption key" in message
+    assert "SECUREVOL_TRANSIT_KEY" in message
+
+
+@pytest.mark.parametrize(
+    ("errors", "expected"),
+    [
+        (["encryption key not found"], "encryption key not found"),
+        (["first", "second"], "first; second"),
+        (["line\nbreak"], ""),
+        (["caf\u00e9"], ""),
+        (["x" * 201], ""),
+        (None, ""),
+    ],
+    ids=["plain", "two", "line-break", "non-ascii", "long", "none"],
+)
+def test_server_reason_only_short_printable_text(errors, expected):
+    assert transit._server_reason(hvac.exceptions.InvalidRequest(errors=errors)) == expected
+
+
 def test_rekey_command_rotates_and_rewraps_every_volume(bao, monkeypatch, tmp_path):
     """``securevol rekey --rotate-transit-key`` on a state directory of two transit volumes."""
     key_name = bao.create_key()

@@ -95,6 +95,15 @@ _KEY_NAME_PATTERN = re.compile(_SEGMENT)
 # A host name, IPv4 or IPv6 address, as urlsplit returns it without brackets.
 _HOST_PATTERN = re.compile(r"[A-Za-z0-9.:-]+")
 
+# Error texts of the Transit engine for the causes of an HTTP 400 that the user can fix, as
+# OpenBao 2.7 returns them in the "errors" list of the response.
+_AUTHENTICATION_FAILED = "message authentication failed"
+_VERSION_TOO_OLD = "disallowed by policy (too old)"
+_KEY_NOT_FOUND = "encryption key not found"
+_KEY_TYPE_CANNOT_ENCRYPT = "not supported for key type"
+# The longest server error text that a message repeats.
+_MAX_REASON_LEN = 200
+
 # HTTP status of each hvac exception, for error messages.
 _HTTP_STATUS = {
     hvac.exceptions.InvalidRequest: 400,
@@ -230,6 +239,7 @@ class TransitKeyProvider(KeyProvider):
                 context=_context(volume_id),
                 mount_point=self.settings.mount,
             ),
+            record=record,
         )
         envelope = _unb64(data.get("plaintext"), "decrypt")
         return _open_envelope(envelope, volume_id)
@@ -252,6 +262,7 @@ class TransitKeyProvider(KeyProvider):
                 context=_context(volume_id),
                 mount_point=self.settings.mount,
             ),
+            record=record,
         )
         new_record = self._record(data)
         log.info("dek rewrapped key=%s key_version=%s old_key_version=%s volume_id=%s", self.key_id,
@@ -313,11 +324,20 @@ class TransitKeyProvider(KeyProvider):
 
     # Requests
 
-    def _request(self, action: str, endpoint: str, call: Callable[[Any], Any], suffix: str = "") -> Any:
+    def _request(
+        self,
+        action: str,
+        endpoint: str,
+        call: Callable[[Any], Any],
+        suffix: str = "",
+        record: Mapping[str, Any] | None = None,
+    ) -> Any:
         """Run *call* with the Transit API and return the response's ``data``.
 
-        *endpoint* and *suffix* rebuild the URL that *call* requests, for error messages. Every
-        failure becomes a KeyProviderError that names the method and URL, never a body.
+        *endpoint* and *suffix* rebuild the URL that *call* requests, and *record* is the wrapped
+        key that it sends, both for error messages. Every failure becomes a KeyProviderError that
+        names the method and URL. It contains no request or response body, only the server's
+        error text in a few cases.
         SECUREVOL_TRANSIT_TIMEOUT bounds the whole request (see ``_run_with_deadline``).
         """
         base = self.settings.address.rstrip("/")
@@ -326,7 +346,7 @@ class TransitKeyProvider(KeyProvider):
         try:
             response = self._run_with_deadline(url, call, token)
         except hvac.exceptions.VaultError as exc:
-            raise self._server_error(action, url, exc) from None
+            raise self._server_error(action, url, exc, record) from None
         except requests.exceptions.SSLError:
             raise KeyProviderError(
                 f"TLS verification failed for POST {url}; set SECUREVOL_TRANSIT_CA_FILE to the CA "
@@ -439,9 +459,14 @@ class TransitKeyProvider(KeyProvider):
             "is up, or raise SECUREVOL_TRANSIT_TIMEOUT."
         )
 
-    def _server_error(self, action: str, url: str, exc: hvac.exceptions.VaultError) -> KeyProviderError:
+    def _server_error(
+        self, action: str, url: str, exc: hvac.exceptions.VaultError, record: Mapping[str, Any] | None
+    ) -> KeyProviderError:
         status = _HTTP_STATUS.get(type(exc))
         where = f"POST {url} failed with HTTP {status}" if status else f"POST {url} failed"
+        reason = _server_reason(exc)
+        if status == 400:
+            return self._bad_request_error(action, where, reason, record)
         if status in (401, 403) and action == "encrypt":
             # Transit returns 403, not 404, when a token without "create" encrypts with a missing key.
             return KeyProviderError(
@@ -456,14 +481,48 @@ class TransitKeyProvider(KeyProvider):
             return KeyProviderError(
                 f"{where}: no Transit engine is mounted at {self.settings.mount!r} or the key does not exist."
             )
-        if status == 400 and action in ("decrypt", "rewrap"):
+        if status == 503:
+            return KeyProviderError(f"{where}: the Transit server is sealed or in standby; unseal it.")
+        if reason:
+            return KeyProviderError(f"{where}: the server reported {reason!r}.")
+        return KeyProviderError(f"{where}; check the Transit server's log for the reason.")
+
+    def _bad_request_error(
+        self, action: str, where: str, reason: str, record: Mapping[str, Any] | None
+    ) -> KeyProviderError:
+        """Explain an HTTP 400 from its error text, which OpenBao sets for each cause."""
+        mount, key_name = self.settings.mount, self.settings.key_name
+        if _KEY_TYPE_CANNOT_ENCRYPT in reason:
+            return KeyProviderError(
+                f"{where}: {self.key_id} is not an encryption key, because its key type cannot encrypt; "
+                f"set SECUREVOL_TRANSIT_KEY to a key created with 'bao write -f {mount}/keys/NAME derived=true'."
+            )
+        if action not in ("decrypt", "rewrap"):
+            return KeyProviderError(f"{where}: the server rejected the request ({reason or 'no reason given'}).")
+
+        if _VERSION_TOO_OLD in reason:
+            key_version = record.get("key_version") if record else None
+            version = key_version if isinstance(key_version, int) else "N"
+            return KeyProviderError(
+                f"{where}: the record was wrapped with version {version} of {self.key_id}, which the key's "
+                f"min_decryption_version no longer allows. Lower it with 'bao write {mount}/keys/{key_name}"
+                f"/config min_decryption_version={version}' to unlock this volume. Run 'securevol rekey', "
+                "which rewraps every record under the newest version, before retiring old versions."
+            )
+        if _KEY_NOT_FOUND in reason:
+            return KeyProviderError(
+                f"{where}: the Transit key {self.key_id} does not exist on the server, so it was deleted; "
+                "restore it there, for example from a backup of the key, to unlock this volume."
+            )
+        if _AUTHENTICATION_FAILED in reason:
             return KeyProviderError(
                 f"{where}: the wrapped key failed authentication, so the record was modified, belongs "
                 "to another volume or was wrapped with another key."
             )
-        if status == 503:
-            return KeyProviderError(f"{where}: the Transit server is sealed or in standby; unseal it.")
-        return KeyProviderError(f"{where}; check the Transit server's log for the reason.")
+        return KeyProviderError(
+            f"{where}: the server rejected the wrapped key ({reason or 'no reason given'}), so the record "
+            "was modified or wrapped with another key."
+        )
 
     def _read_token(self) -> str:
         if self.settings.token is not None:
@@ -543,6 +602,23 @@ def _unb64(value: Any, operation: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except binascii.Error:
         raise KeyProviderError(f"The Transit {operation} response is not valid base64.") from None
+
+
+def _server_reason(exc: hvac.exceptions.VaultError) -> str:
+    """Return the server's error texts from *exc*, or "" if they are missing, long or not printable ASCII.
+
+    These are short fixed texts such as "encryption key not found". A longer or stranger text
+    is left out, because it may come from something other than the Transit engine.
+    """
+    errors = exc.errors if isinstance(exc.errors, list) else []
+    reason = "; ".join(error for error in errors if isinstance(error, str))
+    if len(reason) > _MAX_REASON_LEN or not _is_printable_ascii(reason):
+        return ""
+    return reason
+
+
+def _is_printable_ascii(text: str) -> bool:
+    return all(" " <= char <= "~" for char in text)
 
 
 def _describe_location(request_url: str, location: str | None) -> str:
