@@ -599,8 +599,12 @@ def test_token_file_read_on_every_request(bao, tmp_path):
         ("", 0o600, "is empty"),
         ("  \n", 0o600, "is empty"),
         ("s.token", 0o604, "every user can reach it"),
+        ("s.token\nsecond line\n", 0o600, "contains more than one line"),
+        ("s.token\rsecond", 0o600, "contains more than one line"),
+        ("s.t\u00f6ken", 0o600, "characters other than printable ASCII"),
+        ("s.to\x00ken", 0o600, "characters other than printable ASCII"),
     ],
-    ids=["missing", "empty", "blank", "world-readable"],
+    ids=["missing", "empty", "blank", "world-readable", "two-lines", "carriage-return", "non-ascii", "nul"],
 )
 def test_bad_token_file_rejected(bao, tmp_path, content, mode, expected):
     token_file = tmp_path / "token"
@@ -611,7 +615,18 @@ def test_bad_token_file_rejected(bao, tmp_path, content, mode, expected):
         TransitSettings(address=bao.address, key_name="securevol", token_file=token_file)
     )
 
-    with pytest.raises(KeyProviderError, match=expected):
+    with pytest.raises(KeyProviderError, match=expected) as caught:
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+    assert "s.t" not in str(caught.value)
+
+
+def test_token_file_not_utf8_rejected(bao, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"s.tok\xffen\n")
+    token_file.chmod(0o600)
+    provider = TransitKeyProvider(TransitSettings(address=bao.address, key_name="k", token_file=token_file))
+
+    with pytest.raises(KeyProviderError, match="characters other than printable ASCII"):
         provider.wrap(DataKey.generate(), VOLUME_ID)
 
 
@@ -623,7 +638,7 @@ def test_token_file_symlink_rejected(bao, tmp_path):
     link.symlink_to(target)
     provider = TransitKeyProvider(TransitSettings(address=bao.address, key_name="k", token_file=link))
 
-    with pytest.raises(KeyProviderError, match="Cannot open the Transit token file"):
+    with pytest.raises(KeyProviderError, match="is a symbolic link, and the token file must not be a symlink"):
         provider.wrap(DataKey.generate(), VOLUME_ID)
 
 
@@ -948,6 +963,7 @@ def test_settings_defaults():
 
 
 def test_settings_all_variables(tmp_path):
+    (tmp_path / "ca.pem").write_text("")
     settings = TransitSettings.from_environ(
         settings_environ(
             SECUREVOL_TRANSIT_TOKEN=None,
@@ -974,20 +990,53 @@ def test_settings_all_variables(tmp_path):
     [
         ({"SECUREVOL_TRANSIT_ADDR": None}, "SECUREVOL_TRANSIT_ADDR must be"),
         ({"SECUREVOL_TRANSIT_ADDR": "127.0.0.1:8200"}, "SECUREVOL_TRANSIT_ADDR must be"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://"}, "SECUREVOL_TRANSIT_ADDR is not a valid URL"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://127.0.0.1:99999"}, "SECUREVOL_TRANSIT_ADDR is not a valid URL"),
         ({"SECUREVOL_TRANSIT_TOKEN": None}, "exactly one of"),
         ({"SECUREVOL_TRANSIT_TOKEN_FILE": "/run/token"}, "exactly one of"),
+        ({"SECUREVOL_TRANSIT_TOKEN": "s.token\nsecond"}, "SECUREVOL_TRANSIT_TOKEN contains more than one line"),
+        ({"SECUREVOL_TRANSIT_TOKEN": "s.token\u00e9"}, "SECUREVOL_TRANSIT_TOKEN contains characters other"),
         ({"SECUREVOL_TRANSIT_MOUNT": "transit/../sys"}, "SECUREVOL_TRANSIT_MOUNT"),
         ({"SECUREVOL_TRANSIT_KEY": "a/b"}, "SECUREVOL_TRANSIT_KEY"),
         ({"SECUREVOL_TRANSIT_KEY": ".."}, "SECUREVOL_TRANSIT_KEY"),
         ({"SECUREVOL_TRANSIT_KEY": "key?x=1"}, "SECUREVOL_TRANSIT_KEY"),
+        ({"SECUREVOL_TRANSIT_CA_FILE": "/nonexistent/ca.pem"}, "SECUREVOL_TRANSIT_CA_FILE /nonexistent/ca.pem "
+                                                               "does not exist"),
+        ({"SECUREVOL_TRANSIT_CA_FILE": "/"}, "SECUREVOL_TRANSIT_CA_FILE / does not exist or is not a readable"),
+        ({"SECUREVOL_TRANSIT_NAMESPACE": "team-\u00e4"}, "SECUREVOL_TRANSIT_NAMESPACE must contain only"),
+        ({"SECUREVOL_TRANSIT_NAMESPACE": "team\nx"}, "SECUREVOL_TRANSIT_NAMESPACE must contain only"),
         ({"SECUREVOL_TRANSIT_TIMEOUT": "soon"}, "not a number"),
         ({"SECUREVOL_TRANSIT_TIMEOUT": "0"}, "greater than 0"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "-1"}, "greater than 0"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "inf"}, "at most 3600, not inf"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "nan"}, "at most 3600, not nan"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "1e400"}, "at most 3600, not inf"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "3601"}, "at most 3600, not 3601"),
     ],
-    ids=["no-addr", "addr-no-scheme", "no-token", "two-tokens", "mount-dotdot", "key-slash", "key-dotdot",
-         "key-query", "timeout-text", "timeout-zero"],
+    ids=["no-addr", "addr-no-scheme", "addr-no-host", "addr-bad-port", "no-token",
+         "two-tokens", "token-two-lines", "token-non-ascii", "mount-dotdot", "key-slash", "key-dotdot",
+         "key-query", "ca-file-missing", "ca-file-directory", "namespace-non-ascii", "namespace-line-break",
+         "timeout-text", "timeout-zero", "timeout-negative", "timeout-inf", "timeout-nan", "timeout-overflow",
+         "timeout-too-long"],
 )
 def test_invalid_settings_rejected(overrides, expected):
     with pytest.raises(KeyProviderError, match=expected) as caught:
         TransitSettings.from_environ(settings_environ(**overrides))
 
     assert "s.token" not in str(caught.value)
+
+
+def test_maximum_timeout_accepted():
+    settings = TransitSettings.from_environ(settings_environ(SECUREVOL_TRANSIT_TIMEOUT="3600"))
+
+    assert settings.timeout == 3600
+
+
+def test_ca_file_removed_after_start(bao, tmp_path):
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("")
+    provider = bao.provider(bao.create_key(), ca_file=ca_file)
+    ca_file.unlink()
+
+    with pytest.raises(KeyProviderError, match=f"SECUREVOL_TRANSIT_CA_FILE {ca_file} does not exist"):
+        provider.wrap(DataKey.generate(), VOLUME_ID)

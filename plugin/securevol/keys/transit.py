@@ -30,7 +30,7 @@ Settings, all from environment variables:
                                           (default: the system's CA bundle)
 ``SECUREVOL_TRANSIT_NAMESPACE``           namespace, on servers that have namespaces
 ``SECUREVOL_TRANSIT_TIMEOUT``             maximum seconds for each request, from connecting until
-                                          the whole response has arrived (default 10)
+                                          the whole response has arrived (default 10, at most 3600)
 ========================================  =====================================================
 
 The token needs this policy, with MOUNT and KEY replaced (``rotate_key`` also needs ``update``
@@ -51,7 +51,9 @@ of the failed request, never a request or response body.
 import base64
 import binascii
 import concurrent.futures
+import errno
 import hmac
+import math
 import logging
 import os
 import re
@@ -79,6 +81,9 @@ RECORD_VERSION = 1
 DEFAULT_MOUNT = "transit"
 DEFAULT_KEY_NAME = "securevol"
 DEFAULT_TIMEOUT = 10.0
+# The largest SECUREVOL_TRANSIT_TIMEOUT in seconds. The daemon holds its registry lock while it
+# waits for a wrap, so a longer wait would stall every Create and Remove.
+MAX_TIMEOUT = 3600.0
 # Requests to the Transit server that may run at once in a process, counting those that timed
 # out and still wait for the server. Each runs on its own thread.
 MAX_REQUESTS_IN_FLIGHT = 8
@@ -160,9 +165,15 @@ class TransitSettings:
 
     def validate(self) -> None:
         """Raise KeyProviderError, naming the environment variable, for an invalid setting."""
+        # The messages never repeat the address, because it may contain a password.
         if not self.address.startswith(("http://", "https://")):
             raise KeyProviderError(
                 "SECUREVOL_TRANSIT_ADDR must be the Transit server's http:// or https:// URL."
+            )
+        if not _has_host_and_port(self.address):
+            raise KeyProviderError(
+                "SECUREVOL_TRANSIT_ADDR is not a valid URL; give the server's URL with a host name or "
+                "IP address and an optional port from 1 to 65535."
             )
         if not _MOUNT_PATTERN.fullmatch(self.mount):
             raise KeyProviderError(
@@ -176,8 +187,20 @@ class TransitSettings:
             raise KeyProviderError(
                 "Set exactly one of SECUREVOL_TRANSIT_TOKEN_FILE and SECUREVOL_TRANSIT_TOKEN."
             )
-        if not self.timeout > 0:
-            raise KeyProviderError("SECUREVOL_TRANSIT_TIMEOUT must be a number of seconds greater than 0.")
+        if self.token is not None:
+            _check_token(self.token, "SECUREVOL_TRANSIT_TOKEN")
+        if self.ca_file is not None:
+            _check_ca_file(self.ca_file)
+        if self.namespace is not None and not _is_printable_ascii(self.namespace):
+            raise KeyProviderError(
+                "SECUREVOL_TRANSIT_NAMESPACE must contain only printable ASCII characters, because it is "
+                "sent in an HTTP header."
+            )
+        if not (math.isfinite(self.timeout) and 0 < self.timeout <= MAX_TIMEOUT):
+            raise KeyProviderError(
+                f"SECUREVOL_TRANSIT_TIMEOUT must be a number of seconds greater than 0 and at most "
+                f"{MAX_TIMEOUT:g}, not {self.timeout:g}."
+            )
 
 
 def _system_ca_bundle() -> str | bool:
@@ -342,6 +365,9 @@ class TransitKeyProvider(KeyProvider):
         """
         base = self.settings.address.rstrip("/")
         url = f"{base}/v1/{self.settings.mount}/{endpoint}/{self.settings.key_name}{suffix}"
+        if self.settings.ca_file is not None:
+            # requests raises a bare OSError for a missing CA file, so check it here.
+            _check_ca_file(self.settings.ca_file)
         token = self._read_token()
         try:
             response = self._run_with_deadline(url, call, token)
@@ -545,6 +571,12 @@ def read_token_file(path: Path) -> str:
     except FileNotFoundError:
         raise KeyProviderError(f"The Transit token file {path} does not exist; write the token there.") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            # O_NOFOLLOW fails with ELOOP when the last component is a symbolic link.
+            raise KeyProviderError(
+                f"The Transit token file {path} is a symbolic link, and the token file must not be a "
+                "symlink; set SECUREVOL_TRANSIT_TOKEN_FILE to the file itself."
+            ) from None
         raise KeyProviderError(f"Cannot open the Transit token file {path}: {exc.strerror}.") from None
 
     try:
@@ -564,7 +596,35 @@ def read_token_file(path: Path) -> str:
     token = content.decode("utf-8", "replace").strip()
     if not token:
         raise KeyProviderError(f"The Transit token file {path} is empty; write the token there.")
+    _check_token(token, f"The Transit token file {path}")
     return token
+
+
+def _check_token(token: str, source: str) -> None:
+    """Raise KeyProviderError, naming *source* but not the token, unless *token* fits an HTTP header."""
+    if "\n" in token or "\r" in token:
+        raise KeyProviderError(f"{source} contains more than one line; it must contain only the token.")
+    if not _is_printable_ascii(token):
+        raise KeyProviderError(
+            f"{source} contains characters other than printable ASCII; it must contain only the token."
+        )
+
+
+def _check_ca_file(path: Path) -> None:
+    if not (path.is_file() and os.access(path, os.R_OK)):
+        raise KeyProviderError(
+            f"SECUREVOL_TRANSIT_CA_FILE {path} does not exist or is not a readable file; set it to the CA "
+            "certificate that signed the Transit server's certificate."
+        )
+
+
+def _has_host_and_port(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # brackets that do not match, or a port outside 0-65535
+        return False
+    return bool(parts.hostname) and port != 0
 
 
 def _open_envelope(envelope: bytes, volume_id: bytes) -> DataKey:
