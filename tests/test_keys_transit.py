@@ -942,6 +942,83 @@ def test_redirect_not_followed(tmp_path, scheme, operation):
     assert token not in message
 
 
+# Credentials in the address
+
+
+def with_credentials(address: str) -> str:
+    return address.replace("://", "://admin:addr-password@", 1)
+
+
+def assert_no_credentials(text: str) -> None:
+    assert "addr-password" not in text
+    assert "admin:" not in text
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("http://127.0.0.1:8200", "http://127.0.0.1:8200"),
+        ("https://admin:addr-password@bao.example:8200/", "https://bao.example:8200/"),
+        ("http://admin:addr%40password@[::1]:8200", "http://[::1]:8200"),
+        ("http://admin:addr-password/x@127.0.0.1", "http://127.0.0.1"),
+        ("http://addr-password@127.0.0.1", "http://127.0.0.1"),
+    ],
+    ids=["none", "user-and-password", "encoded-at", "unencoded-slash", "user-only"],
+)
+def test_redact_url(address, expected):
+    assert transit._redact_url(address) == expected
+
+
+def test_address_credentials_not_in_messages(bao, caplog):
+    def answer_without_ciphertext(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(b'{"data": {}}')
+
+    def redirect(handler):
+        handler.send_response(307)
+        handler.send_header("Location", "http://admin:addr-password@127.0.0.1:1/")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    messages = []
+    with caplog.at_level(logging.DEBUG):
+        unreachable = TransitSettings(address=with_credentials(f"http://127.0.0.1:{free_port()}"), token="s.x")
+        with pytest.raises(KeyProviderError, match="unreachable") as caught:
+            TransitKeyProvider(unreachable).wrap(DataKey.generate(), VOLUME_ID)
+        messages.append(str(caught.value))
+
+        with pytest.raises(KeyProviderError, match="HTTP 403") as caught:
+            bao.provider("k", address=with_credentials(bao.address), token="s.invalid").wrap(
+                DataKey.generate(), VOLUME_ID)
+        messages.append(str(caught.value))
+
+        for respond, expected in ((answer_without_ciphertext, "returned no ciphertext"), (redirect, "redirect")):
+            with serving(RecordingServer(respond)) as server:
+                provider = bao.provider("k", address=with_credentials(server.address))
+                with pytest.raises(KeyProviderError, match=expected) as caught:
+                    provider.wrap(DataKey.generate(), VOLUME_ID)
+                messages.append(str(caught.value))
+                messages.append(repr(provider))
+                messages.append(repr(provider.settings))
+
+        key_name = bao.create_key()
+        with TricklingProxy(bao.port, interval=0.2) as proxy:
+            provider = bao.provider(key_name, address=with_credentials(proxy.address), timeout=0.5)
+            with pytest.raises(KeyProviderError, match="timed out") as caught:
+                provider.wrap(DataKey.generate(), VOLUME_ID)
+            messages.append(str(caught.value))
+        # Stopping the proxy ends the request that timed out, which logs its URL.
+        wait_for_request_threads_to_end()
+
+    for message in messages:
+        assert_no_credentials(message)
+        assert "127.0.0.1:" in message
+    assert "transit request ended after its timeout" in caplog.text
+    assert_no_credentials(caplog.text)
+
+
 # Settings
 
 
@@ -992,6 +1069,7 @@ def test_settings_all_variables(tmp_path):
         ({"SECUREVOL_TRANSIT_ADDR": "127.0.0.1:8200"}, "SECUREVOL_TRANSIT_ADDR must be"),
         ({"SECUREVOL_TRANSIT_ADDR": "http://"}, "SECUREVOL_TRANSIT_ADDR is not a valid URL"),
         ({"SECUREVOL_TRANSIT_ADDR": "http://127.0.0.1:99999"}, "SECUREVOL_TRANSIT_ADDR is not a valid URL"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://user:12/pass-x@127.0.0.1:8200"}, "contains '@' after the host"),
         ({"SECUREVOL_TRANSIT_TOKEN": None}, "exactly one of"),
         ({"SECUREVOL_TRANSIT_TOKEN_FILE": "/run/token"}, "exactly one of"),
         ({"SECUREVOL_TRANSIT_TOKEN": "s.token\nsecond"}, "SECUREVOL_TRANSIT_TOKEN contains more than one line"),
@@ -1013,7 +1091,7 @@ def test_settings_all_variables(tmp_path):
         ({"SECUREVOL_TRANSIT_TIMEOUT": "1e400"}, "at most 3600, not inf"),
         ({"SECUREVOL_TRANSIT_TIMEOUT": "3601"}, "at most 3600, not 3601"),
     ],
-    ids=["no-addr", "addr-no-scheme", "addr-no-host", "addr-bad-port", "no-token",
+    ids=["no-addr", "addr-no-scheme", "addr-no-host", "addr-bad-port", "addr-unencoded-slash", "no-token",
          "two-tokens", "token-two-lines", "token-non-ascii", "mount-dotdot", "key-slash", "key-dotdot",
          "key-query", "ca-file-missing", "ca-file-directory", "namespace-non-ascii", "namespace-line-break",
          "timeout-text", "timeout-zero", "timeout-negative", "timeout-inf", "timeout-nan", "timeout-overflow",
@@ -1024,6 +1102,7 @@ def test_invalid_settings_rejected(overrides, expected):
         TransitSettings.from_environ(settings_environ(**overrides))
 
     assert "s.token" not in str(caught.value)
+    assert "pass-x" not in str(caught.value)
 
 
 def test_maximum_timeout_accepted():

@@ -44,8 +44,9 @@ Create the key once, as an administrator: ``bao write -f MOUNT/keys/KEY derived=
 that also has ``create`` on ``MOUNT/encrypt/KEY`` makes Transit create a missing key on the first
 wrap, as a derived key because every request carries a context (checked with OpenBao 2.7).
 
-The token never appears in a log line, a repr or an error. Errors name the HTTP method and URL
-of the failed request, never a request or response body.
+The token never appears in a log line, a repr or an error, nor does a user name or password in
+``SECUREVOL_TRANSIT_ADDR``. Errors name the HTTP method and URL of the failed request, never a
+request or response body.
 """
 
 import base64
@@ -138,8 +139,8 @@ class TransitSettings:
 
     def __repr__(self) -> str:
         return (
-            f"TransitSettings(address={self.address!r}, mount={self.mount!r}, key_name={self.key_name!r}, "
-            f"token_file={self.token_file}, ca_file={self.ca_file})"
+            f"TransitSettings(address={_redact_url(self.address)!r}, mount={self.mount!r}, "
+            f"key_name={self.key_name!r}, token_file={self.token_file}, ca_file={self.ca_file})"
         )
 
     @classmethod
@@ -169,6 +170,11 @@ class TransitSettings:
         if not self.address.startswith(("http://", "https://")):
             raise KeyProviderError(
                 "SECUREVOL_TRANSIT_ADDR must be the Transit server's http:// or https:// URL."
+            )
+        if "@" in _after_host(self.address):
+            raise KeyProviderError(
+                "SECUREVOL_TRANSIT_ADDR contains '@' after the host; percent-encode '/', '?', '#' and '@' "
+                "in a user name or password."
             )
         if not _has_host_and_port(self.address):
             raise KeyProviderError(
@@ -221,9 +227,11 @@ class TransitKeyProvider(KeyProvider):
         settings.validate()
         self.settings = settings
         self._verify = str(settings.ca_file) if settings.ca_file else _system_ca_bundle()
+        # The address for messages and logs, without a user name and password.
+        self._address = _redact_url(settings.address.rstrip("/"))
 
     def __repr__(self) -> str:
-        return f"TransitKeyProvider(address={self.settings.address!r}, key={self.key_id!r})"
+        return f"TransitKeyProvider(address={self._address!r}, key={self.key_id!r})"
 
     @property
     def key_id(self) -> str:
@@ -315,7 +323,7 @@ class TransitKeyProvider(KeyProvider):
         key_version = data.get("key_version")
         if not isinstance(ciphertext, str) or not isinstance(key_version, int):
             raise KeyProviderError(
-                f"The Transit server at {self.settings.address} returned no ciphertext; check that "
+                f"The Transit server at {self._address} returned no ciphertext; check that "
                 f"{self.key_id} is an encryption key."
             )
         return {
@@ -363,8 +371,7 @@ class TransitKeyProvider(KeyProvider):
         error text in a few cases.
         SECUREVOL_TRANSIT_TIMEOUT bounds the whole request (see ``_run_with_deadline``).
         """
-        base = self.settings.address.rstrip("/")
-        url = f"{base}/v1/{self.settings.mount}/{endpoint}/{self.settings.key_name}{suffix}"
+        url = f"{self._address}/v1/{self.settings.mount}/{endpoint}/{self.settings.key_name}{suffix}"
         if self.settings.ca_file is not None:
             # requests raises a bare OSError for a missing CA file, so check it here.
             _check_ca_file(self.settings.ca_file)
@@ -618,6 +625,15 @@ def _check_ca_file(path: Path) -> None:
         )
 
 
+def _after_host(url: str) -> str:
+    """Return the path, query and fragment of *url*, or "" if it cannot be split."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    return parts.path + parts.query + parts.fragment
+
+
 def _has_host_and_port(url: str) -> bool:
     try:
         parts = urlsplit(url)
@@ -662,6 +678,18 @@ def _unb64(value: Any, operation: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except binascii.Error:
         raise KeyProviderError(f"The Transit {operation} response is not valid base64.") from None
+
+
+def _redact_url(url: str) -> str:
+    """Return *url* without the user name and password that may precede its host.
+
+    Everything up to the last "@" goes, even past a "/" that an unencoded password may contain.
+    The URLs printed here have no "@" in their path, because mount and key names cannot contain it.
+    """
+    scheme, separator, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{separator}{rest.rpartition('@')[2]}"
 
 
 def _server_reason(exc: hvac.exceptions.VaultError) -> str:
