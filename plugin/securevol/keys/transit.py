@@ -54,8 +54,8 @@ import binascii
 import concurrent.futures
 import errno
 import hmac
-import math
 import logging
+import math
 import os
 import re
 import ssl
@@ -107,7 +107,7 @@ _AUTHENTICATION_FAILED = "message authentication failed"
 _VERSION_TOO_OLD = "disallowed by policy (too old)"
 _KEY_NOT_FOUND = "encryption key not found"
 _KEY_TYPE_CANNOT_ENCRYPT = "not supported for key type"
-# The longest server error text that a message repeats.
+# Maximum length of a server error text that a message repeats.
 _MAX_REASON_LEN = 200
 
 # HTTP status of each hvac exception, for error messages.
@@ -409,9 +409,9 @@ class TransitKeyProvider(KeyProvider):
     def _run_with_deadline(self, url: str, call: Callable[[Any], Any], token: str) -> Any:
         """Run *call* on a worker thread; raise KeyProviderError unless it returns within the timeout.
 
-        requests' own timeout bounds only each wait for the next bytes, so a server that trickles
-        its response one byte at a time would hold the caller, and the registry lock that the
-        daemon holds during a wrap, for as long as it likes. Here the timeout bounds the whole
+        requests' own timeout bounds only each wait for the next bytes. A server that sends its
+        response one byte at a time could therefore block the caller without limit, and with it
+        the registry lock that the daemon holds during a wrap. Here the timeout bounds the whole
         request: connecting, sending and reading the full response. Exceptions of *call* are
         re-raised here.
 
@@ -426,8 +426,8 @@ class TransitKeyProvider(KeyProvider):
         slots = _request_slots
         if not slots.acquire(timeout=self.settings.timeout):
             raise KeyProviderError(
-                f"POST {url} was not sent, because {MAX_REQUESTS_IN_FLIGHT} earlier requests to the "
-                "Transit server are still running after their timeout; check the Transit server and "
+                f"POST {url} was not sent, because {MAX_REQUESTS_IN_FLIGHT} other requests to the Transit "
+                "server, counting those that timed out, are still running; check the Transit server and "
                 "the network path to it."
             )
 
@@ -462,6 +462,7 @@ class TransitKeyProvider(KeyProvider):
     ) -> None:
         """Run *call* with a new hvac client and store its result or exception in *future*."""
         started = time.monotonic()
+        outcome = "response"
         try:
             client = hvac.Client(
                 url=self.settings.address.rstrip("/"),
@@ -477,14 +478,15 @@ class TransitKeyProvider(KeyProvider):
             finally:
                 client.adapter.close()
         except BaseException as exc:
+            outcome = type(exc).__name__
             future.set_exception(exc)
         else:
             future.set_result(result)
         finally:
             slots.release()
             if timed_out.is_set():
-                log.warning("transit request ended after its timeout, result discarded url=%s seconds=%.1f",
-                            url, time.monotonic() - started)
+                log.warning("transit request ended after its timeout, result discarded url=%s outcome=%s "
+                            "seconds=%.1f", url, outcome, time.monotonic() - started)
 
     def _timeout_error(self, url: str) -> KeyProviderError:
         return KeyProviderError(
@@ -527,11 +529,13 @@ class TransitKeyProvider(KeyProvider):
         mount, key_name = self.settings.mount, self.settings.key_name
         if _KEY_TYPE_CANNOT_ENCRYPT in reason:
             return KeyProviderError(
-                f"{where}: {self.key_id} is not an encryption key, because its key type cannot encrypt; "
-                f"set SECUREVOL_TRANSIT_KEY to a key created with 'bao write -f {mount}/keys/NAME derived=true'."
+                f"{where}: {self.key_id} is not an encryption key, because its key type cannot encrypt; set "
+                f"SECUREVOL_TRANSIT_KEY to a key created with 'bao write -f {mount}/keys/NAME derived=true'."
             )
         if action not in ("decrypt", "rewrap"):
-            return KeyProviderError(f"{where}: the server rejected the request ({reason or 'no reason given'}).")
+            return KeyProviderError(
+                f"{where}: the server rejected the request ({reason or 'no reason given'})."
+            )
 
         if _VERSION_TOO_OLD in reason:
             key_version = record.get("key_version") if record else None
@@ -723,7 +727,9 @@ def _describe_location(request_url: str, location: str | None) -> str:
     except ValueError:
         return invalid
     host = target.hostname
-    if port is None or host is None or target.scheme not in ("http", "https") or not _HOST_PATTERN.fullmatch(host):
+    if port is None or host is None or target.scheme not in ("http", "https"):
+        return invalid
+    if not _HOST_PATTERN.fullmatch(host):
         return invalid
     if ":" in host:
         host = f"[{host}]"
