@@ -115,3 +115,19 @@ def test_rmdir_removes_what_a_killed_mkdir_left(volume):
 
     assert os.listdir(volume.mountpoint) == []
     assert [name for name in os.listdir(volume.backing) if not name.startswith("securevol.")] == []
+
+
+def test_listing_removes_what_a_killed_mkdir_left(volume):
+    home = user_directory(volume)
+    backing_home = volume.backing / next(name for name in os.listdir(volume.backing)
+                                         if not name.startswith("securevol."))
+    kill_at_syscall(volume, "fchownat", make_directory, "home/new")
+    assert backing_home.stat().st_nlink == 3  # the leftover temporary directory counts
+    mtime_before = backing_home.stat().st_mtime_ns
+
+    assert os.listdir(home) == []
+
+    assert [name for name in os.listdir(backing_home) if name.startswith("securevol.tmp.")] == []
+    assert backing_home.stat().st_nlink == 2
+    assert backing_home.stat().st_mtime_ns == mtime_before
+    assert any("leftover temporary entries removed vol=testvol count=1" in line for line in volume.log_lines())

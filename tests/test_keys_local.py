@@ -212,3 +212,30 @@ def test_concurrent_first_starts_agree_on_one_key(tmp_path):
     assert all(process.exitcode == 0 for process in processes)
     assert key_ids == {LocalKeyProvider(load_master_key(tmp_path / "master.key")).key_id}
     assert sorted(path.name for path in tmp_path.iterdir()) == ["master.key"]
+
+
+def test_start_refuses_key_of_no_volume(tmp_path):
+    _provider(tmp_path)  # creates the key file
+    foreign = LocalKeyProvider(os.urandom(MASTER_KEY_LEN))
+    _write_volume(tmp_path, "data", foreign.wrap(DataKey.generate(), VOLUME_ID), with_record=True)
+
+    with pytest.raises(KeyProviderError, match=r"none of the 1 volume\(s\) with local keys was wrapped with it"):
+        _provider(tmp_path)
+
+
+def test_start_ignores_record_of_unfinished_create(tmp_path):
+    own = _provider(tmp_path)
+    _write_volume(tmp_path, "done", own.wrap(DataKey.generate(), VOLUME_ID), with_record=True)
+    foreign = LocalKeyProvider(os.urandom(MASTER_KEY_LEN))
+    _write_volume(tmp_path, "unfinished", foreign.wrap(DataKey.generate(), VOLUME_ID), with_record=False)
+    (tmp_path / "volumes" / "done" / "dek.json").unlink()
+
+    assert _provider(tmp_path).key_id == own.key_id
+
+
+def _write_volume(state_dir, name, record, with_record: bool):
+    volume_dir = state_dir / "volumes" / name
+    volume_dir.mkdir(parents=True)
+    (volume_dir / "dek.json").write_text(json.dumps(record))
+    if with_record:
+        (volume_dir / "volume.json").write_text("{}")

@@ -452,7 +452,10 @@ class SecurevolOperations(pyfuse3.Operations):
         handle = self._dirs[fh]
         directory = handle.inode
         if start_id == 0 or handle.entries is None:
-            handle.entries = self._names.list_dir(directory.fd, self._dir_iv(directory))
+            temporary: list[str] = []
+            handle.entries = self._names.list_dir(directory.fd, self._dir_iv(directory), temporary)
+            if temporary:
+                self._remove_temporary_entries(directory, temporary)
 
         for index in range(start_id, len(handle.entries)):
             entry = handle.entries[index]
@@ -887,6 +890,24 @@ class SecurevolOperations(pyfuse3.Operations):
             self._discard_new_entry(parent, temp_name)
             raise
         return self._remember(fd)
+
+    def _remove_temporary_entries(self, directory: Inode, backing_names: list[str]) -> None:
+        """Remove entries that a killed process left under temporary names, keeping the directory's times.
+
+        Handlers run one at a time and each removes its own temporary entries
+        before it returns, so any found here is a leftover. A leftover
+        directory would count in the parent's link count for good.
+        """
+        st = os.fstat(directory.fd)
+        removed = 0
+        for backing_name in backing_names:
+            try:
+                names.remove_temporary_entry(directory.fd, backing_name)
+                removed += 1
+            except OSError as exc:
+                log.warning("removing a leftover temporary entry failed vol=%s error=%s", self.volume, exc.strerror)
+        syscalls.set_times_path_fd(directory.fd, st.st_atime_ns, st.st_mtime_ns)
+        log.info("leftover temporary entries removed vol=%s count=%d", self.volume, removed)
 
     def _discard_new_entry(self, parent: Inode, backing_name: str) -> None:
         """Remove an entry that a failing request created, so that no entry outlives the error the client gets.

@@ -204,15 +204,18 @@ class NameCipher:
             raise IntegrityError(f"side record of {backing_name!r} contains a short name")
         return self.decrypt_name(cipher_name, dir_iv)
 
-    def list_dir(self, dir_fd: int, dir_iv: bytes) -> list[DirEntry]:
+    def list_dir(self, dir_fd: int, dir_iv: bytes, temporary: list[str] | None = None) -> list[DirEntry]:
         """List the entries of the backing directory *dir_fd* with their plaintext names.
 
-        Reserved names are skipped. An entry that fails authentication is skipped too, with one
-        ERROR log line, so that one damaged name does not hide the rest of the directory.
+        Reserved names are skipped, and temporary ones are added to *temporary* if it is given.
+        An entry that fails authentication is skipped too, with one ERROR log line, so that one
+        damaged name does not hide the rest of the directory.
         """
         entries = []
         for backing_name in _list_backing_names(dir_fd):
             if is_reserved(backing_name) and not is_long_name(backing_name):
+                if temporary is not None and backing_name.startswith(TEMP_PREFIX):
+                    temporary.append(backing_name)
                 continue
 
             try:
@@ -413,6 +416,14 @@ def new_temp_name() -> str:
     return TEMP_PREFIX + secrets.token_hex(8)
 
 
+def remove_temporary_entry(dir_fd: int, backing_name: str) -> None:
+    """Remove the temporary file or directory *backing_name* that a killed process left in *dir_fd*."""
+    try:
+        os.unlink(backing_name, dir_fd=dir_fd)
+    except IsADirectoryError:
+        remove_dir(dir_fd, backing_name)
+
+
 def remove_dir(parent_fd: int, backing_name: str) -> None:
     """Remove the empty backing directory *backing_name* in *parent_fd* and its reserved files.
 
@@ -428,11 +439,7 @@ def remove_dir(parent_fd: int, backing_name: str) -> None:
 
         # The IV goes last, so an interrupted removal leaves a directory that still reads.
         for name in sorted(names, key=lambda name: name == DIR_IV_NAME):
-            try:
-                os.unlink(name, dir_fd=child_fd)
-            except IsADirectoryError:
-                # A directory that a killed mkdir left under its temporary name.
-                remove_dir(child_fd, name)
+            remove_temporary_entry(child_fd, name)
     finally:
         os.close(child_fd)
     os.rmdir(backing_name, dir_fd=parent_fd)

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from securevol.crypto import DEK_LEN, DataKey
 from securevol.errors import KeyProviderError
 from securevol.keys import KeyProvider, check_record_provider
-from securevol.registry import DEK_FILE
+from securevol.registry import DEK_FILE, VOLUME_FILE
 from securevol.syscalls import fsync_dir, replace_file, temporary_files_of
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,15 @@ def _check_key_fits_volumes(state_dir: Path, path: Path, key_id: str) -> None:
 
 
 def _local_record_key_ids(state_dir: Path) -> dict[str, list[str]]:
-    """Return {key ID: volume names} of the readable local-provider records under *state_dir*."""
+    """Return {key ID: volume names} of the readable local-provider records under *state_dir*.
+
+    A record without a volume.json beside it is a Create that did not finish,
+    which the next Create of its name replaces and a rotation leaves alone.
+    """
     key_ids: dict[str, list[str]] = {}
     for record_path in sorted(state_dir.glob(f"volumes/*/{DEK_FILE}")):
+        if not (record_path.parent / VOLUME_FILE).exists():
+            continue
         try:
             record = json.loads(record_path.read_bytes())
         except (OSError, ValueError):
