@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from securevol import fuse_ops
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 from tests.test_fs_posix import run_as
 
@@ -131,3 +132,25 @@ def test_listing_removes_what_a_killed_mkdir_left(volume):
     assert backing_home.stat().st_nlink == 2
     assert backing_home.stat().st_mtime_ns == mtime_before
     assert any("leftover temporary entries removed vol=testvol count=1" in line for line in volume.log_lines())
+
+
+def test_rename_new_entry_on_simulated_filesystem_without_noreplace(tmp_path, monkeypatch):
+    """NFS rejects RENAME_NOREPLACE with EINVAL; no such filesystem runs here, so rename_at simulates it."""
+    def reject_flags(*args):
+        raise OSError(errno.EINVAL, "renameat2: Invalid argument")
+
+    monkeypatch.setattr(fuse_ops.syscalls, "rename_at", reject_flags)
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        (tmp_path / "securevol.tmp.1").write_text("new")
+        (tmp_path / "taken").write_text("old")
+
+        with pytest.raises(FileExistsError):
+            fuse_ops._rename_new_entry(dir_fd, "securevol.tmp.1", "taken")
+        fuse_ops._rename_new_entry(dir_fd, "securevol.tmp.1", "free")
+    finally:
+        os.close(dir_fd)
+
+    assert (tmp_path / "taken").read_text() == "old"
+    assert (tmp_path / "free").read_text() == "new"
+    assert not (tmp_path / "securevol.tmp.1").exists()

@@ -529,7 +529,7 @@ class SecurevolOperations(pyfuse3.Operations):
                 os.fchown(fd, uid, gid)
                 mode = self._inherit_default_acl(parent, f"/proc/self/fd/{fd}", stat.S_IFREG | mode)
                 os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISVTX)
-                syscalls.rename_at(parent.fd, name, parent.fd, backing.name, syscalls.RENAME_NOREPLACE)
+                _rename_new_entry(parent.fd, name, backing.name)
                 name = backing.name
             # Only this process changes the backing directory, so the name still leads to the new file.
             path_fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -884,7 +884,7 @@ class SecurevolOperations(pyfuse3.Operations):
                 if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                     mode = self._inherit_default_acl(parent, path, mode)
                 os.chmod(path, stat.S_IMODE(mode))
-            syscalls.rename_at(parent.fd, temp_name, parent.fd, backing_name, syscalls.RENAME_NOREPLACE)
+            _rename_new_entry(parent.fd, temp_name, backing_name)
         except BaseException:
             os.close(fd)
             self._discard_new_entry(parent, temp_name)
@@ -1059,3 +1059,25 @@ class SecurevolOperations(pyfuse3.Operations):
         except OSError:
             return "?"
         return os.path.relpath(target, self._backing_root)
+
+
+def _rename_new_entry(dir_fd: int, temp_name: str, backing_name: str) -> None:
+    """Rename a completed new entry into place; raise FileExistsError if *backing_name* exists.
+
+    Backing filesystems without RENAME_NOREPLACE (NFS, for one) reject the
+    flag with EINVAL. There the check and a plain rename are enough, because
+    only this process changes the backing store, one request at a time.
+    """
+    try:
+        syscalls.rename_at(dir_fd, temp_name, dir_fd, backing_name, syscalls.RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+
+    try:
+        os.lstat(backing_name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        os.rename(temp_name, backing_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), backing_name)
