@@ -197,6 +197,7 @@ main() {
         echo "the container '$intruder' read the volume although the allowlist names only '$app'" >&2
         exit 1
     fi
+    echo "(refused, as expected: the allowlist names only '$app')"
 
     local backing="$demo_dir/state/volumes/$volume/data"
     step "The same volume on the host's disk: the ciphertext"

@@ -1028,7 +1028,7 @@ def test_daemon_refuses_a_master_key_of_no_volume(fresh_server):
 
     message = str(caught.value)
     assert f"but none of the 1 volume(s) with local keys was wrapped with it (volume {name!r} needs key" in message
-    assert "restore the right file, or set SECUREVOL_MASTER_KEY to where it is now." in message
+    assert "restore the right file, or give its path with --master-key or SECUREVOL_MASTER_KEY." in message
 
 
 @needs_fuse

@@ -232,6 +232,7 @@ def test_rekey_refuses_a_state_dir_without_volumes(tmp_path):
     assert "has its key wrapped by a local master key, so nothing was changed" in result.stderr
     assert key_file.read_bytes() == old_key
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kek", "mistyped"]
+    assert list((tmp_path / "mistyped").iterdir()) == []
 
 
 def test_rekey_refuses_ciphertext_without_volume_record(state_dir):
@@ -380,3 +381,34 @@ def test_os_error_messages_name_the_cause():
         "No space left on device on /state/x."
     assert _describe_os_error(OSError(13, "Permission denied", "/state/x")) == \
         "Permission denied on /state/x; run it as the daemon's user (root)."
+
+
+def test_rekey_names_the_flag_for_a_missing_key_file(state_dir, tmp_path):
+    result = run_rekey(state_dir, "--master-key", str(tmp_path / "absent.key"))
+
+    assert result.returncode == 1
+    assert "does not exist; give the path that the daemon uses with --master-key or SECUREVOL_MASTER_KEY." \
+        in result.stderr
+
+
+def test_rekey_with_read_only_key_directory(tmp_path):
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir()
+    key_file = key_dir / "kek"
+    key_file.write_bytes(os.urandom(local.MASTER_KEY_LEN))
+    key_file.chmod(0o600)
+    state = tmp_path / "state"
+    VolumeDriver.from_settings(settings_for(state, key_file)).create("alpha", {})
+    old_key = key_file.read_bytes()
+    subprocess.run(["mount", "--bind", str(key_dir), str(key_dir)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(key_dir)], check=True)
+
+        result = run_rekey(state, "--master-key", str(key_file))
+    finally:
+        subprocess.run(["umount", str(key_dir)], check=True)
+
+    assert result.returncode == 1
+    assert "the key file's directory must be writable during a rotation. Nothing was changed." in result.stderr
+    assert key_file.read_bytes() == old_key
+    assert record_of(state, "alpha")["key_id"] == local.key_id_of(old_key)

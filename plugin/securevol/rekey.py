@@ -61,15 +61,15 @@ def rekey(settings: Any, rotate_transit_key: bool = False) -> RekeyResult:
 
 
 def _rekey_local(registry: Registry, path) -> RekeyResult:
+    if not registry.volumes_dir.is_dir():
+        # Checked before the lock, whose file would otherwise be left in a wrong directory.
+        raise _no_local_volumes(registry)
     with registry.creating_or_removing():
         volumes, others = _wrapped_volumes(registry, local.LocalKeyProvider.name)
         if not volumes:
             # A mistyped --state-dir would otherwise pass every check, and the rotation
             # would retire the key of the volumes in the right one.
-            raise KeyProviderError(
-                f"No volume in {registry.volumes_dir} has its key wrapped by a local master key, so nothing "
-                "was changed; give the --state-dir that the daemon uses."
-            )
+            raise _no_local_volumes(registry)
         current = local.LocalKeyProvider(local.load_master_key(path))
         previous_path = local.previous_key_path(path)
         if previous_path.exists():
@@ -78,7 +78,14 @@ def _rekey_local(registry: Registry, path) -> RekeyResult:
         else:
             deks = _unwrap_all(volumes, {current.key_id: current})
 
-        old_key, new_key = local.start_rotation(path)
+        try:
+            old_key, new_key = local.start_rotation(path)
+        except OSError as exc:
+            # Only a copy of the current key may be left in .previous, which the next run removes.
+            raise KeyProviderError(
+                f"Cannot write the new master key next to {path} ({exc.strerror}); the key file's "
+                "directory must be writable during a rotation. Nothing was changed."
+            ) from exc
         old, new = local.LocalKeyProvider(old_key), local.LocalKeyProvider(new_key)
         result = RekeyResult(local.LocalKeyProvider.name, old.key_id, new.key_id, other_provider=others)
         for volume in volumes:
@@ -91,6 +98,13 @@ def _rekey_local(registry: Registry, path) -> RekeyResult:
     log.info("key rotated provider=local old_key_id=%s key_id=%s volumes=%d", old.key_id, new.key_id,
              len(result.rewrapped))
     return result
+
+
+def _no_local_volumes(registry: Registry) -> KeyProviderError:
+    return KeyProviderError(
+        f"No volume in {registry.volumes_dir} has its key wrapped by a local master key, so nothing "
+        "was changed; give the --state-dir that the daemon uses."
+    )
 
 
 def _unwrap_all(

@@ -206,7 +206,7 @@ def _check_key_fits_volumes(state_dir: Path, path: Path, key_id: str) -> None:
     raise KeyProviderError(
         f"The master key file {path} holds key {key_id}, but none of the {volume_count} volume(s) with "
         f"local keys was wrapped with it (volume {example_volumes[0]!r} needs key {example_key}); "
-        "restore the right file, or set SECUREVOL_MASTER_KEY to where it is now."
+        "restore the right file, or give its path with --master-key or SECUREVOL_MASTER_KEY."
     )
 
 
@@ -248,8 +248,8 @@ def _check_no_volume_needs_key(state_dir: Path, path: Path) -> None:
     if wrapped:
         raise KeyProviderError(
             f"The master key file {path} is missing, but {len(wrapped)} volume(s), for example "
-            f"{wrapped[0]!r}, have keys wrapped by a local master key; restore the file, or set "
-            "SECUREVOL_MASTER_KEY to where it is now."
+            f"{wrapped[0]!r}, have keys wrapped by a local master key; restore the file, or give its "
+            "path with --master-key or SECUREVOL_MASTER_KEY."
         )
 
 
@@ -273,7 +273,10 @@ def load_master_key(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise KeyProviderError(f"The master key file {path} does not exist.") from None
+        raise KeyProviderError(
+            f"The master key file {path} does not exist; give the path that the daemon uses with "
+            "--master-key or SECUREVOL_MASTER_KEY."
+        ) from None
     except OSError as exc:
         raise KeyProviderError(f"Cannot open the master key file {path}: {exc.strerror}.") from None
 
