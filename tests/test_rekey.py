@@ -112,10 +112,7 @@ def test_rekey_prints_and_logs_no_key_material(state_dir):
 
 
 def test_rekey_with_explicit_master_key_file(tmp_path):
-    key_file = tmp_path / "keys" / "kek"
-    key_file.parent.mkdir()
-    key_file.write_bytes(os.urandom(local.MASTER_KEY_LEN))
-    key_file.chmod(0o600)
+    key_file = write_key_file(tmp_path / "keys" / "kek")
     state = tmp_path / "state"
     VolumeDriver.from_settings(settings_for(state, key_file)).create("alpha", {})
     old_key = key_file.read_bytes()
@@ -261,12 +258,17 @@ def test_rekey_skips_an_unfinished_create(state_dir):
     assert "rekey skips an unfinished create vol=beta" in result.stderr
 
 
+def write_key_file(path: Path) -> Path:
+    """Write a new master key to *path* in a new directory, mode 0600, and return *path*."""
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(local.MASTER_KEY_LEN))
+    path.chmod(0o600)
+    return path
+
+
 def test_rekey_through_a_symlinked_key_file(tmp_path):
     store = tmp_path / "store"
-    store.mkdir()
-    target = store / "kek"
-    target.write_bytes(os.urandom(local.MASTER_KEY_LEN))
-    target.chmod(0o600)
+    target = write_key_file(store / "kek")
     link = tmp_path / "master.key"
     link.symlink_to(target)
     state = tmp_path / "state"
@@ -393,10 +395,7 @@ def test_rekey_names_the_flag_for_a_missing_key_file(state_dir, tmp_path):
 
 def test_rekey_with_read_only_key_directory(tmp_path):
     key_dir = tmp_path / "keys"
-    key_dir.mkdir()
-    key_file = key_dir / "kek"
-    key_file.write_bytes(os.urandom(local.MASTER_KEY_LEN))
-    key_file.chmod(0o600)
+    key_file = write_key_file(key_dir / "kek")
     state = tmp_path / "state"
     VolumeDriver.from_settings(settings_for(state, key_file)).create("alpha", {})
     old_key = key_file.read_bytes()
