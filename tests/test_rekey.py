@@ -411,3 +411,18 @@ def test_rekey_with_read_only_key_directory(tmp_path):
     assert "the key file's directory must be writable during a rotation. Nothing was changed." in result.stderr
     assert key_file.read_bytes() == old_key
     assert record_of(state, "alpha")["key_id"] == local.key_id_of(old_key)
+
+
+def test_rekey_help_describes_its_own_use():
+    result = subprocess.run([sys.executable, "-m", "securevol.cli", "rekey", "--help"],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ("--state-dir", "--key-provider", "--master-key", "--log-level", "--rotate-transit-key"):
+        assert flag in text
+    for daemon_flag in ("--socket", "--workers", "--docker-host", "--mount-root"):
+        assert daemon_flag not in text
+    assert "the master key file that the daemon uses, which gets the new key" in text
+    assert "made mode 0700" not in text
+    assert "FUSE process" not in text

@@ -45,6 +45,14 @@ _THREADS_PER_WORKER = 8
 _ADMIN_SETTINGS = ("state_dir", "default_policy", "log_level")
 # The settings that 'securevol rekey' reads; Transit's come from SECUREVOL_TRANSIT_* variables.
 _REKEY_SETTINGS = ("state_dir", "key_provider", "master_key", "log_level")
+# Help texts of the admin commands for settings that the daemon uses another way.
+_ADMIN_HELP = {
+    "state_dir": "the state directory that the daemon uses",
+    "log_level": "log level of this command's messages on stderr: DEBUG, INFO, WARNING or ERROR",
+    "key_provider": "the key provider that the daemon uses: local or transit",
+    "master_key": "the master key file that the daemon uses, which gets the new key "
+    "(default: STATE_DIR/master.key)",
+}
 
 # How long a stopping worker may finish its requests. systemd kills the daemon
 # 30 s (TimeoutStopSec) after SIGTERM. With gunicorn's default of 30 s, a
@@ -288,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     allow_commands = allow_parser.add_subparsers(dest="allow_command", metavar="ACTION", required=True)
     show_parser = allow_commands.add_parser("show", help="print the allowlist of VOLUME")
     show_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
-    config.add_arguments(show_parser, _ADMIN_SETTINGS)
+    config.add_arguments(show_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
     show_parser.set_defaults(func=_run_admin(allow_show))
     set_parser = allow_commands.add_parser(
         "set", help="replace the allowlist of VOLUME with RULES, e.g. 'service:db,name:backup'"
@@ -297,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     set_parser.add_argument(
         "rules", metavar="RULES", help="comma-separated rules such as name:NAME, service:SVC or host"
     )
-    config.add_arguments(set_parser, _ADMIN_SETTINGS)
+    config.add_arguments(set_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
     set_parser.set_defaults(func=_run_admin(allow_set))
 
     rekey_parser = commands.add_parser(
@@ -312,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rotate-transit-key", action="store_true",
         help="first add a new version of the Transit key (the token needs update on MOUNT/keys/KEY/rotate)",
     )
-    config.add_arguments(rekey_parser, _REKEY_SETTINGS)
+    config.add_arguments(rekey_parser, _REKEY_SETTINGS, _ADMIN_HELP)
     rekey_parser.set_defaults(func=_run_admin(rekey))
     return parser
 

@@ -141,18 +141,27 @@ class ConfigError(ValueError):
     """A setting has an invalid value; the message names the flag and the environment variable."""
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
-    """Add one flag per setting, or per setting in *names*, to *parser*; an unset flag stays None."""
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    names: Collection[str] | None = None,
+    help_texts: Mapping[str, str] | None = None,
+) -> None:
+    """Add one flag per setting, or per setting in *names*, to *parser*; an unset flag stays None.
+
+    *help_texts* replaces the daemon's help text of some settings, for commands
+    that use a setting another way.
+    """
     for spec in SETTINGS:
         if names is not None and spec.name not in names:
             continue
         default_text = "" if spec.default is None else f" [default: {spec.default}]"
+        help_text = (help_texts or {}).get(spec.name, spec.help)
         parser.add_argument(
             spec.flag,
             dest=spec.name,
             default=None,
             metavar=spec.metavar,
-            help=f"{spec.help}; environment: {spec.env}{default_text}",
+            help=f"{help_text}; environment: {spec.env}{default_text}",
         )
 
 
