@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from securevol import rekey as rekey_module
 from securevol.crypto import DataKey
-from securevol.errors import KeyProviderError
+from securevol.errors import KeyProviderError, KeyProviderTimeout
 from securevol.keys import create_provider, transit
 from securevol.keys.transit import TransitKeyProvider, TransitSettings
 from securevol.registry import Registry, VolumeRecord, now_rfc3339
@@ -1089,10 +1090,10 @@ def test_settings_all_variables(tmp_path):
         ({"SECUREVOL_TRANSIT_TIMEOUT": "soon"}, "not a number"),
         ({"SECUREVOL_TRANSIT_TIMEOUT": "0"}, "greater than 0"),
         ({"SECUREVOL_TRANSIT_TIMEOUT": "-1"}, "greater than 0"),
-        ({"SECUREVOL_TRANSIT_TIMEOUT": "inf"}, "at most 3600, not inf"),
-        ({"SECUREVOL_TRANSIT_TIMEOUT": "nan"}, "at most 3600, not nan"),
-        ({"SECUREVOL_TRANSIT_TIMEOUT": "1e400"}, "at most 3600, not inf"),
-        ({"SECUREVOL_TRANSIT_TIMEOUT": "3601"}, "at most 3600, not 3601"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "inf"}, "at most 60, not inf"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "nan"}, "at most 60, not nan"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "1e400"}, "at most 60, not inf"),
+        ({"SECUREVOL_TRANSIT_TIMEOUT": "61"}, "at most 60, not 61"),
     ],
     ids=["no-addr", "addr-no-scheme", "addr-no-host", "addr-bad-port", "addr-unencoded-slash", "no-token",
          "two-tokens", "token-two-lines", "token-non-ascii", "mount-dotdot", "key-slash", "key-dotdot",
@@ -1109,9 +1110,9 @@ def test_invalid_settings_rejected(overrides, expected):
 
 
 def test_maximum_timeout_accepted():
-    settings = TransitSettings.from_environ(settings_environ(SECUREVOL_TRANSIT_TIMEOUT="3600"))
+    settings = TransitSettings.from_environ(settings_environ(SECUREVOL_TRANSIT_TIMEOUT="60"))
 
-    assert settings.timeout == 3600
+    assert settings.timeout == 60
 
 
 def test_ca_file_removed_after_start(bao, tmp_path):
@@ -1122,3 +1123,94 @@ def test_ca_file_removed_after_start(bao, tmp_path):
 
     with pytest.raises(KeyProviderError, match=f"SECUREVOL_TRANSIT_CA_FILE {ca_file} does not exist"):
         provider.wrap(DataKey.generate(), VOLUME_ID)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"SECUREVOL_TRANSIT_TOKEN": " s.token"}, "spaces around the token"),
+        ({"SECUREVOL_TRANSIT_NAMESPACE": " team"}, "no leading or trailing space"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://127.0.0.1:8200\n"}, "contains a space, a control character"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://bao example:8200"}, "contains a space, a control character"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://127.0.0.1:"}, "is not a valid URL"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://127.0.0.1:8200?x=1"}, "without a query or fragment"),
+        ({"SECUREVOL_TRANSIT_ADDR": "http://admin:pass-x%E2%82%AC@127.0.0.1:8200"}, "Latin-1"),
+    ],
+    ids=["token-leading-space", "namespace-leading-space", "addr-newline", "addr-space", "addr-empty-port",
+         "addr-query", "addr-password-not-latin1"],
+)
+def test_settings_that_would_fail_every_request_rejected(overrides, expected):
+    with pytest.raises(KeyProviderError, match=expected) as caught:
+        TransitSettings.from_environ(settings_environ(**overrides))
+
+    assert "s.token" not in str(caught.value)
+    assert "pass-x" not in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["HTTPS://bao.example:8200", "http://[::1]:8200", "http://bao.example/prefix/"])
+def test_valid_addresses_accepted(address):
+    assert TransitSettings.from_environ(settings_environ(SECUREVOL_TRANSIT_ADDR=address)).address == address
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+def test_proxy_variables_ignored(bao, monkeypatch, variable):
+    """A proxy from the environment would receive the token and, on encrypt, the DEK."""
+    provider = bao.provider(bao.create_key())  # the test's own admin client would use the proxy
+    proxy = RecordingServer(lambda handler: handler.send_error(502))
+    with serving(proxy):
+        monkeypatch.setenv(variable, proxy.address)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        dek = DataKey.generate()
+
+        assert provider.unwrap(provider.wrap(dek, VOLUME_ID), VOLUME_ID) == dek
+
+    assert proxy.connections == 0
+
+
+def test_answer_without_json_object_explained(tmp_path):
+    def answer_with_html(handler):
+        body = b"<html><body>Welcome</body></html>"
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with serving(RecordingServer(answer_with_html)) as server:
+        provider = TransitKeyProvider(TransitSettings(address=server.address, key_name="k", token="s.token"))
+
+        with pytest.raises(KeyProviderError) as caught:
+            provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    assert str(caught.value) == (
+        f"POST {server.address}/v1/transit/encrypt/k returned HTTP 200 without a JSON object; check that "
+        "SECUREVOL_TRANSIT_ADDR names the OpenBao or Vault API, not a web page or another service."
+    )
+
+
+def test_server_error_carries_no_credentials_in_context(bao):
+    provider = TransitKeyProvider(
+        TransitSettings(address=with_credentials(bao.address), key_name=bao.create_key(), token="s.invalid")
+    )
+
+    with pytest.raises(KeyProviderError) as caught:
+        provider.wrap(DataKey.generate(), VOLUME_ID)
+
+    assert caught.value.__context__ is None
+    assert caught.value.__cause__ is None
+    assert_no_credentials(str(caught.value))
+
+
+def test_rekey_reports_a_rotation_whose_answer_timed_out_simulated():
+    """The server's slow rotate answer is simulated by a provider stand-in; the timeout itself is tested above."""
+    class SlowRotation:
+        def rotate_key(self):
+            raise KeyProviderTimeout("POST http://bao/v1/transit/keys/k/rotate timed out after 1 s.")
+
+    with pytest.raises(KeyProviderError) as caught:
+        rekey_module._rotate_provider_key(SlowRotation())
+
+    message = str(caught.value)
+    assert message.startswith("The rotation may have happened on the server although its answer timed out")
+    assert "run 'securevol rekey' without --rotate-transit-key to rewrap the records." in message

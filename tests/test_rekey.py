@@ -426,3 +426,4 @@ def test_rekey_help_describes_its_own_use():
     assert "the master key file that the daemon uses, which gets the new key" in text
     assert "made mode 0700" not in text
     assert "FUSE process" not in text
+

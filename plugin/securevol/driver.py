@@ -9,6 +9,7 @@ them often and they must not wait for a mount in progress.
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,11 @@ from securevol.options import parse_options, root_attributes, validate_name
 from securevol.registry import FORMAT_VERSION, MountState, Registry, VolumeRecord, now_rfc3339
 
 log = logging.getLogger(__name__)
+
+# dockerd gives a volume plugin 2 minutes for a Create (longTimeout in moby's
+# volume/drivers/proxy.go). A Create that waited this long for the registry lock
+# and the key provider makes nothing, so that Docker's failure and the state agree.
+CREATE_DEADLINE_SECONDS = 100
 
 
 class VolumeDriver:
@@ -53,6 +59,7 @@ class VolumeDriver:
         """Create volume *name*; succeed without change if it exists with the same options."""
         validate_name(name)
         options = parse_options(opts)
+        started = time.monotonic()
 
         with self.registry.creating_or_removing():
             if self.registry.exists(name):
@@ -61,6 +68,15 @@ class VolumeDriver:
 
             volume_id = os.urandom(VOLUME_ID_LEN)
             wrapped_dek = self.key_provider.wrap(DataKey.generate(), volume_id)
+            if time.monotonic() - started > CREATE_DEADLINE_SECONDS:
+                # dockerd has given up on this request by now, so a volume made here would exist
+                # although `docker volume create` reported a failure.
+                log.warning("volume create abandoned vol=%s reason=deadline seconds=%.0f", name,
+                            time.monotonic() - started)
+                raise SecurevolError(
+                    f"Creating volume {name!r} took longer than {CREATE_DEADLINE_SECONDS} s while other "
+                    "volumes were created or the key provider was slow, so nothing was created; try again."
+                )
             record = VolumeRecord(
                 name=name,
                 volume_id=volume_id.hex(),

@@ -39,6 +39,10 @@ class KeyProviderError(SecurevolError):
     """The key provider could not wrap or unwrap a data key."""
 
 
+class KeyProviderTimeout(KeyProviderError):
+    """A request to a key server timed out; the server may still carry it out."""
+
+
 class AccessDenied(SecurevolError):
     """A container is not on a volume's allowlist."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from securevol.crypto import DataKey
-from securevol.errors import KeyProviderError, SecurevolError, VolumeExists, VolumeNotFound
+from securevol.errors import KeyProviderError, KeyProviderTimeout, SecurevolError, VolumeExists, VolumeNotFound
 from securevol.keys import create_provider, local
 from securevol.registry import DEK_FILE, Registry
 from securevol.syscalls import temporary_files_of
@@ -135,7 +135,7 @@ def _rekey_with_provider(registry: Registry, provider: Any, rotate: bool) -> Rek
         volumes, others = _wrapped_volumes(registry, provider.name)
         old_versions = sorted({str(volume.record.get("key_version")) for volume in volumes})
         if rotate:
-            provider.rotate_key()
+            _rotate_provider_key(provider)
 
         result = RekeyResult(provider.name, ",".join(old_versions), "", other_provider=others)
         for volume in volumes:
@@ -152,6 +152,18 @@ def _rekey_with_provider(registry: Registry, provider: Any, rotate: bool) -> Rek
     log.info("key rotated provider=%s key=%s key_version=%s volumes=%d", provider.name, provider.key_id,
              result.new_key or "-", len(result.rewrapped))
     return result
+
+
+def _rotate_provider_key(provider: Any) -> None:
+    try:
+        provider.rotate_key()
+    except KeyProviderTimeout as exc:
+        # The server may have added the version: a second --rotate-transit-key would add another.
+        raise KeyProviderError(
+            f"The rotation may have happened on the server although its answer timed out ({exc}) "
+            "Check the key's latest_version there, then run 'securevol rekey' without "
+            "--rotate-transit-key to rewrap the records."
+        ) from exc
 
 
 def _wrapped_volumes(registry: Registry, provider_name: str) -> tuple[list[_WrappedVolume], list[str]]:

@@ -30,7 +30,7 @@ Settings, all from environment variables:
                                           (default: the system's CA bundle)
 ``SECUREVOL_TRANSIT_NAMESPACE``           namespace, on servers that have namespaces
 ``SECUREVOL_TRANSIT_TIMEOUT``             maximum seconds for each request, from connecting until
-                                          the whole response has arrived (default 10, at most 3600)
+                                          the whole response has arrived (default 10, at most 60)
 ========================================  =====================================================
 
 The token needs this policy, with MOUNT and KEY replaced (``rotate_key`` also needs ``update``
@@ -66,14 +66,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import hvac
 import hvac.exceptions
 import requests
 
 from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey
-from securevol.errors import KeyProviderError
+from securevol.errors import KeyProviderError, KeyProviderTimeout
 from securevol.keys import KeyProvider, check_record_provider
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,10 @@ RECORD_VERSION = 1
 DEFAULT_MOUNT = "transit"
 DEFAULT_KEY_NAME = "securevol"
 DEFAULT_TIMEOUT = 10.0
-# The largest SECUREVOL_TRANSIT_TIMEOUT in seconds. The daemon holds its registry lock while it
-# waits for a wrap, so a longer wait would stall every Create and Remove.
-MAX_TIMEOUT = 3600.0
+# The largest SECUREVOL_TRANSIT_TIMEOUT in seconds. dockerd gives a volume plugin 2 minutes for a
+# Create or Mount (longTimeout in moby's volume/drivers/proxy.go), and the daemon holds its
+# registry lock while it waits for a wrap, so a longer wait would stall every Create and Remove.
+MAX_TIMEOUT = 60.0
 # Requests to the Transit server that may run at once in a process, counting those that timed
 # out and still wait for the server. Each runs on its own thread.
 MAX_REQUESTS_IN_FLIGHT = 8
@@ -167,9 +168,19 @@ class TransitSettings:
     def validate(self) -> None:
         """Raise KeyProviderError, naming the environment variable, for an invalid setting."""
         # The messages never repeat the address, because it may contain a password.
-        if not self.address.startswith(("http://", "https://")):
+        if not self.address.lower().startswith(("http://", "https://")):
             raise KeyProviderError(
                 "SECUREVOL_TRANSIT_ADDR must be the Transit server's http:// or https:// URL."
+            )
+        if not all("!" <= char <= "~" for char in self.address):
+            raise KeyProviderError(
+                "SECUREVOL_TRANSIT_ADDR contains a space, a control character or a non-ASCII character; "
+                "percent-encode them in a user name or password."
+            )
+        if not _userinfo_fits_basic_auth(self.address):
+            raise KeyProviderError(
+                "The user name and password in SECUREVOL_TRANSIT_ADDR must decode to Latin-1 characters, "
+                "which HTTP basic authentication can send."
             )
         if "@" in _after_host(self.address):
             raise KeyProviderError(
@@ -179,7 +190,7 @@ class TransitSettings:
         if not _has_host_and_port(self.address):
             raise KeyProviderError(
                 "SECUREVOL_TRANSIT_ADDR is not a valid URL; give the server's URL with a host name or "
-                "IP address and an optional port from 1 to 65535."
+                "IP address and an optional port from 1 to 65535, without a query or fragment."
             )
         if not _MOUNT_PATTERN.fullmatch(self.mount):
             raise KeyProviderError(
@@ -197,10 +208,10 @@ class TransitSettings:
             _check_token(self.token, "SECUREVOL_TRANSIT_TOKEN")
         if self.ca_file is not None:
             _check_ca_file(self.ca_file)
-        if self.namespace is not None and not _is_printable_ascii(self.namespace):
+        if self.namespace is not None and not _is_header_value(self.namespace):
             raise KeyProviderError(
-                "SECUREVOL_TRANSIT_NAMESPACE must contain only printable ASCII characters, because it is "
-                "sent in an HTTP header."
+                "SECUREVOL_TRANSIT_NAMESPACE must contain only printable ASCII characters and no leading or "
+                "trailing space, because it is sent in an HTTP header."
             )
         if not (math.isfinite(self.timeout) and 0 < self.timeout <= MAX_TIMEOUT):
             raise KeyProviderError(
@@ -376,22 +387,27 @@ class TransitKeyProvider(KeyProvider):
             # requests raises a bare OSError for a missing CA file, so check it here.
             _check_ca_file(self.settings.ca_file)
         token = self._read_token()
+        # The error is raised outside the except clauses, so that it carries no __context__:
+        # hvac's and requests' exceptions name the URL with the address's user name and password.
+        error: KeyProviderError | None = None
         try:
             response = self._run_with_deadline(url, call, token)
         except hvac.exceptions.VaultError as exc:
-            raise self._server_error(action, url, exc, record) from None
+            error = self._server_error(action, url, exc, record)
         except requests.exceptions.SSLError:
-            raise KeyProviderError(
+            error = KeyProviderError(
                 f"TLS verification failed for POST {url}; set SECUREVOL_TRANSIT_CA_FILE to the CA "
                 "certificate that signed the server's certificate."
-            ) from None
+            )
         except requests.exceptions.Timeout:
-            raise self._timeout_error(url) from None
+            error = self._timeout_error(url)
         except requests.exceptions.RequestException as exc:
-            raise KeyProviderError(
+            error = KeyProviderError(
                 f"POST {url} failed ({type(exc).__name__}): the Transit server is unreachable; check "
                 "SECUREVOL_TRANSIT_ADDR and that the server is running."
-            ) from None
+            )
+        if error is not None:
+            raise error
 
         if isinstance(response, requests.Response) and 300 <= response.status_code < 400:
             raise KeyProviderError(
@@ -399,8 +415,14 @@ class TransitKeyProvider(KeyProvider):
                 f"{_describe_location(url, response.headers.get('Location'))}, which securevol does not "
                 "follow; set SECUREVOL_TRANSIT_ADDR to the address of the Transit server itself."
             )
+        if isinstance(response, requests.Response) and response.status_code == 204 and action == "rotate":
+            return None  # servers that answer a rotation without a body
         if not isinstance(response, dict):
-            return response
+            status = response.status_code if isinstance(response, requests.Response) else 200
+            raise KeyProviderError(
+                f"POST {url} returned HTTP {status} without a JSON object; check that SECUREVOL_TRANSIT_ADDR "
+                "names the OpenBao or Vault API, not a web page or another service."
+            )
         data = response.get("data")
         if not isinstance(data, dict):
             raise KeyProviderError(f"POST {url} returned a response without data; check the Transit server.")
@@ -464,6 +486,12 @@ class TransitKeyProvider(KeyProvider):
         started = time.monotonic()
         outcome = "response"
         try:
+            session = requests.Session()
+            # Proxy variables (HTTP_PROXY, ALL_PROXY) would hand the token, and on encrypt the
+            # DEK, to the proxy of a plain http:// address, so only the address itself is used.
+            session.trust_env = False
+            # hvac takes verify from a session it is given, not from its own argument.
+            session.verify = self._verify
             client = hvac.Client(
                 url=self.settings.address.rstrip("/"),
                 token=token,
@@ -472,6 +500,7 @@ class TransitKeyProvider(KeyProvider):
                 namespace=self.settings.namespace,
                 # requests would send the token, and on encrypt the DEK, to wherever a redirect points.
                 allow_redirects=False,
+                session=session,
             )
             try:
                 result = call(client.secrets.transit)
@@ -489,7 +518,7 @@ class TransitKeyProvider(KeyProvider):
                             "seconds=%.1f", url, outcome, time.monotonic() - started)
 
     def _timeout_error(self, url: str) -> KeyProviderError:
-        return KeyProviderError(
+        return KeyProviderTimeout(
             f"POST {url} timed out after {self.settings.timeout:g} s; check that the Transit server "
             "is up, or raise SECUREVOL_TRANSIT_TIMEOUT."
         )
@@ -615,9 +644,10 @@ def _check_token(token: str, source: str) -> None:
     """Raise KeyProviderError, naming *source* but not the token, unless *token* fits an HTTP header."""
     if "\n" in token or "\r" in token:
         raise KeyProviderError(f"{source} contains more than one line; it must contain only the token.")
-    if not _is_printable_ascii(token):
+    if not _is_header_value(token):
         raise KeyProviderError(
-            f"{source} contains characters other than printable ASCII; it must contain only the token."
+            f"{source} contains characters other than printable ASCII, or spaces around the token; it "
+            "must contain only the token."
         )
 
 
@@ -644,7 +674,26 @@ def _has_host_and_port(url: str) -> bool:
         port = parts.port
     except ValueError:  # brackets that do not match, or a port outside 0-65535
         return False
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return False
+    if parts.netloc.endswith(":"):  # an empty port
+        return False
     return bool(parts.hostname) and port != 0
+
+
+def _userinfo_fits_basic_auth(url: str) -> bool:
+    """Return whether the user name and password of *url* decode to Latin-1, as requests sends them."""
+    try:
+        parts = urlsplit(url)
+        userinfo = [unquote(part) for part in (parts.username, parts.password) if part]
+    except ValueError:
+        return True  # the host and port check reports such a URL
+    try:
+        for part in userinfo:
+            part.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _open_envelope(envelope: bytes, volume_id: bytes) -> DataKey:
@@ -711,6 +760,11 @@ def _server_reason(exc: hvac.exceptions.VaultError) -> str:
 
 def _is_printable_ascii(text: str) -> bool:
     return all(" " <= char <= "~" for char in text)
+
+
+def _is_header_value(text: str) -> bool:
+    """Return whether *text* can be sent as an HTTP header value as it is: printable ASCII, not padded."""
+    return _is_printable_ascii(text) and text == text.strip()
 
 
 def _describe_location(request_url: str, location: str | None) -> str:
