@@ -332,6 +332,10 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> _Lo
     """Serve requests until the filesystem is unmounted or this process stops it."""
     stopped_here = False
     ready = False
+    # Set before the stop signals are unblocked if one was held back during start-up. The stop
+    # itself begins when the receiver yields that signal, which may come after announce_ready
+    # has its answer, because trio runs tasks that wake together in random order.
+    stop_held_back = False
 
     async def announce_ready() -> None:
         # The stat in _raise_read_ahead returns once this loop has answered the
@@ -345,7 +349,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> _Lo
             stopped_here = True
             pyfuse3.terminate()
             return
-        if stopped_here:
+        if stopped_here or stop_held_back:
             # A signal held back during start-up has begun the stop. "ready"
             # would have the daemon hand Docker a mountpoint that is about to
             # be an empty directory on the host's disk.
@@ -361,12 +365,13 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> _Lo
         pyfuse3.terminate()
 
     async def stop_on_signal() -> None:
-        nonlocal stopped_here
+        nonlocal stopped_here, stop_held_back
         # A signal that arrived before the receiver opened was held back (see
         # _serve) and is delivered now. The receiver stays open until the loop
         # ends, so a repeated signal during the stop is only logged. Closing
         # it restores _ignore_signal for the unmount that follows.
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            stop_held_back = bool(signal.sigpending() & set(_STOP_SIGNALS))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             async for signum in signals:
                 name = signal.Signals(signum).name
