@@ -9,7 +9,7 @@ from securevol.errors import SecurevolError
 
 
 def test_create_past_its_deadline_creates_nothing(tmp_path, monkeypatch):
-    """A Create that dockerd has given up on leaves no volume; a negative deadline stands in for a slow one."""
+    """A Create that dockerd has given up on leaves no volume. A negative deadline simulates a slow one."""
     settings = config.resolve({"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "unused.sock")})
     driver = VolumeDriver.from_settings(settings)
     monkeypatch.setattr(driver_module, "CREATE_DEADLINE_SECONDS", -1)

@@ -1202,8 +1202,8 @@ def test_server_error_carries_no_credentials_in_context(bao):
     assert_no_credentials(str(caught.value))
 
 
-def test_rekey_reports_a_rotation_whose_answer_timed_out_simulated():
-    """The server's slow rotate answer is simulated by a provider stand-in; the timeout itself is tested above."""
+def test_rekey_rotate_timeout_message_simulated():
+    """A provider stand-in simulates the slow rotate response. The timeout itself is tested above."""
     class SlowRotation:
         def rotate_key(self):
             raise KeyProviderTimeout("POST http://bao/v1/transit/keys/k/rotate timed out after 1 s.")
@@ -1212,5 +1212,5 @@ def test_rekey_reports_a_rotation_whose_answer_timed_out_simulated():
         rekey_module._rotate_provider_key(SlowRotation())
 
     message = str(caught.value)
-    assert message.startswith("The rotation may have happened on the server although its answer timed out")
+    assert message.startswith("The rotation may have happened on the server although its response timed out")
     assert "run 'securevol rekey' without --rotate-transit-key to rewrap the records." in message

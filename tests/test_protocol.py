@@ -1032,7 +1032,7 @@ def test_daemon_refuses_a_master_key_of_no_volume(fresh_server):
 
 
 @needs_fuse
-def test_records_of_a_removed_volume_do_not_mount_new_data(server):
+def test_mount_rejects_records_of_other_data(server):
     """Records saved from a volume and restored over a new volume of the same name must not mount."""
     name = create(server)
     Path(mount(server, name, "a"), "old.txt").write_text("old\n")

@@ -75,7 +75,7 @@ def encodings(secret: bytes) -> list[str]:
             base64.urlsafe_b64encode(secret).decode()]
 
 
-def test_rekey_wraps_every_dek_under_a_new_master_key(state_dir):
+def test_rekey_rewraps_every_dek(state_dir):
     key_file = state_dir / "master.key"
     old_key = load_master_key(key_file)
     before = deks(state_dir, old_key)
@@ -385,7 +385,7 @@ def test_os_error_messages_name_the_cause():
         "Permission denied on /state/x; run it as the daemon's user (root)."
 
 
-def test_rekey_names_the_flag_for_a_missing_key_file(state_dir, tmp_path):
+def test_rekey_missing_key_file_message(state_dir, tmp_path):
     result = run_rekey(state_dir, "--master-key", str(tmp_path / "absent.key"))
 
     assert result.returncode == 1

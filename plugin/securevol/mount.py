@@ -334,7 +334,7 @@ async def _run_until_unmounted(mountpoint: str, args: argparse.Namespace) -> _Lo
     ready = False
     # Set before the stop signals are unblocked if one was held back during start-up. The stop
     # itself begins when the receiver yields that signal, which may come after announce_ready
-    # has its answer, because trio runs tasks that wake together in random order.
+    # gets its result, because trio runs tasks that wake together in random order.
     stop_held_back = False
 
     async def announce_ready() -> None:

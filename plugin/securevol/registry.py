@@ -185,15 +185,17 @@ class Registry:
             return MountState()
         return _parse(MountState.from_json, data, name, MOUNTS_FILE)
 
-    def list_volumes(self) -> list[VolumeRecord]:
-        """Return every complete volume record, sorted by name, skipping damaged ones with a warning."""
+    def volume_names(self) -> list[str]:
+        """Return the names of the volume directories, complete or not, sorted."""
         try:
-            names = sorted(entry.name for entry in os.scandir(self.volumes_dir) if entry.is_dir())
+            return sorted(entry.name for entry in os.scandir(self.volumes_dir) if entry.is_dir())
         except FileNotFoundError:
             return []
 
+    def list_volumes(self) -> list[VolumeRecord]:
+        """Return every complete volume record, sorted by name, skipping damaged ones with a warning."""
         records = []
-        for name in names:
+        for name in self.volume_names():
             try:
                 records.append(self.read_volume(name))
             except VolumeNotFound:
@@ -246,7 +248,7 @@ class Registry:
         _check_leftover(self.volume_dir(name), name)
 
     def replace_wrapped_dek(self, name: str, wrapped_dek: dict[str, Any]) -> None:
-        """Store *wrapped_dek* as volume *name*'s record, atomically; the caller holds ``creating_or_removing()``."""
+        """Store *wrapped_dek* as volume *name*'s record, atomically, inside ``creating_or_removing()``."""
         _write_json(self.volume_dir(name) / DEK_FILE, wrapped_dek)
 
     def destroy_wrapped_dek(self, name: str) -> None:

@@ -13,8 +13,8 @@ unwrapped before anything changes, so a volume that cannot be unwrapped stops
 the rotation before it starts.
 
 Transit provider: optionally a new version of the Transit key, then each
-record rewrapped on the server under the newest version; the DEK never
-reaches securevol. Records stay valid throughout.
+record rewrapped on the server under the newest version. The DEK never
+reaches securevol, and records stay valid throughout.
 """
 
 import contextlib
@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from securevol.crypto import DataKey
-from securevol.errors import KeyProviderError, KeyProviderTimeout, SecurevolError, VolumeExists, VolumeNotFound
+from securevol.errors import (
+    KeyProviderError,
+    KeyProviderTimeout,
+    SecurevolError,
+    VolumeExists,
+    VolumeNotFound,
+)
 from securevol.keys import create_provider, local
 from securevol.registry import DEK_FILE, Registry
 from securevol.syscalls import temporary_files_of
@@ -160,7 +166,7 @@ def _rotate_provider_key(provider: Any) -> None:
     except KeyProviderTimeout as exc:
         # The server may have added the version: a second --rotate-transit-key would add another.
         raise KeyProviderError(
-            f"The rotation may have happened on the server although its answer timed out ({exc}) "
+            f"The rotation may have happened on the server although its response timed out ({exc}) "
             "Check the key's latest_version there, then run 'securevol rekey' without "
             "--rotate-transit-key to rewrap the records."
         ) from exc
@@ -174,7 +180,7 @@ def _wrapped_volumes(registry: Registry, provider_name: str) -> tuple[list[_Wrap
     volume record is a Create that did not finish, whose next Create replaces it.
     """
     volumes, others = [], []
-    for name in _volume_names(registry):
+    for name in registry.volume_names():
         _remove_temporary_records(registry, name)
         try:
             record = registry.read_volume(name)
@@ -212,13 +218,6 @@ def _remove_temporary_records(registry: Registry, name: str) -> None:
     for leftover in temporary_files_of(registry.volume_dir(name) / DEK_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(leftover)
-
-
-def _volume_names(registry: Registry) -> list[str]:
-    try:
-        return sorted(entry.name for entry in os.scandir(registry.volumes_dir) if entry.is_dir())
-    except FileNotFoundError:
-        return []
 
 
 def _store(registry: Registry, volume: _WrappedVolume, record: dict[str, Any], key: str) -> None:

@@ -194,17 +194,17 @@ def _check_key_fits_volumes(state_dir: Path, path: Path, key_id: str) -> None:
     wrapped with a key the administrator will put back. During a rotation the
     records may also name the retired key in path.previous.
     """
-    wanted = _local_record_key_ids(state_dir)
-    if not wanted or key_id in wanted:
+    key_ids_in_use = _local_record_key_ids(state_dir)
+    if not key_ids_in_use or key_id in key_ids_in_use:
         return
     previous = previous_key_path(path)
-    if previous.exists() and key_id_of(load_master_key(previous)) in wanted:
+    if previous.exists() and key_id_of(load_master_key(previous)) in key_ids_in_use:
         return
 
-    volume_count = sum(len(volumes) for volumes in wanted.values())
-    example_key, example_volumes = min(wanted.items(), key=lambda item: item[1][0])
+    volume_count = sum(len(volumes) for volumes in key_ids_in_use.values())
+    example_key, example_volumes = min(key_ids_in_use.items(), key=lambda item: item[1][0])
     raise KeyProviderError(
-        f"The master key file {path} holds key {key_id}, but none of the {volume_count} volume(s) with "
+        f"The master key file {path} contains key {key_id}, but none of the {volume_count} volume(s) with "
         f"local keys was wrapped with it (volume {example_volumes[0]!r} needs key {example_key}); "
         "restore the right file, or give its path with --master-key or SECUREVOL_MASTER_KEY."
     )
@@ -337,7 +337,7 @@ def start_rotation(path: Path) -> tuple[bytes, bytes]:
     """Put a new master key into the key file *path*, keep the old one in .previous; return (old, new).
 
     If an earlier rotation stopped before it finished, return its two keys
-    instead, so that it can finish. The key file holds a valid key at every
+    instead, so that it can finish. The key file contains a valid key at every
     moment, so a daemon that starts meanwhile never makes a key of its own.
     A symlink at *path* stays: the file it leads to gets the new key.
     """

@@ -416,7 +416,7 @@ class TransitKeyProvider(KeyProvider):
                 "follow; set SECUREVOL_TRANSIT_ADDR to the address of the Transit server itself."
             )
         if isinstance(response, requests.Response) and response.status_code == 204 and action == "rotate":
-            return None  # servers that answer a rotation without a body
+            return None  # servers that return no body for a rotation
         if not isinstance(response, dict):
             status = response.status_code if isinstance(response, requests.Response) else 200
             raise KeyProviderError(
@@ -442,7 +442,7 @@ class TransitKeyProvider(KeyProvider):
         but the server may still carry the request out (a rotation, for example). Each request
         uses its own hvac client and requests session, so a late request shares no state with
         later ones. At most MAX_REQUESTS_IN_FLIGHT requests run at once in a process, counting
-        those that timed out, so the threads that a slow server holds are bounded.
+        those that timed out, so the threads that a slow server keeps busy are bounded.
         """
         deadline = time.monotonic() + self.settings.timeout
         slots = _request_slots
