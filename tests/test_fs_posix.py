@@ -36,21 +36,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 NOBODY = 65534
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if _libc.fallocate(fd, mode, offset, length) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
 
@@ -251,21 +241,6 @@ def test_posix_fallocate_extends(volume):
 
     assert path.stat().st_size == 10_000
     assert path.read_bytes() == b"abc" + bytes(9997)
-
-
-@pytest.mark.parametrize("mode", [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, 0])
-def test_fallocate_fails_cleanly(volume, mode):
-    # pyfuse3 3.5 has no fallocate handler, so the kernel returns EOPNOTSUPP and changes nothing.
-    path = volume.mountpoint / "f"
-    data = random.Random(1).randbytes(20_000)
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        expect_errno(errno.EOPNOTSUPP, fallocate, fd, mode, 4096, 8192)
-    finally:
-        os.close(fd)
-
-    assert path.read_bytes() == data
 
 
 def test_o_direct_reads_and_writes(volume):

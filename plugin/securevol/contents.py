@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from securevol import format as fmt
+from securevol import syscalls
 from securevol.errors import IntegrityError
 
 
@@ -149,7 +150,79 @@ class EncryptedContents:
         ops.append(TruncateOp(fmt.cipher_size(new_size)))
         self._apply(fd, ops)
 
+    def allocate(self, fd: int, offset: int, length: int, keep_size: bool) -> None:
+        """Reserve backing space for plaintext [offset, offset + length); grow the file unless *keep_size*.
+
+        The space is reserved first, so a full disk fails before anything
+        changes. Reserved ciphertext reads as zeros, which are holes.
+        """
+        end = offset + length
+        _check_cipher_size(end)
+        self._reserve(fd, offset, end)
+        if not keep_size and end > self.plain_size(fd):
+            self.truncate(fd, end)
+
+    def zero_range(self, fd: int, offset: int, length: int, keep_size: bool) -> None:
+        """Make plaintext [offset, offset + length) read as zeros, as FALLOC_FL_ZERO_RANGE does.
+
+        Whole blocks become holes with their backing space still reserved;
+        the partial blocks at either end are rewritten with zeros. Unless
+        *keep_size*, the file grows to the end of the range.
+        """
+        end = offset + length
+        _check_cipher_size(end)
+        self._reserve(fd, offset, end)
+        self._zero_within_size(fd, offset, end, reserve=True)
+        if not keep_size and end > self.plain_size(fd):
+            self.truncate(fd, end)
+
+    def punch_hole(self, fd: int, offset: int, length: int) -> None:
+        """Make plaintext [offset, offset + length) read as zeros; free the backing space of its whole blocks.
+
+        The file keeps its size, as FALLOC_FL_PUNCH_HOLE requires.
+        """
+        self._zero_within_size(fd, offset, offset + length, reserve=False)
+
     # --- planning steps --------------------------------------------------------------------------
+
+    def _reserve(self, fd: int, offset: int, end: int) -> None:
+        """Allocate the backing space of the whole ciphertext blocks under plaintext [offset, end)."""
+        start = fmt.block_offset(offset // fmt.BLOCK_SIZE)
+        stop = fmt.block_offset(fmt.block_count(end))
+        syscalls.fallocate(fd, syscalls.FALLOC_FL_KEEP_SIZE, start, stop - start)
+
+    def _zero_within_size(self, fd: int, offset: int, end: int, reserve: bool) -> None:
+        """Make plaintext [offset, end), clipped to the file's size, read as zeros.
+
+        The blocks wholly inside the range become holes in the backing file,
+        which read as zeros; the last block of the file counts as whole when
+        the range reaches the end of the file. A partial block at either end
+        is rewritten with zeros through write(), with its journal.
+        """
+        cipher_size = os.fstat(fd).st_size
+        plain_size = fmt.plain_size(cipher_size)
+        end = min(end, plain_size)
+        if offset >= end:
+            return
+
+        first = -(-offset // fmt.BLOCK_SIZE)
+        stop = fmt.block_count(plain_size) if end == plain_size else end // fmt.BLOCK_SIZE
+        if first >= stop:
+            self.write(fd, offset, bytes(end - offset))
+            return
+
+        # Punched first: a backing filesystem that cannot punch holes then
+        # fails the request before anything has changed.
+        start = fmt.block_offset(first)
+        length = min(fmt.block_offset(stop), cipher_size) - start
+        syscalls.fallocate(fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, start, length)
+        if reserve:
+            syscalls.fallocate(fd, syscalls.FALLOC_FL_KEEP_SIZE, start, length)
+
+        if offset < first * fmt.BLOCK_SIZE:
+            self.write(fd, offset, bytes(first * fmt.BLOCK_SIZE - offset))
+        if stop * fmt.BLOCK_SIZE < end:
+            self.write(fd, stop * fmt.BLOCK_SIZE, bytes(end - stop * fmt.BLOCK_SIZE))
 
     def _checked_size_for_read(self, cipher_size: int, offset: int, size: int) -> int:
         """Return the plaintext size, raising IntegrityError if the read reaches a damaged tail."""
@@ -248,3 +321,4 @@ class EncryptedContents:
         old_block = self._read_blocks(fd, header, last, last + 1, cipher_size)
         ciphertext = self._cipher.encrypt_blocks(header.file_id, last, old_block[:kept])
         return [WriteOp(fmt.block_offset(last), ciphertext)]
+

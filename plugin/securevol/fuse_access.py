@@ -67,6 +67,10 @@ class GuardedOperations(SecurevolOperations):
             log.debug("access denied vol=%s op=%s fh=%d", self.volume, operation, fh)
             raise FUSEError(errno.EACCES)
 
+    async def fallocate(self, fh, mode, offset, length):
+        self._check_handle(fh, "fallocate")
+        return await super().fallocate(fh, mode, offset, length)
+
     async def lookup(self, parent_ino, name, ctx):
         self._check(ctx, "lookup")
         return await super().lookup(parent_ino, name, ctx)

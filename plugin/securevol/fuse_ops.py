@@ -14,10 +14,12 @@ entries, attributes and pages for a long time (writeback cache, long timeouts,
 cached negative lookups), and every reply carries fresh attributes.
 
 Caveats:
-- pyfuse3 3.5 has no fallocate, lseek or lock handlers. The kernel answers
-  fallocate(2) with EOPNOTSUPP (posix_fallocate(3) then writes zeros itself),
-  SEEK_DATA/SEEK_HOLE treat the whole file as data, and POSIX and flock locks
-  are kept by the kernel, so they work between processes using this mount.
+- pyfuse3 3.5 has no fallocate, lseek or lock handlers. fallocate is
+  registered with libfuse by securevol.fuse_fallocate. SEEK_DATA/SEEK_HOLE
+  treat the whole file as data: the kernel does not write dirty pages back
+  before it asks the filesystem, so with the writeback cache an answer from
+  the backing file could skip data not yet written. POSIX and flock locks are
+  kept by the kernel, so they work between processes using this mount.
 - pyfuse3 does not request FUSE_DONT_MASK, so the kernel applies the umask to
   every new entry, even in a directory with a default ACL, where ext4 ignores
   the umask. New entries there can get a narrower mask than on ext4.
@@ -587,6 +589,26 @@ class SecurevolOperations(pyfuse3.Operations):
         if backing_ranges is not None:
             self._backing_io.write_behind(handle.fd, *backing_ranges)
         return len(data)
+
+    @_handler
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Serve fallocate(2), which pyfuse3 does not pass on: securevol.fuse_fallocate calls this."""
+        handle = self._files[fh]
+        keep_size = bool(mode & syscalls.FALLOC_FL_KEEP_SIZE)
+        operation = mode & ~syscalls.FALLOC_FL_KEEP_SIZE
+        self._reported_damage.pop(handle.inode.ino, None)
+        try:
+            if operation == 0:
+                self._contents.allocate(handle.fd, offset, length, keep_size)
+            elif operation == syscalls.FALLOC_FL_PUNCH_HOLE and keep_size:
+                self._contents.punch_hole(handle.fd, offset, length)
+            elif operation == syscalls.FALLOC_FL_ZERO_RANGE:
+                self._contents.zero_range(handle.fd, offset, length, keep_size)
+            else:
+                raise FUSEError(errno.EOPNOTSUPP)
+        except IntegrityError as exc:
+            self._report_damage(handle.inode, exc, handle.fd)
+            raise FUSEError(errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
         """Tell the kernel that this filesystem needs no FLUSH requests.

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pyfuse3
 import trio
 
-from securevol import fuse_loop, names
+from securevol import fuse_fallocate, fuse_loop, names
 from securevol.access import AccessChecker
 from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey, derive_volume_keys
 from securevol.errors import IntegrityError
@@ -289,6 +289,7 @@ def _serve(args: argparse.Namespace, keys) -> int:
         operations.close()
         _report(args.ready_fd, f"error mounting FUSE at {args.mountpoint} failed; see the volume log")
         return 1
+    fuse_fallocate.install(operations)
 
     # The objects of start-up (modules, classes, functions) live as long as
     # the process, so frozen they are left out of every later full collection.

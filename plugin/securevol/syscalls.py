@@ -8,6 +8,7 @@ rename flags. Each raises OSError with the errno, like the os module.
 
 import contextlib
 import ctypes
+import errno
 import os
 import resource
 
@@ -19,6 +20,9 @@ RENAME_EXCHANGE = 1 << 1
 PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
 SYNC_FILE_RANGE_WRITE = 2
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 _OFF_T_MAX = 2**63 - 1
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -32,8 +36,8 @@ class _Timespec(ctypes.Structure):
 
 def _check(result: int, call: str) -> None:
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{call}: {os.strerror(errno)}")
+        code = ctypes.get_errno()
+        raise OSError(code, f"{call}: {os.strerror(code)}")
 
 
 def fchown_path_fd(fd: int, uid: int, gid: int) -> None:
@@ -71,6 +75,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         raise OverflowError(f"range {offset}+{length} does not fit in off_t")
     result = _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE)
     _check(result, "sync_file_range")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Call fallocate(2), whose modes (punch a hole, zero a range) os.posix_fallocate lacks."""
+    if not (0 <= offset and 0 < length and offset + length <= _OFF_T_MAX):
+        raise OSError(errno.EFBIG, f"fallocate: range {offset}+{length} does not fit in off_t")
+    result = _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
+    _check(result, "fallocate")
 
 
 def syncfs(path: str) -> None:
