@@ -4,6 +4,7 @@ Processes are real: the test runner (a host process), a kernel thread,
 exited children, and containers of a private dockerd.
 """
 
+import errno
 import json
 import os
 import secrets
@@ -452,6 +453,34 @@ def test_e2e_allow_set_applies_to_running_volume(dockerd, busybox_image, volume,
     assert allow_cli(guarded_plugin, "set", name, "host").returncode == 0
     wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).returncode != 0,
                "the container losing access")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_revoked_handle_cannot_fallocate(dockerd, busybox_image, volume, guarded_plugin):
+    name = volume("name:acc-web,host")
+    dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",
+                "echo secret > /d/f; sleep 300")
+    path = guarded_plugin.mount_root / name / "f"
+    wait_until(lambda: can_read(path), "the container writing its file")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        # The host loses access while it holds an open handle.
+        assert allow_cli(guarded_plugin, "set", name, "name:acc-web").returncode == 0
+        wait_until(lambda: not can_read(path), "the host losing access")
+
+        with pytest.raises(PermissionError):
+            os.posix_fallocate(fd, 0, 1 << 20)
+    finally:
+        # Before sending FALLOCATE the kernel updated the file's times, and
+        # close(2) writes them back with a setattr that the revoked host may not make.
+        try:
+            os.close(fd)
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+
+    assert dockerd.docker("exec", "acc-web", "cat", "/d/f").stdout == "secret\n"
+    assert dockerd.docker("exec", "acc-web", "stat", "-c", "%s", "/d/f").stdout.strip() == "7"
 
 
 def test_allow_cli_errors(tmp_path):
