@@ -5,8 +5,8 @@ that reveals or changes the tree: lookup, open, opendir, create, readlink, the
 extended attribute requests and the requests that change names or attributes. A refused caller gets EACCES.
 read, write, readdir, release and fallocate carry no caller in pyfuse3. Each
 handle remembers who opened it, and read, readdir and fallocate check that
-opener again, so a
-container that a changed allowlist leaves out loses the handles it holds too.
+opener again, so a container that a changed allowlist leaves out loses the
+handles it holds too.
 getattr and statfs are not checked, because host tools such as df and findmnt
 stat every mountpoint, and they reveal no names or contents.
 
