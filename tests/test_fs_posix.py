@@ -439,8 +439,7 @@ def test_acl_enforced_and_kept(volume):
 
 
 def test_default_acl_inherited_like_ext4(volume, plain_dir):
-    # Umask 0, because the FUSE kernel module applies the umask before the mode
-    # reaches the filesystem, where ext4 ignores it under a default ACL.
+    # Umask 0 here; test_fs_umask.py compares other umasks.
     listings = []
     for root in (plain_dir, volume.mountpoint):
         (root / "d").mkdir()
@@ -463,7 +462,6 @@ def test_default_acl_inherited_like_ext4(volume, plain_dir):
 def test_default_acl_added_later_is_inherited(volume, plain_dir):
     # The filesystem remembers that a directory has no default ACL after the
     # first entry made in it; setting one afterwards must end that.
-    # Umask 0 for the reason test_default_acl_inherited_like_ext4 gives.
     listings = []
     old_umask = os.umask(0)
     try:

@@ -20,9 +20,10 @@ Caveats:
   before it asks the filesystem, so with the writeback cache an answer from
   the backing file could skip data not yet written. POSIX and flock locks are
   kept by the kernel, so they work between processes using this mount.
-- pyfuse3 does not request FUSE_DONT_MASK, so the kernel applies the umask to
-  every new entry, even in a directory with a default ACL, where ext4 ignores
-  the umask. New entries there can get a narrower mask than on ext4.
+- pyfuse3 does not request FUSE_DONT_MASK. init() requests it through
+  libfuse's session (securevol.fuse_session), and new entries get the
+  caller's umask unless their directory has a default ACL, as on ext4.
+  Without the session, the kernel applies the umask to every new entry.
 """
 
 import contextlib
@@ -46,6 +47,7 @@ from securevol.backing_io import BackingIoWorker
 from securevol.contents import EncryptedContents
 from securevol.crypto import VolumeKeys
 from securevol.errors import IntegrityError, InvalidName
+from securevol.fuse_session import CAP_DONT_MASK, LibfuseSession
 from securevol.inodes import Inode, InodeTable
 from securevol.journal import Journal
 from securevol.xattrs import ExtendedAttributes, XattrError
@@ -221,6 +223,23 @@ class SecurevolOperations(pyfuse3.Operations):
         umask = os.umask(0)
         os.umask(umask)
         self._umask_is_zero = umask == 0
+        # Set by mount.py when it found libfuse's session, before the kernel's INIT request.
+        self.libfuse_session: LibfuseSession | None = None
+        # Whether the kernel leaves the caller's umask to this filesystem (FUSE_DONT_MASK).
+        self._umask_in_requests = False
+
+    def init(self) -> None:
+        """Ask the kernel for FUSE_DONT_MASK, so that a default ACL can take the umask's place as on ext4.
+
+        pyfuse3 calls this while libfuse handles the kernel's INIT request and
+        ignores what it raises, so every error is logged here.
+        """
+        if self.libfuse_session is None:
+            return
+        try:
+            self._umask_in_requests = self.libfuse_session.request_capability(CAP_DONT_MASK)
+        except Exception:
+            log.exception("requesting FUSE_DONT_MASK failed vol=%s; the kernel applies the umask", self.volume)
 
     def close(self) -> None:
         """Close every descriptor; call once the filesystem is unmounted."""
@@ -330,6 +349,7 @@ class SecurevolOperations(pyfuse3.Operations):
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
+        mode = self._mode_of_new_entry(parent, mode, ctx)
 
         temp_name = names.new_temp_name()
         with self._side_record(parent, backing):
@@ -346,6 +366,7 @@ class SecurevolOperations(pyfuse3.Operations):
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
+        mode = self._mode_of_new_entry(parent, mode, ctx)
 
         temp_name = names.new_temp_name()
         with self._side_record(parent, backing):
@@ -497,6 +518,7 @@ class SecurevolOperations(pyfuse3.Operations):
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
+        mode = self._mode_of_new_entry(parent, mode, ctx)
 
         with self._side_record(parent, backing):
             fd, path_fd = self._create_backing_file(parent, backing, mode, flags, uid, gid, inherit_gid)
@@ -890,8 +912,9 @@ class SecurevolOperations(pyfuse3.Operations):
         (a directory's IV, owner and mode), so a kill of this process never
         leaves a visible half-made entry. Then its lookup is counted. *mode*
         includes the file type; None leaves the mode alone (symlinks). Only
-        regular files and directories inherit a default ACL, because Linux has
-        no user.* attributes on device nodes, FIFOs and sockets.
+        regular files and directories store an inherited ACL, because Linux has
+        no user.* attributes on device nodes, FIFOs and sockets. Those still
+        get the permission bits that the default ACL gives, as on ext4.
         """
         try:
             fd = os.open(temp_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -903,8 +926,8 @@ class SecurevolOperations(pyfuse3.Operations):
         try:
             syscalls.fchown_path_fd(fd, uid, gid)
             if mode is not None:
-                if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                    mode = self._inherit_default_acl(parent, path, mode)
+                store_acl = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+                mode = self._inherit_default_acl(parent, path, mode, store_acl)
                 os.chmod(path, stat.S_IMODE(mode))
             _rename_new_entry(parent.fd, temp_name, backing_name)
         except BaseException:
@@ -964,27 +987,47 @@ class SecurevolOperations(pyfuse3.Operations):
         except XattrError:
             pass  # there was none
 
-    def _inherit_default_acl(self, parent: Inode, path: str, mode: int) -> int:
+    def _inherit_default_acl(self, parent: Inode, path: str, mode: int, store_acl: bool = True) -> int:
         """Give a new entry at *path* the ACLs its directory's default ACL calls for; return its mode.
 
         A directory inherits the default ACL itself as well. Without a default
         ACL in *parent*, nothing changes and *mode* is returned as it is.
+        Unless *store_acl*, only the mode is computed.
         """
-        if xattrs.ACL_DEFAULT in parent.absent_xattrs:
-            return mode
-        try:
-            default = self._xattrs.get(parent.proc_path, xattrs.ACL_DEFAULT)
-        except XattrError as exc:
-            if exc.errno == errno.ENODATA:
-                parent.absent_xattrs.add(xattrs.ACL_DEFAULT)
+        default = self._default_acl(parent)
+        if default is None:
             return mode
 
         entries, mode = xattrs.inherit_acl(xattrs.parse_acl(default), mode)
+        if not store_acl:
+            return mode
         if not xattrs.is_minimal_acl(entries):
             self._xattrs.set(path, xattrs.ACL_ACCESS, xattrs.format_acl(entries))
         if stat.S_ISDIR(mode):
             self._xattrs.set(path, xattrs.ACL_DEFAULT, default)
         return mode
+
+    def _default_acl(self, directory: Inode) -> bytes | None:
+        """Return the default ACL of *directory*, or None if it has none (remembered until one is set)."""
+        if xattrs.ACL_DEFAULT in directory.absent_xattrs:
+            return None
+        try:
+            return self._xattrs.get(directory.proc_path, xattrs.ACL_DEFAULT)
+        except XattrError as exc:
+            if exc.errno == errno.ENODATA:
+                directory.absent_xattrs.add(xattrs.ACL_DEFAULT)
+            return None
+
+    def _mode_of_new_entry(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """Return the requested *mode* of a new entry in *parent* with the caller's umask applied.
+
+        With FUSE_DONT_MASK the kernel sends the umask instead of applying it.
+        As on ext4, the umask applies only when *parent* has no default ACL,
+        because a default ACL limits the new entry's mode itself.
+        """
+        if not self._umask_in_requests or self._default_acl(parent) is not None:
+            return mode
+        return mode & ~(ctx.umask & 0o777)
 
     def _chmod_access_acl(self, inode: Inode, mode: int) -> None:
         """Make a stored access ACL follow new permission bits *mode*, as chmod(2) does on ext4."""

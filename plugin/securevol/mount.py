@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pyfuse3
 import trio
 
-from securevol import fuse_fallocate, fuse_loop, names
+from securevol import fuse_fallocate, fuse_loop, fuse_session, names
 from securevol.access import AccessChecker
 from securevol.crypto import DEK_LEN, VOLUME_ID_LEN, DataKey, derive_volume_keys
 from securevol.errors import IntegrityError
@@ -289,7 +289,7 @@ def _serve(args: argparse.Namespace, keys) -> int:
         operations.close()
         _report(args.ready_fd, f"error mounting FUSE at {args.mountpoint} failed; see the volume log")
         return 1
-    fuse_fallocate.install(operations)
+    _extend_pyfuse3(operations)
 
     # The objects of start-up (modules, classes, functions) live as long as
     # the process, so frozen they are left out of every later full collection.
@@ -313,6 +313,25 @@ def _serve(args: argparse.Namespace, keys) -> int:
     operations.close()
     log.info("volume unmounted vol=%s", args.volume)
     return 0 if outcome.ready else 1
+
+
+def _extend_pyfuse3(operations: SecurevolOperations) -> None:
+    """Register the fallocate handler and let init() request FUSE_DONT_MASK, through libfuse's session.
+
+    Without the session, the mount works as plain pyfuse3 does: fallocate(2)
+    fails with EOPNOTSUPP and the kernel applies the umask to new entries.
+    """
+    try:
+        session = fuse_session.locate()
+    except fuse_session.SessionLayoutError as exc:
+        log.warning(
+            "libfuse session not found vol=%s error=%s; fallocate(2) is unsupported and the kernel applies the umask",
+            operations.volume,
+            exc,
+        )
+        return
+    fuse_fallocate.install(session, operations)
+    operations.libfuse_session = session
 
 
 def _make_operations(args: argparse.Namespace, keys) -> SecurevolOperations:
