@@ -197,7 +197,9 @@ class EncryptedContents:
         The blocks wholly inside the range become holes in the backing file,
         which read as zeros; the last block of the file counts as whole when
         the range reaches the end of the file. A partial block at either end
-        is rewritten with zeros through write(), with its journal.
+        is rewritten with zeros through write(), with its journal, unless it
+        reads as zeros already. The punch comes before those writes, so that a
+        backing filesystem that cannot punch holes fails the request unchanged.
         """
         cipher_size = os.fstat(fd).st_size
         plain_size = fmt.plain_size(cipher_size)
@@ -208,21 +210,32 @@ class EncryptedContents:
         first = -(-offset // fmt.BLOCK_SIZE)
         stop = fmt.block_count(plain_size) if end == plain_size else end // fmt.BLOCK_SIZE
         if first >= stop:
-            self.write(fd, offset, bytes(end - offset))
+            if not self._reads_as_zeros(fd, offset, end):
+                self.write(fd, offset, bytes(end - offset))
             return
 
-        # Punched first: a backing filesystem that cannot punch holes then
-        # fails the request before anything has changed.
+        head = (offset, first * fmt.BLOCK_SIZE) if offset < first * fmt.BLOCK_SIZE else None
+        tail = (stop * fmt.BLOCK_SIZE, end) if stop * fmt.BLOCK_SIZE < end else None
+        partial = [edge for edge in (head, tail) if edge is not None and not self._reads_as_zeros(fd, *edge)]
+
         start = fmt.block_offset(first)
         length = min(fmt.block_offset(stop), cipher_size) - start
         syscalls.fallocate(fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, start, length)
         if reserve:
             syscalls.fallocate(fd, syscalls.FALLOC_FL_KEEP_SIZE, start, length)
 
-        if offset < first * fmt.BLOCK_SIZE:
-            self.write(fd, offset, bytes(first * fmt.BLOCK_SIZE - offset))
-        if stop * fmt.BLOCK_SIZE < end:
-            self.write(fd, stop * fmt.BLOCK_SIZE, bytes(end - stop * fmt.BLOCK_SIZE))
+        for edge_start, edge_end in partial:
+            self.write(fd, edge_start, bytes(edge_end - edge_start))
+
+    def _reads_as_zeros(self, fd: int, offset: int, end: int) -> bool:
+        """Tell whether plaintext [offset, end) is all zeros already, such as in a hole.
+
+        Zeroing calls this for the partial blocks at the ends of a range
+        before anything changes, so a damaged block fails the request with
+        the file untouched, and zeros need no rewrite that takes disk space.
+        """
+        plaintext = self.read(fd, offset, end - offset)
+        return plaintext == bytes(len(plaintext))
 
     def _checked_size_for_read(self, cipher_size: int, offset: int, size: int) -> int:
         """Return the plaintext size, raising IntegrityError if the read reaches a damaged tail."""

@@ -14,7 +14,6 @@ one request at a time.
 """
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 from typing import Any
@@ -36,8 +35,8 @@ _FallocateHandler = ctypes.CFUNCTYPE(
 
 def install(session: LibfuseSession, operations: Any) -> None:
     """Make libfuse pass FALLOCATE requests to *operations*.fallocate(fh, mode, offset, length)."""
-    libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
-    reply_err = libfuse.fuse_reply_err
+    # Looked up through pyfuse3's own module, so that it is the libfuse pyfuse3 is linked with.
+    reply_err = ctypes.CDLL(pyfuse3.__file__).fuse_reply_err
     reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     reply_err.restype = ctypes.c_int
 

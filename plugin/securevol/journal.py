@@ -61,6 +61,10 @@ FILE_NAME = "securevol.journal"
 TARGET_LINK_NAME = "securevol.journal-target"
 PAGE_SIZE = 4096
 BODY_OFFSET = PAGE_SIZE
+# Room reserved for records: the largest is a 1 MiB write request (the most
+# the kernel sends) that spans 33 blocks, plus a padded old last block,
+# about 1.1 MB of ciphertext.
+RESERVED_SIZE = BODY_OFFSET + (2 << 20)
 
 _CONTROL = struct.Struct(">4sIQQ")
 _CONTROL_MAGIC = b"SVJ1"
@@ -91,6 +95,7 @@ class Journal:
             os.close(self._fd)
             raise BackingStoreInUse(f"backing store {self._root_path} is in use by another FUSE process") from None
         self._sequence = self._read_control()[1]
+        self._reserve_space()
 
     def close(self) -> None:
         os.close(self._fd)
@@ -200,10 +205,27 @@ class Journal:
 
     # --- helpers ---------------------------------------------------------------------------------
 
+    def _reserve_space(self) -> None:
+        """Allocate room for the largest record now, so that a full disk does not fail in-place overwrites.
+
+        A record is written before its change, so without this an overwrite
+        of existing blocks, which needs no new space on the backing
+        filesystem, failed with ENOSPC on a full disk until the journal file
+        had grown once.
+        """
+        try:
+            os.posix_fallocate(self._fd, 0, RESERVED_SIZE)
+        except OSError as exc:
+            log.warning(
+                "journal space not reserved vol=%s error=%s; overwrites may fail with ENOSPC on a full disk",
+                self._volume,
+                exc.strerror,
+            )
+
     def _read_control(self) -> tuple[int, int, int]:
         data = os.pread(self._fd, _CONTROL.size, 0)
-        if len(data) < _CONTROL.size:
-            return _IDLE, 0, 0
+        if len(data) < _CONTROL.size or data == bytes(_CONTROL.size):
+            return _IDLE, 0, 0  # a new journal file, empty or only reserved
         magic, state, sequence, body_len = _CONTROL.unpack(data)
         if magic != _CONTROL_MAGIC:
             log.error("journal control block invalid vol=%s magic=%s", self._volume, magic.hex())

@@ -1,0 +1,122 @@
+"""A volume whose backing filesystem is full: what ext4 allows in place still works.
+
+The backing store is a small ext4 image mounted by the test, filled up to the
+last block, so that ENOSPC comes from a real filesystem.
+"""
+
+import ctypes
+import errno
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from securevol import format as fmt
+from tests.fs_helpers import Volume, expect_errno, require_fuse
+
+KEEP_SIZE = 0x01
+PUNCH_HOLE = 0x02
+ZERO_RANGE = 0x10
+BLOCK = fmt.BLOCK_SIZE
+MIB = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
+
+
+def fill_up(directory: Path) -> None:
+    """Write a file in *directory* until its filesystem has no free block left."""
+    chunk = bytes(MIB)
+    with open(directory / "filler", "wb", buffering=0) as filler:
+        for size in (MIB, 4096, 1):
+            try:
+                while True:
+                    filler.write(chunk[:size])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        os.fsync(filler.fileno())
+    assert os.statvfs(directory).f_bavail == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A mounted 64 MiB ext4 image with no blocks reserved for root."""
+    require_fuse()
+    image = tmp_path / "disk.img"
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+@pytest.fixture
+def full_volume(small_disk, tmp_path):
+    """A volume on *small_disk* holding the 4 MiB file ``data``, then a full disk."""
+    volume = Volume(small_disk / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    volume.start()
+    try:
+        data = random.Random(9).randbytes(4 * MIB)
+        (volume.mountpoint / "data").write_bytes(data)
+        os.sync()
+        fill_up(small_disk)
+        volume.data = data
+        yield volume
+    finally:
+        volume.cleanup()
+    assert volume.unexpected_errors() == []
+
+
+def test_overwrite_in_place_on_full_disk(full_volume):
+    path = full_volume.mountpoint / "data"
+    new = random.Random(10).randbytes(MIB)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, new, BLOCK + 123)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    expected = bytearray(full_volume.data)
+    expected[BLOCK + 123 : BLOCK + 123 + MIB] = new
+    full_volume.remount()
+    assert path.read_bytes() == bytes(expected)
+
+
+@pytest.mark.parametrize(
+    "mode, offset, length",
+    [(PUNCH_HOLE | KEEP_SIZE, 100, 100), (PUNCH_HOLE | KEEP_SIZE, 5, 10 * BLOCK), (ZERO_RANGE | KEEP_SIZE, 7, 10 * BLOCK)],
+    ids=["punch-in-one-block", "punch-blocks", "zero-blocks"],
+)
+def test_zeroing_on_full_disk(full_volume, mode, offset, length):
+    path = full_volume.mountpoint / "data"
+    fallocate(path, mode, offset, length)
+
+    expected = bytearray(full_volume.data)
+    expected[offset : offset + length] = bytes(length)
+    assert path.read_bytes() == bytes(expected)
+
+
+@pytest.mark.parametrize("mode", [0, KEEP_SIZE, ZERO_RANGE], ids=["grow", "keep-size", "zero-range-grow"])
+def test_allocate_on_full_disk_changes_nothing(full_volume, mode):
+    path = full_volume.mountpoint / "data"
+    expect_errno(errno.ENOSPC, fallocate, path, mode, 3 * MIB, 200 * MIB)
+
+    assert path.stat().st_size == 4 * MIB
+    assert path.read_bytes() == full_volume.data
