@@ -40,7 +40,12 @@ def install(session: LibfuseSession, operations: Any) -> None:
     reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     reply_err.restype = ctypes.c_int
 
-    def handle(request: int, _ino: int, mode: int, offset: int, length: int, file_info: int) -> None:
+    def handle(request: int, _ino: int, mode: int, offset: int, length: int, file_info: int | None) -> None:
+        # Every request needs exactly one reply, or its caller waits forever.
+        if not file_info:
+            log.error("fallocate request without a file handle vol=%s", operations.volume)
+            reply_err(request, errno.EIO)
+            return
         fh = ctypes.c_uint64.from_address(file_info + _FILE_INFO_FH_OFFSET).value
         reply_err(request, _run(operations.fallocate(fh, mode, offset, length)))
 
