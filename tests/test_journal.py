@@ -6,8 +6,8 @@ next FUSE process would, and decrypts every block.
 """
 
 import os
-import struct
 import random
+import struct
 import signal
 from pathlib import Path
 
@@ -269,3 +269,44 @@ def test_apply_ops_in_order(tmp_path):
         os.close(fd)
 
     assert path.read_bytes() == b"abc\0\0x"
+
+
+def test_failed_change_redone_before_next(backing, monkeypatch):
+    # A change that fails half way (here an EIO after its first op) keeps its
+    # record, and the next change redoes it before the record is overwritten.
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    # Plain bytes: the journal copies backing bytes and does not read the format.
+    first = backing / "dir" / "first"
+    second = backing / "dir" / "second"
+    first.write_bytes(bytes(20_000))
+    second.write_bytes(bytes(20_000))
+    first_fd = os.open(first, os.O_RDWR)
+    second_fd = os.open(second, os.O_RDWR)
+    real_apply_ops = journal_module.apply_ops
+
+    def fail_after_first_op(fd, ops):
+        real_apply_ops(fd, ops[:1])
+        raise OSError(5, "Input/output error")
+
+    try:
+        monkeypatch.setattr(journal_module, "apply_ops", fail_after_first_op)
+        with pytest.raises(OSError):
+            journal.apply(first_fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
+        assert first.read_bytes()[10_000:15_000] == bytes(5000)
+
+        # While the redo fails too, no other change is made.
+        with pytest.raises(OSError):
+            journal.apply(second_fd, [WriteOp(100, b"c" * 5000)])
+        assert second.read_bytes() == bytes(20_000)
+
+        monkeypatch.setattr(journal_module, "apply_ops", real_apply_ops)
+        journal.apply(second_fd, [WriteOp(100, b"c" * 5000)])
+        assert first.read_bytes()[:5000] == b"a" * 5000
+        assert first.read_bytes()[10_000:15_000] == b"b" * 5000
+        assert second.read_bytes()[100:5100] == b"c" * 5000
+    finally:
+        os.close(first_fd)
+        os.close(second_fd)
+        journal.close()
+        os.close(root_fd)

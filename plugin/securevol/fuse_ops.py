@@ -240,6 +240,9 @@ class SecurevolOperations(pyfuse3.Operations):
             self._umask_in_requests = self.libfuse_session.request_capability(CAP_DONT_MASK)
         except Exception:
             log.exception("requesting FUSE_DONT_MASK failed vol=%s; the kernel applies the umask", self.volume)
+            return
+        if not self._umask_in_requests:
+            log.warning("the kernel does not offer FUSE_DONT_MASK vol=%s; it applies the umask", self.volume)
 
     def close(self) -> None:
         """Close every descriptor; call once the filesystem is unmounted."""
@@ -913,8 +916,8 @@ class SecurevolOperations(pyfuse3.Operations):
         leaves a visible half-made entry. Then its lookup is counted. *mode*
         includes the file type; None leaves the mode alone (symlinks). Only
         regular files and directories store an inherited ACL, because Linux has
-        no user.* attributes on device nodes, FIFOs and sockets. Those still
-        get the permission bits that the default ACL gives, as on ext4.
+        no user.* attributes on device nodes, FIFOs and sockets. Those get
+        permission bits that grant no more than the default ACL would.
         """
         try:
             fd = os.open(temp_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -992,7 +995,8 @@ class SecurevolOperations(pyfuse3.Operations):
 
         A directory inherits the default ACL itself as well. Without a default
         ACL in *parent*, nothing changes and *mode* is returned as it is.
-        Unless *store_acl*, only the mode is computed.
+        Unless *store_acl*, nothing is stored and the mode alone grants what
+        the inherited ACL grants the owner, owning group and others.
         """
         default = self._default_acl(parent)
         if default is None:
@@ -1000,7 +1004,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
         entries, mode = xattrs.inherit_acl(xattrs.parse_acl(default), mode)
         if not store_acl:
-            return mode
+            return xattrs.mode_without_acl(entries, mode)
         if not xattrs.is_minimal_acl(entries):
             self._xattrs.set(path, xattrs.ACL_ACCESS, xattrs.format_acl(entries))
         if stat.S_ISDIR(mode):

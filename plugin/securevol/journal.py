@@ -95,6 +95,9 @@ class Journal:
             os.close(self._fd)
             raise BackingStoreInUse(f"backing store {self._root_path} is in use by another FUSE process") from None
         self._sequence = self._read_control()[1]
+        # Set when a change failed after its record was marked active, so that
+        # the record is redone before any other change can overwrite it.
+        self._record_pending = False
         self._reserve_space()
 
     def close(self) -> None:
@@ -104,6 +107,8 @@ class Journal:
 
     def apply(self, fd: int, ops: list[Op]) -> None:
         """Carry out *ops* on backing file *fd* so that a death of this process leaves all or none of them."""
+        if self._record_pending:
+            self._redo_pending_record()
         if _is_atomic(ops):
             apply_ops(fd, ops)
             return
@@ -140,8 +145,21 @@ class Journal:
             # Nothing was written and the size is back, so there is nothing to redo.
             self._write_control(_IDLE, 0)
             raise
-        apply_ops(fd, ops)
+        try:
+            apply_ops(fd, ops)
+        except BaseException:
+            # Some ops may have been carried out, such as half a block. The
+            # record stays active for the next change or the next mount.
+            self._record_pending = True
+            raise
         self._write_control(_IDLE, 0)
+
+    def _redo_pending_record(self) -> None:
+        """Redo the record that a failed change left active; raise as the redo does if it fails again."""
+        log.warning("redoing the journal record of a failed change vol=%s", self._volume)
+        self._recover_record()
+        self._record_pending = False
+        self._remove_target_link()
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -271,10 +289,12 @@ def _is_atomic(ops: list[Op]) -> bool:
 
 
 def _reserve(fd: int, ops: list[Op], size: int) -> None:
-    """Allocate space for the writes past the end (*size*), so that a full disk fails before any byte lands.
+    """Allocate space for every write of *ops*, so that a full disk fails before any byte lands.
 
     Without this, ENOSPC part way through could leave a last block of
-    impossible length. Filesystems without fallocate(2) skip the check.
+    impossible length, or half a block written into a hole inside the file
+    (*size* is the file's size before the change). Filesystems without
+    fallocate(2) skip the check.
     If one allocation fails (ENOSPC, or EFBIG past the backing filesystem's
     largest file), the file is cut back to *size*: posix_fallocate(3) extends
     the file with zeros, which would read as a damaged header or block.
@@ -295,16 +315,16 @@ def _allocate(fd: int, ops: list[Op], size: int) -> None:
                 os.ftruncate(fd, op.length)
             size = op.length
             continue
-        start = max(op.offset, size)
-        end = op.offset + len(op.data)
-        if end <= start:
+        # Writes inside the file count too: a hole there (a punched or
+        # skipped block) takes new space as well.
+        if not op.data:
             continue
         try:
-            os.posix_fallocate(fd, start, end - start)
+            os.posix_fallocate(fd, op.offset, len(op.data))
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-        size = end
+        size = max(size, op.offset + len(op.data))
 
 
 def _encode_body(sequence: int, ino: int, path: str, ops: list[Op]) -> list[bytes | bytearray]:

@@ -183,6 +183,19 @@ def mode_of_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
     return (mode & ~0o777) | perms.get(ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(ACL_OTHER, 0)
 
 
+def mode_without_acl(entries: list[tuple[int, int, int]], mode: int) -> int:
+    """Return *mode* with permission bits that grant each class what the access ACL *entries* grant it.
+
+    For an entry that cannot store the ACL, the mode bits alone decide. The
+    owning group then gets its own entry limited by the mask, not the mask
+    as in mode_of_acl(), which other group entries would need. Named users
+    and groups get nothing beyond the other bits.
+    """
+    perms = {tag: perm & 0o7 for tag, perm, _ in entries if tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER)}
+    group = perms.get(ACL_GROUP_OBJ, 0) & perms.get(ACL_MASK, 0o7)
+    return (mode & ~0o777) | perms.get(ACL_USER_OBJ, 0) << 6 | group << 3 | perms.get(ACL_OTHER, 0)
+
+
 def chmod_acl(entries: list[tuple[int, int, int]], mode: int) -> list[tuple[int, int, int]]:
     """Return an access ACL whose owner, other and mask (or, lacking one, owning group) entries follow *mode*.
 
