@@ -271,42 +271,67 @@ def test_apply_ops_in_order(tmp_path):
     assert path.read_bytes() == b"abc\0\0x"
 
 
-def test_failed_change_redone_before_next(backing, monkeypatch):
-    # A change that fails half way (here an EIO after its first op) keeps its
-    # record, and the next change redoes it before the record is overwritten.
+def test_failed_change_repaired_at_once(backing, monkeypatch):
+    # A change that fails half way (here an EIO after its first op) is carried
+    # out again from its record right away, and the record is retired.
     root_fd = open_root(backing)
     journal = Journal(root_fd, "test")
     # Plain bytes: the journal copies backing bytes and does not read the format.
-    first = backing / "dir" / "first"
-    second = backing / "dir" / "second"
-    first.write_bytes(bytes(20_000))
-    second.write_bytes(bytes(20_000))
-    first_fd = os.open(first, os.O_RDWR)
-    second_fd = os.open(second, os.O_RDWR)
+    path = backing / "dir" / "first"
+    path.write_bytes(bytes(20_000))
+    fd = os.open(path, os.O_RDWR)
     real_apply_ops = journal_module.apply_ops
+    calls = []
 
-    def fail_after_first_op(fd, ops):
-        real_apply_ops(fd, ops[:1])
+    def fail_once_after_first_op(target_fd, ops):
+        calls.append(len(ops))
+        if len(calls) == 1:
+            real_apply_ops(target_fd, ops[:1])
+            raise OSError(5, "Input/output error")
+        real_apply_ops(target_fd, ops)
+
+    try:
+        monkeypatch.setattr(journal_module, "apply_ops", fail_once_after_first_op)
+        with pytest.raises(OSError):
+            journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
+    finally:
+        os.close(fd)
+        journal.close()
+        os.close(root_fd)
+
+    assert calls == [2, 2]
+    assert path.read_bytes()[:5000] == b"a" * 5000
+    assert path.read_bytes()[10_000:15_000] == b"b" * 5000
+    # Nothing is left to redo at the next mount.
+    assert control_state(backing) == 0
+
+
+def test_failed_repair_retires_record(backing, monkeypatch):
+    # When the repair fails too, the record is retired all the same: redone
+    # later, it could write old data over what changed since.
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    path = backing / "dir" / "first"
+    path.write_bytes(bytes(20_000))
+    fd = os.open(path, os.O_RDWR)
+
+    def always_fail(target_fd, ops):
         raise OSError(5, "Input/output error")
 
     try:
-        monkeypatch.setattr(journal_module, "apply_ops", fail_after_first_op)
+        monkeypatch.setattr(journal_module, "apply_ops", always_fail)
         with pytest.raises(OSError):
-            journal.apply(first_fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
-        assert first.read_bytes()[10_000:15_000] == bytes(5000)
-
-        # While the redo fails too, no other change is made.
-        with pytest.raises(OSError):
-            journal.apply(second_fd, [WriteOp(100, b"c" * 5000)])
-        assert second.read_bytes() == bytes(20_000)
-
-        monkeypatch.setattr(journal_module, "apply_ops", real_apply_ops)
-        journal.apply(second_fd, [WriteOp(100, b"c" * 5000)])
-        assert first.read_bytes()[:5000] == b"a" * 5000
-        assert first.read_bytes()[10_000:15_000] == b"b" * 5000
-        assert second.read_bytes()[100:5100] == b"c" * 5000
+            journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
     finally:
-        os.close(first_fd)
-        os.close(second_fd)
+        os.close(fd)
         journal.close()
         os.close(root_fd)
+
+    assert control_state(backing) == 0
+    assert path.read_bytes() == bytes(20_000)
+
+
+def control_state(backing: Path) -> int:
+    """Return the journal's state: 0 idle, 1 active."""
+    _magic, state, _sequence, _body_len = struct.unpack(">4sIQQ", (backing / journal_module.FILE_NAME).read_bytes()[:24])
+    return state

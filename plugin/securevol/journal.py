@@ -37,6 +37,9 @@ link. That happens when the name the kernel looked it up by was removed while
 another hard link remains (/proc then shows the path as deleted), and for
 paths longer than PATH_MAX.
 
+A change that fails with an error part way (EIO from the disk) is repaired
+at once from its record, and the record is retired whether that works or not.
+
 Limits: the journal protects against the death of the process, not against
 power loss: nothing here is fsynced until a client calls fsync(2), and then the
 target file itself is synced. A file with no name left (unlinked while open)
@@ -53,6 +56,7 @@ import logging
 import os
 import struct
 
+from securevol import syscalls
 from securevol.contents import Op, TruncateOp, WriteOp, apply_ops, pwrite_all
 
 log = logging.getLogger(__name__)
@@ -95,9 +99,6 @@ class Journal:
             os.close(self._fd)
             raise BackingStoreInUse(f"backing store {self._root_path} is in use by another FUSE process") from None
         self._sequence = self._read_control()[1]
-        # Set when a change failed after its record was marked active, so that
-        # the record is redone before any other change can overwrite it.
-        self._record_pending = False
         self._reserve_space()
 
     def close(self) -> None:
@@ -107,8 +108,6 @@ class Journal:
 
     def apply(self, fd: int, ops: list[Op]) -> None:
         """Carry out *ops* on backing file *fd* so that a death of this process leaves all or none of them."""
-        if self._record_pending:
-            self._redo_pending_record()
         if _is_atomic(ops):
             apply_ops(fd, ops)
             return
@@ -118,6 +117,7 @@ class Journal:
         if path is None and st.st_nlink > 0:
             path = self._link_target(fd)
         if path is None:
+            _preallocate(fd, ops)
             _reserve(fd, ops, st.st_size)
             apply_ops(fd, ops)
             return
@@ -133,6 +133,9 @@ class Journal:
         else:
             repair = ops
 
+        # Space first, so that a redo after a kill needs no new space on a full disk.
+        _preallocate(fd, ops)
+
         self._sequence += 1
         body = _encode_body(self._sequence, st.st_ino, path, repair)
         body_len = sum(len(part) for part in body)
@@ -147,19 +150,34 @@ class Journal:
             raise
         try:
             apply_ops(fd, ops)
-        except BaseException:
-            # Some ops may have been carried out, such as half a block. The
-            # record stays active for the next change or the next mount.
-            self._record_pending = True
+        except Exception as exc:
+            self._repair_failed_change(fd, repair, path, exc)
             raise
         self._write_control(_IDLE, 0)
 
-    def _redo_pending_record(self) -> None:
-        """Redo the record that a failed change left active; raise as the redo does if it fails again."""
-        log.warning("redoing the journal record of a failed change vol=%s", self._volume)
-        self._recover_record()
-        self._record_pending = False
-        self._remove_target_link()
+    def _repair_failed_change(self, fd: int, repair: list[Op], path: str, error: Exception) -> None:
+        """Carry out the repair ops of a change that failed part way, then retire its record.
+
+        The change may have left half a block, such as after EIO from the
+        disk. (Its space was allocated before, so on a backing filesystem
+        with fallocate(2) the cause is not ENOSPC.) A record left active
+        instead would be redone later, possibly over newer data written
+        another way (fallocate), or into another file that reuses the inode.
+        """
+        try:
+            apply_ops(fd, repair)
+        except Exception as repair_error:
+            log.error(
+                "change failed and its repair failed vol=%s path=%s error=%s repair_error=%s; "
+                "blocks of this file may read as damaged",
+                self._volume,
+                path,
+                error,
+                repair_error,
+            )
+        else:
+            log.warning("change failed and was repaired vol=%s path=%s error=%s", self._volume, path, error)
+        self._write_control(_IDLE, 0)
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -289,12 +307,10 @@ def _is_atomic(ops: list[Op]) -> bool:
 
 
 def _reserve(fd: int, ops: list[Op], size: int) -> None:
-    """Allocate space for every write of *ops*, so that a full disk fails before any byte lands.
+    """Allocate space for the writes past the end (*size*), so that a full disk fails before any byte lands.
 
     Without this, ENOSPC part way through could leave a last block of
-    impossible length, or half a block written into a hole inside the file
-    (*size* is the file's size before the change). Filesystems without
-    fallocate(2) skip the check.
+    impossible length. Filesystems without fallocate(2) skip the check.
     If one allocation fails (ENOSPC, or EFBIG past the backing filesystem's
     largest file), the file is cut back to *size*: posix_fallocate(3) extends
     the file with zeros, which would read as a damaged header or block.
@@ -315,16 +331,34 @@ def _allocate(fd: int, ops: list[Op], size: int) -> None:
                 os.ftruncate(fd, op.length)
             size = op.length
             continue
-        # Writes inside the file count too: a hole there (a punched or
-        # skipped block) takes new space as well.
-        if not op.data:
+        start = max(op.offset, size)
+        end = op.offset + len(op.data)
+        if end <= start:
             continue
         try:
-            os.posix_fallocate(fd, op.offset, len(op.data))
+            os.posix_fallocate(fd, start, end - start)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-        size = max(size, op.offset + len(op.data))
+        size = end
+
+
+def _preallocate(fd: int, ops: list[Op]) -> None:
+    """Allocate the backing space of every write of *ops* without changing the file's size.
+
+    Writes inside the file count too: a hole there (a punched or skipped
+    block) takes new space. A full disk then fails the change before any
+    byte lands, and a redo after a kill needs no new space. Filesystems
+    without fallocate(2) skip this.
+    """
+    for op in ops:
+        if not isinstance(op, WriteOp) or not op.data:
+            continue
+        try:
+            syscalls.fallocate(fd, syscalls.FALLOC_FL_KEEP_SIZE, op.offset, len(op.data))
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
 
 def _encode_body(sequence: int, ino: int, path: str, ops: list[Op]) -> list[bytes | bytearray]:
