@@ -165,3 +165,34 @@ def test_write_into_hole_on_full_disk(full_volume):
         block = data[start : start + BLOCK]
         assert block in (old[start : start + BLOCK], new[start : start + BLOCK]), start // BLOCK
     assert data[4 * BLOCK : 12 * BLOCK] == bytes(8 * BLOCK)
+
+
+def test_failed_append_gives_space_back(full_volume):
+    # The space reserved for an append that does not fit is released, so a
+    # smaller write that fits still succeeds.
+    disk = full_volume.backing.parent
+    for filler in disk.glob("filler*"):
+        filler.unlink()
+    fill_up(disk)
+    with open(next(disk.glob("filler*")), "r+b") as filler:
+        filler.truncate(filler.seek(0, os.SEEK_END) - 600 * 1024)
+    os.sync()
+    free_before = os.statvfs(disk).f_bavail
+
+    path = full_volume.mountpoint / "data"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        with pytest.raises(OSError) as info:
+            os.write(fd, os.urandom(2 * MIB))
+            os.fsync(fd)
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+    os.sync()
+    assert os.statvfs(disk).f_bavail >= free_before - 8
+    (full_volume.mountpoint / "small").write_bytes(os.urandom(300 * 1024))
+    assert path.read_bytes()[: len(full_volume.data)] == full_volume.data

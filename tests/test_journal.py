@@ -335,3 +335,122 @@ def control_state(backing: Path) -> int:
     """Return the journal's state: 0 idle, 1 active."""
     _magic, state, _sequence, _body_len = struct.unpack(">4sIQQ", (backing / journal_module.FILE_NAME).read_bytes()[:24])
     return state
+
+
+def test_unretired_record_stops_changes(backing, monkeypatch):
+    # If the record cannot be marked idle, its redo at the next mount could
+    # overwrite later changes, so no change is allowed until then.
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    path = backing / "dir" / "first"
+    path.write_bytes(bytes(20_000))
+    fd = os.open(path, os.O_RDWR)
+    real_write_control = Journal._write_control
+
+    def fail_idle(self, state, body_len):
+        if state == 0:
+            raise OSError(5, "Input/output error")
+        real_write_control(self, state, body_len)
+
+    try:
+        monkeypatch.setattr(Journal, "_write_control", fail_idle)
+        with pytest.raises(OSError):
+            journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
+        monkeypatch.setattr(Journal, "_write_control", real_write_control)
+
+        with pytest.raises(OSError, match="remount the volume"):
+            journal.apply(fd, [TruncateOp(0)])
+        with pytest.raises(OSError, match="remount the volume"):
+            journal.check_usable()
+    finally:
+        os.close(fd)
+        journal.close()
+        os.close(root_fd)
+
+    assert path.stat().st_size == 20_000
+    assert control_state(backing) == 1
+
+
+def test_redo_skips_fifo_with_same_inode(backing):
+    # ext4 reuses inode numbers: a FIFO that took the target's name and inode
+    # must neither receive the redo nor stop the mount.
+    fifo = backing / "dir" / "reused"
+    os.mkfifo(fifo)
+    write_active_record(backing, "dir/reused", fifo.stat().st_ino, [WriteOp(0, b"x" * 5000)])
+
+    root_fd = open_root(backing)
+    try:
+        journal = Journal(root_fd, "test")
+        assert journal.recover() is True
+        journal.close()
+    finally:
+        os.close(root_fd)
+
+    assert control_state(backing) == 0
+
+
+def write_active_record(backing: Path, path: str, ino: int, ops: list) -> None:
+    """Write a journal record for *ops* on *path* and mark it active, as a process killed during the change leaves it."""
+    body = b"".join(bytes(part) for part in journal_module._encode_body(1, ino, path, ops))
+    journal_file = backing / journal_module.FILE_NAME
+    with open(journal_file, "wb") as f:
+        f.write(struct.pack(">4sIQQ", b"SVJ1", 1, 1, len(body)))
+        f.seek(journal_module.BODY_OFFSET)
+        f.write(body)
+
+
+def test_failed_change_removes_target_link(backing, monkeypatch):
+    # A file whose opened name was removed while another link remains is
+    # journaled through a temporary link, which must not outlive a failed change.
+    first = backing / "dir" / "first"
+    first.write_bytes(bytes(20_000))
+    os.link(first, backing / "dir" / "second")
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    fd = os.open(first, os.O_RDWR)
+    first.unlink()
+
+    def always_fail(target_fd, ops):
+        raise OSError(5, "Input/output error")
+
+    try:
+        monkeypatch.setattr(journal_module, "apply_ops", always_fail)
+        with pytest.raises(OSError):
+            journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
+    finally:
+        os.close(fd)
+        journal.close()
+        os.close(root_fd)
+
+    assert not (backing / journal_module.TARGET_LINK_NAME).exists()
+    assert (backing / "dir" / "second").stat().st_nlink == 1
+
+
+def test_failed_change_of_unlinked_file_repaired(backing, monkeypatch):
+    # A file without a name is changed without a record, and is repaired from its ops all the same.
+    path = backing / "dir" / "gone"
+    path.write_bytes(bytes(20_000))
+    root_fd = open_root(backing)
+    journal = Journal(root_fd, "test")
+    fd = os.open(path, os.O_RDWR)
+    path.unlink()
+    real_apply_ops = journal_module.apply_ops
+    calls = []
+
+    def fail_once_after_first_op(target_fd, ops):
+        calls.append(len(ops))
+        if len(calls) == 1:
+            real_apply_ops(target_fd, ops[:1])
+            raise OSError(5, "Input/output error")
+        real_apply_ops(target_fd, ops)
+
+    try:
+        monkeypatch.setattr(journal_module, "apply_ops", fail_once_after_first_op)
+        with pytest.raises(OSError):
+            journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
+        assert calls == [2, 2]
+        assert os.pread(fd, 5000, 10_000) == b"b" * 5000
+    finally:
+        os.close(fd)
+        journal.close()
+        os.close(root_fd)

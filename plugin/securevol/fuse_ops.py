@@ -619,6 +619,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """Serve fallocate(2), which pyfuse3 does not pass on: securevol.fuse_fallocate calls this."""
         handle = self._files[fh]
+        self._journal.check_usable()
         keep_size = bool(mode & syscalls.FALLOC_FL_KEEP_SIZE)
         operation = mode & ~syscalls.FALLOC_FL_KEEP_SIZE
         self._reported_damage.pop(handle.inode.ino, None)

@@ -54,6 +54,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 
 from securevol import syscalls
@@ -99,6 +100,8 @@ class Journal:
             os.close(self._fd)
             raise BackingStoreInUse(f"backing store {self._root_path} is in use by another FUSE process") from None
         self._sequence = self._read_control()[1]
+        # The error that kept a record from being retired; changes fail from then on.
+        self._unusable: str | None = None
         self._reserve_space()
 
     def close(self) -> None:
@@ -108,6 +111,7 @@ class Journal:
 
     def apply(self, fd: int, ops: list[Op]) -> None:
         """Carry out *ops* on backing file *fd* so that a death of this process leaves all or none of them."""
+        self.check_usable()
         if _is_atomic(ops):
             apply_ops(fd, ops)
             return
@@ -117,24 +121,36 @@ class Journal:
         if path is None and st.st_nlink > 0:
             path = self._link_target(fd)
         if path is None:
-            _preallocate(fd, ops)
-            _reserve(fd, ops, st.st_size)
-            apply_ops(fd, ops)
+            self._apply_unjournaled(fd, ops, st)
             return
 
-        self._apply_journaled(fd, ops, path, st)
-        if path == TARGET_LINK_NAME:
-            # Only after success: a record that an error left active needs the link at the next mount.
-            self._remove_target_link()
+        try:
+            self._apply_journaled(fd, ops, path, st)
+        finally:
+            if path == TARGET_LINK_NAME and self._unusable is None:
+                # A record left active needs the link at the next mount; a retired one does not.
+                self._remove_target_link()
+
+    def check_usable(self) -> None:
+        """Raise EIO if a record could not be retired, so that no change can be overwritten by its redo."""
+        if self._unusable is not None:
+            raise OSError(errno.EIO, f"the volume's journal failed ({self._unusable}); remount the volume")
+
+    def _apply_unjournaled(self, fd: int, ops: list[Op], st: os.stat_result) -> None:
+        """Carry out *ops* on a file without a name: it disappears with its last descriptor, so no record is needed."""
+        _preallocate_or_release(fd, ops, st.st_size)
+        _reserve(fd, ops, st.st_size)
+        try:
+            apply_ops(fd, ops)
+        except Exception as exc:
+            self._repair(fd, _repair_ops(ops, st.st_size), "(unlinked)", exc)
+            raise
 
     def _apply_journaled(self, fd: int, ops: list[Op], path: str, st: os.stat_result) -> None:
-        if all(isinstance(op, WriteOp) and op.offset >= st.st_size for op in ops):
-            repair: list[Op] = [TruncateOp(st.st_size)]
-        else:
-            repair = ops
+        repair = _repair_ops(ops, st.st_size)
 
         # Space first, so that a redo after a kill needs no new space on a full disk.
-        _preallocate(fd, ops)
+        _preallocate_or_release(fd, ops, st.st_size)
 
         self._sequence += 1
         body = _encode_body(self._sequence, st.st_ino, path, repair)
@@ -146,23 +162,24 @@ class Journal:
             _reserve(fd, ops, st.st_size)
         except BaseException:
             # Nothing was written and the size is back, so there is nothing to redo.
-            self._write_control(_IDLE, 0)
+            self._retire_record()
             raise
         try:
             apply_ops(fd, ops)
         except Exception as exc:
-            self._repair_failed_change(fd, repair, path, exc)
+            self._repair(fd, repair, path, exc)
+            self._retire_record()
             raise
-        self._write_control(_IDLE, 0)
+        self._retire_record()
 
-    def _repair_failed_change(self, fd: int, repair: list[Op], path: str, error: Exception) -> None:
-        """Carry out the repair ops of a change that failed part way, then retire its record.
+    def _repair(self, fd: int, repair: list[Op], path: str, error: Exception) -> None:
+        """Carry out the repair ops of a change that failed part way, such as after EIO from the disk.
 
-        The change may have left half a block, such as after EIO from the
-        disk. (Its space was allocated before, so on a backing filesystem
-        with fallocate(2) the cause is not ENOSPC.) A record left active
-        instead would be redone later, possibly over newer data written
-        another way (fallocate), or into another file that reuses the inode.
+        The change may have left half a block. Its space was allocated before,
+        so on a backing filesystem with fallocate(2) the cause is not ENOSPC.
+        The caller retires the record afterwards whether this works or not. A
+        record left active would be redone later, possibly over newer data
+        written another way (fallocate), or into another file that reuses the inode.
         """
         try:
             apply_ops(fd, repair)
@@ -177,7 +194,23 @@ class Journal:
             )
         else:
             log.warning("change failed and was repaired vol=%s path=%s error=%s", self._volume, path, error)
-        self._write_control(_IDLE, 0)
+
+    def _retire_record(self) -> None:
+        """Mark the record idle; if that fails, refuse every later change until the volume is mounted again.
+
+        A record that stays active is redone at the next mount, which is
+        harmless only if nothing changed the file since.
+        """
+        try:
+            self._write_control(_IDLE, 0)
+        except OSError as exc:
+            self._unusable = exc.strerror or str(exc)
+            log.error(
+                "journal record not retired vol=%s error=%s; changes fail until the volume is mounted again",
+                self._volume,
+                self._unusable,
+            )
+            raise
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -212,12 +245,14 @@ class Journal:
 
     def _redo(self, path: str, ino: int, ops: list[Op]) -> None:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root_fd)
+            # O_NONBLOCK: a FIFO that took the name must not hold up the mount.
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._root_fd)
         except OSError as exc:
             log.warning("journal target gone vol=%s path=%s error=%s", self._volume, path, exc.strerror)
             return
         try:
-            if os.fstat(fd).st_ino != ino:
+            st = os.fstat(fd)
+            if st.st_ino != ino or not stat.S_ISREG(st.st_mode):
                 log.warning("journal target replaced vol=%s path=%s", self._volume, path)
                 return
             try:
@@ -341,6 +376,24 @@ def _allocate(fd: int, ops: list[Op], size: int) -> None:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
         size = end
+
+
+def _repair_ops(ops: list[Op], size: int) -> list[Op]:
+    """Return the ops that repair *ops* on a file of *size* bytes: cutting an append back, else the ops again."""
+    if all(isinstance(op, WriteOp) and op.offset >= size for op in ops):
+        return [TruncateOp(size)]
+    return ops
+
+
+def _preallocate_or_release(fd: int, ops: list[Op], size: int) -> None:
+    """Preallocate the space of *ops*; if that fails, give back what it allocated past the end (*size*)."""
+    try:
+        _preallocate(fd, ops)
+    except BaseException:
+        if any(isinstance(op, WriteOp) and op.offset + len(op.data) > size for op in ops):
+            # A truncation to the same size frees the blocks allocated past the end.
+            os.ftruncate(fd, size)
+        raise
 
 
 def _preallocate(fd: int, ops: list[Op]) -> None:
