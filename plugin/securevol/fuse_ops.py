@@ -297,6 +297,7 @@ class SecurevolOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        self._journal.check_usable()
         inode = self._inode(ino)
         atime = attr.st_atime_ns if fields.update_atime else None
         mtime = attr.st_mtime_ns if fields.update_mtime else None
@@ -349,6 +350,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def mkdir(
         self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
@@ -366,6 +368,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def mknod(
         self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
@@ -386,6 +389,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def symlink(
         self, parent_ino: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, _ = self._new_owner(parent, ctx)
@@ -408,6 +412,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def link(
         self, ino: int, new_parent_ino: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._journal.check_usable()
         inode = self._inode(ino)
         parent = self._inode(new_parent_ino)
         backing = self._backing_name(parent, new_name)
@@ -421,6 +426,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         os.unlink(backing.name, dir_fd=parent.fd)
@@ -428,6 +434,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         names.remove_dir(parent.fd, backing.name)
@@ -443,6 +450,7 @@ class SecurevolOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        self._journal.check_usable()
         old_parent = self._inode(old_parent_ino)
         new_parent = self._inode(new_parent_ino)
         old = self._backing_name(old_parent, old_name)
@@ -518,6 +526,7 @@ class SecurevolOperations(pyfuse3.Operations):
     def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         uid, gid, inherit_gid = self._new_owner(parent, ctx)
@@ -682,6 +691,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._journal.check_usable()
         inode = self._inode(ino)
         inode.absent_xattrs.clear()
         if name == xattrs.ACL_ACCESS:
@@ -695,6 +705,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._journal.check_usable()
         inode = self._inode(ino)
         inode.absent_xattrs.clear()
         self._xattrs.remove(inode.proc_path, name)

@@ -216,11 +216,11 @@ class Journal:
 
     def recover(self) -> bool:
         """Redo the change that was in progress when the previous process died; tell whether there was one."""
-        try:
-            return self._recover_record()
-        finally:
-            # Left over by the previous process; only its record could need it.
-            self._remove_target_link()
+        redone = self._recover_record()
+        # Left over by the previous process, and only its record could need it.
+        # A redo that failed (ENOSPC) keeps record and link for the next mount.
+        self._remove_target_link()
+        return redone
 
     def _recover_record(self) -> bool:
         state, sequence, body_len = self._read_control()
@@ -245,16 +245,18 @@ class Journal:
 
     def _redo(self, path: str, ino: int, ops: list[Op]) -> None:
         try:
-            # O_NONBLOCK: a FIFO that took the name must not hold up the mount.
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._root_fd)
+            st = os.stat(path, dir_fd=self._root_fd, follow_symlinks=False)
         except OSError as exc:
             log.warning("journal target gone vol=%s path=%s error=%s", self._volume, path, exc.strerror)
             return
+        # Checked before the open: a device node that took the name and inode
+        # must not be opened by this process, which runs as root on the host.
+        # Nothing else changes the backing store before the mount serves requests.
+        if st.st_ino != ino or not stat.S_ISREG(st.st_mode):
+            log.warning("journal target replaced vol=%s path=%s", self._volume, path)
+            return
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root_fd)
         try:
-            st = os.fstat(fd)
-            if st.st_ino != ino or not stat.S_ISREG(st.st_mode):
-                log.warning("journal target replaced vol=%s path=%s", self._volume, path)
-                return
             try:
                 apply_ops(fd, ops)
             except (OSError, OverflowError) as exc:
