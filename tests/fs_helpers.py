@@ -269,6 +269,45 @@ def wait_until_resident(path: Path, minimum: int, timeout: float = 10.0) -> int:
     return resident_bytes(path)
 
 
+_libc_errno = ctypes.CDLL(None, use_errno=True)
+_libc_errno.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+# fallocate(2) modes from <linux/falloc.h>.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+
+
+def fallocate_path(path: Path, mode: int, offset: int, length: int) -> None:
+    """Open *path* read-write and call fallocate(2) on it; raise OSError with its errno."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _libc_errno.fallocate(fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
+
+
+def tracer_pid(pid: int) -> int:
+    """Return the PID of the process that ptraces *pid*, such as strace, or 0."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_until_traced(pid: int, timeout: float = 10.0) -> None:
+    """Wait until a tracer such as strace has attached to *pid*."""
+    deadline = time.monotonic() + timeout
+    while tracer_pid(pid) == 0:
+        assert time.monotonic() < deadline, "strace did not attach"
+        time.sleep(0.01)
+
+
 def expect_errno(expected: int, function, *args, **kwargs) -> None:
     """Call *function* and assert that it raises OSError with *expected* errno."""
     try:

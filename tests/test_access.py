@@ -465,7 +465,7 @@ def test_e2e_revoked_handle_cannot_fallocate(dockerd, busybox_image, volume, gua
     wait_until(lambda: can_read(path), "the container writing its file")
     fd = os.open(path, os.O_RDWR)
     try:
-        # The host loses access while it holds an open handle.
+        # The host loses access while it keeps a handle open.
         assert allow_cli(guarded_plugin, "set", name, "name:acc-web").returncode == 0
         wait_until(lambda: not can_read(path), "the host losing access")
 

@@ -82,8 +82,8 @@ def test_write_behind_starts_range_only(tmp_path):
     for attempt in range(3):
         fd = _dirty_file(tmp_path / "f", size)
         # The kernel's flusher leaves a fresh file dirty for 30 s unless
-        # something syncs the whole machine (another process's sync(2)); then
-        # the measurement says nothing, and it is made again.
+        # something syncs the whole machine (another process's sync(2)). Such
+        # a measurement is worthless, so it is made again.
         if dirty_bytes(tmp_path / "f") != size:
             os.close(fd)
             continue

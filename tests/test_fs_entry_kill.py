@@ -11,13 +11,12 @@ import errno
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from securevol import fuse_ops
-from tests.fs_helpers import volume  # noqa: F401 (a fixture)
+from tests.fs_helpers import volume, wait_until_traced  # noqa: F401 (volume is a fixture)
 from tests.test_fs_posix import run_as
 
 USER = 1000
@@ -26,14 +25,6 @@ ATTACH_LIMIT_SECONDS = 10
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "strace"], capture_output=True).returncode != 0,
                                 reason="needs strace")
-
-
-def tracer_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
-    return 0
 
 
 def kill_at_syscall(volume, syscall: str, action, *args, when: int = 1) -> int:
@@ -47,10 +38,7 @@ def kill_at_syscall(volume, syscall: str, action, *args, when: int = 1) -> int:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + ATTACH_LIMIT_SECONDS
-        while tracer_pid(volume.pid) == 0:
-            assert time.monotonic() < deadline, "strace did not attach"
-            time.sleep(0.01)
+        wait_until_traced(volume.pid, ATTACH_LIMIT_SECONDS)
 
         with pytest.raises(OSError) as caught:
             run_as(USER, USER, volume.mountpoint, action, *args)

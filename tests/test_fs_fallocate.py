@@ -5,42 +5,35 @@ the handler with libfuse itself (securevol.fuse_session). The tests compare the 
 directory after the same calls, and check the ciphertext in the backing file.
 """
 
-import ctypes
 import errno
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from securevol import format as fmt
 from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
     expect_errno,
+    fallocate_path,
     plain_dir,
     volume,
 )
 
-KEEP_SIZE = 0x01
-PUNCH_HOLE = 0x02
-COLLAPSE_RANGE = 0x08
-ZERO_RANGE = 0x10
-INSERT_RANGE = 0x20
+KEEP_SIZE = FALLOC_FL_KEEP_SIZE
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE
+COLLAPSE_RANGE = FALLOC_FL_COLLAPSE_RANGE
+ZERO_RANGE = FALLOC_FL_ZERO_RANGE
+INSERT_RANGE = FALLOC_FL_INSERT_RANGE
 BLOCK = fmt.BLOCK_SIZE
 MIB = 1 << 20
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        os.close(fd)
+fallocate = fallocate_path
 
 
 def backing_file(volume) -> Path:
@@ -146,8 +139,7 @@ def test_punch_hole_with_dirty_pages(volume):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
-        if _libc.fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 3 * BLOCK, 5 * BLOCK + 9) != 0:
-            raise OSError(ctypes.get_errno(), "fallocate")
+        fallocate(path, PUNCH_HOLE | KEEP_SIZE, 3 * BLOCK, 5 * BLOCK + 9)
         os.pwrite(fd, b"after", 4 * BLOCK)
     finally:
         os.close(fd)

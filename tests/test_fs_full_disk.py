@@ -4,7 +4,6 @@ The backing store is a small ext4 image mounted by the test, filled up to the
 last block, so that ENOSPC comes from a real filesystem.
 """
 
-import ctypes
 import errno
 import os
 import random
@@ -15,26 +14,23 @@ from pathlib import Path
 import pytest
 
 from securevol import format as fmt
-from tests.fs_helpers import Volume, expect_errno, require_fuse
+from tests.fs_helpers import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Volume,
+    expect_errno,
+    fallocate_path,
+    require_fuse,
+)
 
-KEEP_SIZE = 0x01
-PUNCH_HOLE = 0x02
-ZERO_RANGE = 0x10
+KEEP_SIZE = FALLOC_FL_KEEP_SIZE
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE
+ZERO_RANGE = FALLOC_FL_ZERO_RANGE
 BLOCK = fmt.BLOCK_SIZE
 MIB = 1 << 20
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        os.close(fd)
+fallocate = fallocate_path
 
 
 def fill_up(directory: Path) -> None:

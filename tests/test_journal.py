@@ -280,15 +280,8 @@ def test_failed_change_repaired_at_once(backing, monkeypatch):
     path = backing / "dir" / "first"
     path.write_bytes(bytes(20_000))
     fd = os.open(path, os.O_RDWR)
-    real_apply_ops = journal_module.apply_ops
-    calls = []
-
-    def fail_once_after_first_op(target_fd, ops):
-        calls.append(len(ops))
-        if len(calls) == 1:
-            real_apply_ops(target_fd, ops[:1])
-            raise OSError(5, "Input/output error")
-        real_apply_ops(target_fd, ops)
+    calls: list[int] = []
+    fail_once_after_first_op = failing_once_after_first_op(calls)
 
     try:
         monkeypatch.setattr(journal_module, "apply_ops", fail_once_after_first_op)
@@ -315,11 +308,8 @@ def test_failed_repair_retires_record(backing, monkeypatch):
     path.write_bytes(bytes(20_000))
     fd = os.open(path, os.O_RDWR)
 
-    def always_fail(target_fd, ops):
-        raise OSError(5, "Input/output error")
-
     try:
-        monkeypatch.setattr(journal_module, "apply_ops", always_fail)
+        monkeypatch.setattr(journal_module, "apply_ops", fail_with_eio)
         with pytest.raises(OSError):
             journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
     finally:
@@ -410,11 +400,8 @@ def test_failed_change_removes_target_link(backing, monkeypatch):
     fd = os.open(first, os.O_RDWR)
     first.unlink()
 
-    def always_fail(target_fd, ops):
-        raise OSError(5, "Input/output error")
-
     try:
-        monkeypatch.setattr(journal_module, "apply_ops", always_fail)
+        monkeypatch.setattr(journal_module, "apply_ops", fail_with_eio)
         with pytest.raises(OSError):
             journal.apply(fd, [WriteOp(0, b"a" * 5000), WriteOp(10_000, b"b" * 5000)])
     finally:
@@ -434,15 +421,8 @@ def test_failed_change_of_unlinked_file_repaired(backing, monkeypatch):
     journal = Journal(root_fd, "test")
     fd = os.open(path, os.O_RDWR)
     path.unlink()
-    real_apply_ops = journal_module.apply_ops
-    calls = []
-
-    def fail_once_after_first_op(target_fd, ops):
-        calls.append(len(ops))
-        if len(calls) == 1:
-            real_apply_ops(target_fd, ops[:1])
-            raise OSError(5, "Input/output error")
-        real_apply_ops(target_fd, ops)
+    calls: list[int] = []
+    fail_once_after_first_op = failing_once_after_first_op(calls)
 
     try:
         monkeypatch.setattr(journal_module, "apply_ops", fail_once_after_first_op)
@@ -454,3 +434,25 @@ def test_failed_change_of_unlinked_file_repaired(backing, monkeypatch):
         os.close(fd)
         journal.close()
         os.close(root_fd)
+
+
+def failing_once_after_first_op(calls: list[int]):
+    """Return a replacement of apply_ops that stops with EIO after the first op of its first call.
+
+    Each call appends its number of ops to *calls*.
+    """
+    real_apply_ops = journal_module.apply_ops
+
+    def apply_ops(target_fd, ops):
+        calls.append(len(ops))
+        if len(calls) == 1:
+            real_apply_ops(target_fd, ops[:1])
+            raise OSError(5, "Input/output error")
+        real_apply_ops(target_fd, ops)
+
+    return apply_ops
+
+
+def fail_with_eio(target_fd, ops):
+    """Stand in for apply_ops on a disk that fails every write."""
+    raise OSError(5, "Input/output error")

@@ -1,34 +1,25 @@
 """System calls of the journal failing inside a real FUSE process, made to fail with strace's syscall injection.
 
-A journal record that cannot be marked idle would be redone at the next
-mount, so from then on the volume refuses every change until it is mounted
-again, and the redo then finds the file as the failed change left it.
+A journal record that cannot be marked idle is redone at the next mount. So
+from then on the volume refuses every change until it is mounted again, and
+the redo finds the file as the failed change left it.
 """
 
 import errno
 import os
 import random
 import subprocess
-import time
 
 import pytest
 
 from securevol import format as fmt
-from tests.fs_helpers import volume  # noqa: F401 (fixture)
+from tests.fs_helpers import volume, wait_until_traced  # noqa: F401 (volume is a fixture)
 
 BLOCK = fmt.BLOCK_SIZE
 ATTACH_LIMIT_SECONDS = 10
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "strace"], capture_output=True).returncode != 0,
                                 reason="needs strace")
-
-
-def tracer_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
-    return 0
 
 
 def attach_failing_journal_writes(volume, when: int) -> subprocess.Popen:
@@ -39,10 +30,7 @@ def attach_failing_journal_writes(volume, when: int) -> subprocess.Popen:
          "-e", f"inject=pwrite64:error=EIO:when={when}", "-o", "/dev/null"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + ATTACH_LIMIT_SECONDS
-    while tracer_pid(volume.pid) == 0:
-        assert time.monotonic() < deadline, "strace did not attach"
-        time.sleep(0.01)
+    wait_until_traced(volume.pid, ATTACH_LIMIT_SECONDS)
     return tracer
 
 

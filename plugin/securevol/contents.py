@@ -195,7 +195,7 @@ class EncryptedContents:
         """Make plaintext [offset, end), clipped to the file's size, read as zeros.
 
         The blocks wholly inside the range become holes in the backing file,
-        which read as zeros; the last block of the file counts as whole when
+        which read as zeros. The last block of the file counts as whole when
         the range reaches the end of the file. A partial block at either end
         is rewritten with zeros through write(), with its journal, unless it
         reads as zeros already. The punch comes before those writes, so that a
