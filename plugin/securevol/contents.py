@@ -165,8 +165,8 @@ class EncryptedContents:
     def zero_range(self, fd: int, offset: int, length: int, keep_size: bool) -> None:
         """Make plaintext [offset, offset + length) read as zeros, as FALLOC_FL_ZERO_RANGE does.
 
-        Whole blocks become holes with their backing space still reserved;
-        the partial blocks at either end are rewritten with zeros. Unless
+        Whole blocks become holes with their backing space still reserved,
+        and the partial blocks at either end are rewritten with zeros. Unless
         *keep_size*, the file grows to the end of the range.
         """
         end = offset + length
@@ -177,7 +177,7 @@ class EncryptedContents:
             self.truncate(fd, end)
 
     def punch_hole(self, fd: int, offset: int, length: int) -> None:
-        """Make plaintext [offset, offset + length) read as zeros; free the backing space of its whole blocks.
+        """Make plaintext [offset, offset + length) read as zeros and free the backing space of its whole blocks.
 
         The file keeps its size, as FALLOC_FL_PUNCH_HOLE requires.
         """

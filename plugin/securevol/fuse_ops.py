@@ -17,8 +17,8 @@ Caveats:
 - pyfuse3 3.5 has no fallocate, lseek or lock handlers. fallocate is
   registered with libfuse by securevol.fuse_fallocate. SEEK_DATA/SEEK_HOLE
   treat the whole file as data: the kernel does not write dirty pages back
-  before it sends an LSEEK request, so with the writeback cache an answer
-  from the backing file could skip data not yet written. POSIX and flock locks are
+  before it sends an LSEEK request, so with the writeback cache an offset
+  computed from the backing file could skip data not yet written. POSIX and flock locks are
   kept by the kernel, so they work between processes using this mount.
 - pyfuse3 does not request FUSE_DONT_MASK. init() requests it through
   libfuse's session (securevol.fuse_session), and new entries get the
