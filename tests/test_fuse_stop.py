@@ -278,8 +278,10 @@ def test_closed_ready_pipe_unmounts_and_exits(tmp_path):
 def _fuse_process_of(mountpoint) -> int | None:
     """Return the PID of the detached FUSE process serving *mountpoint*, found by its arguments.
 
-    The launcher that this test process started has the same arguments
-    until it forks and exits, so children of this process do not count.
+    Other processes carry the same arguments for a moment: the launcher that
+    this test process started, until it forks and exits, and a child the
+    launcher forks at import to run ldconfig, until it execs (trio looks up
+    libpthread). Only the detached process leads its own session.
     """
     target = os.fsencode(str(mountpoint))
     for entry in os.listdir("/proc"):
@@ -287,10 +289,10 @@ def _fuse_process_of(mountpoint) -> int | None:
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            session = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[3])
         except OSError:
             continue
-        if b"securevol.mount" in argv and target in argv and parent != os.getpid():
+        if b"securevol.mount" in argv and target in argv and session == int(entry):
             return int(entry)
     return None
 
@@ -363,6 +365,27 @@ def _holds_back_stop_signals(pid: int) -> bool:
     return blocked & stop_bits == stop_bits
 
 
+def _freeze(pid: int) -> None:
+    """Stop process *pid* with SIGSTOP and wait until it is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while _process_state(pid) != "T":
+        assert time.monotonic() < deadline, "the FUSE process did not stop"
+        time.sleep(0.01)
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _signal_pending(pid: int, signum: int) -> bool:
+    """Tell whether *signum* waits, undelivered, for process *pid* or one of its threads."""
+    bit = 1 << (signum - 1)
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    pending = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & bit for mask in pending)
+
+
 def test_sigterm_during_start_reports_no_ready(tmp_path):
     # The signal is held back while the process replays its journal, and
     # begins the stop as soon as the loop runs. A "ready" line then would have
@@ -391,8 +414,15 @@ def test_sigterm_during_start_reports_no_ready(tmp_path):
             pid = candidate
     try:
         assert pid is not None, "the FUSE process did not start serving in time"
-        assert not is_mounted(mount.mountpoint), "the journal replay ended before the signal"
-        os.kill(pid, signal.SIGTERM)
+        # Frozen, the process cannot finish the replay between the check and
+        # the signal, so the signal is surely held back when the loop starts.
+        _freeze(pid)
+        try:
+            assert not is_mounted(mount.mountpoint), "the journal replay ended before the signal"
+            os.kill(pid, signal.SIGTERM)
+            assert _signal_pending(pid, signal.SIGTERM)
+        finally:
+            os.kill(pid, signal.SIGCONT)
         starter.join()
 
         assert mount.pid is None, "the FUSE process reported ready after a stop was requested"
