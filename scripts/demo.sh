@@ -168,7 +168,7 @@ main() {
     trap 'exit 143' TERM
 
     step "Installing what the demo needs"
-    "$repo/scripts/setup.sh"
+    "$repo/scripts/setup.sh" --demo
     demo_dir=$(mktemp -d /tmp/svdemo-XXXXXX)
 
     step "Finding a Docker daemon"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the demo and the tests need on Debian 12, as root.
+# Install everything the tests need on Debian 12, as root; with --demo, only what the demo needs.
 #
 # Idempotent and quick when everything is present: apt-get runs only when a
 # package is missing, and pip runs only when pyproject.toml or the Python
@@ -13,13 +13,18 @@ venv="$repo/.venv"
 stamp="$venv/.securevol-setup"
 python=${PYTHON:-python3}
 
-# Debian packages, with the reason for each one that is not obvious:
-#   docker.io            dockerd 20.10, containerd and runc for the end-to-end tests and the demo
+# Debian packages, with the reason for each one that is not obvious.
+# The demo's:
+#   docker.io            dockerd 20.10, containerd and runc for the demo and the end-to-end tests
 #   fuse3                fusermount3 and /etc/fuse.conf for the FUSE processes
 #   libfuse3-dev pkg-config gcc python3-dev   build pyfuse3 from its source distribution
 #   python3-venv         python3 -m venv with Debian's own interpreter
+#   busybox-static       the offline image of the demo and the tests (no image registry is reachable)
+demo_packages=(
+    docker.io fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv busybox-static
+)
+# The tests' and the benchmark's, in addition:
 #   gocryptfs securefs fio   reference filesystems and the I/O load generator of the benchmarks
-#   busybox-static       the offline test image (no image registry is reachable)
 #   debootstrap          the rootfs of the managed plugin and of the compose example's image
 #   docker-registry      a loopback registry for the managed plugin's push and upgrade test
 #   systemd              systemd-analyze verify of the packaged unit (systemd need not be running)
@@ -27,11 +32,22 @@ python=${PYTHON:-python3}
 #   libcap2-bin          setcap and getcap, for the file capability test on a mounted volume
 #   postgresql           the PostgreSQL workload test (initdb, pgbench, pg_amcheck) on a mounted volume
 #   git                  the tests and CI work on a clone
-apt_packages=(
-    docker.io fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-    gocryptfs securefs fio busybox-static debootstrap docker-registry systemd
+#   strace               failures injected into a FUSE process's system calls
+test_packages=(
+    gocryptfs securefs fio debootstrap docker-registry systemd
     sqlite3 attr acl libcap2-bin git postgresql strace
 )
+# Packages whose own service nothing here uses: the tests start private
+# instances on loopback. A fresh install of one neither starts nor enables it.
+private_services=(docker-registry postgresql)
+
+apt_packages=("${demo_packages[@]}" "${test_packages[@]}")
+if [ "${1:-}" = "--demo" ]; then
+    apt_packages=("${demo_packages[@]}")
+elif [ $# -gt 0 ]; then
+    echo "usage: $0 [--demo]" >&2
+    exit 2
+fi
 
 log() {
     printf 'setup: %s\n' "$*"
@@ -65,7 +81,52 @@ install_apt_packages() {
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
+    hold_back_private_services "${missing[@]}"
     apt-get install -y -q "${missing[@]}"
+    release_private_services "${missing[@]}"
+}
+
+# Debian's maintainer scripts ask /usr/sbin/policy-rc.d before they start a
+# service; 101 means "not allowed". One is put in place only if none exists.
+policy_rc_d=/usr/sbin/policy-rc.d
+own_policy_rc_d=""
+
+new_private_services() {
+    local package service
+    for package in "$@"; do
+        for service in "${private_services[@]}"; do
+            if [ "$package" = "$service" ]; then
+                printf '%s\n' "$service"
+            fi
+        done
+    done
+}
+
+hold_back_private_services() {
+    local services
+    mapfile -t services < <(new_private_services "$@")
+    if [ "${#services[@]}" -eq 0 ] || [ -e "$policy_rc_d" ]; then
+        return
+    fi
+    own_policy_rc_d=$policy_rc_d
+    trap 'rm -f "$own_policy_rc_d"' EXIT
+    printf '#!/bin/sh\n# Written by securevol scripts/setup.sh during apt-get install; removed after it.\ncase "$1" in %s) exit 101 ;; esac\nexit 0\n' \
+        "$(IFS='|'; echo "${services[*]}")" >"$policy_rc_d"
+    chmod 0755 "$policy_rc_d"
+}
+
+release_private_services() {
+    local services service
+    if [ -n "$own_policy_rc_d" ]; then
+        rm -f "$own_policy_rc_d"
+        own_policy_rc_d=""
+    fi
+    mapfile -t services < <(new_private_services "$@")
+    for service in "${services[@]}"; do
+        if command -v systemctl >/dev/null && systemctl disable --quiet "$service.service" 2>/dev/null; then
+            log "disabled the $service service, which the tests do not use"
+        fi
+    done
 }
 
 check_fuse_device() {
