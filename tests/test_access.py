@@ -381,6 +381,30 @@ def test_e2e_mount_refused_for_other_container(dockerd, busybox_image, volume, g
     assert refused.returncode != 0
     assert f"Volume '{name}' does not allow container 'acc-evil'" in refused.stderr
     assert "name:acc-web" in refused.stderr
+    assert f"change them with 'securevol allow set {name} RULES'" in refused.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_deny_policy_refusal_names_policy(dockerd, busybox_image):
+    PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+    server = PluginServer(socket_path=plugin_socket_path(unique_driver_name()),
+                          env={"SECUREVOL_DOCKER_HOST": dockerd.host, "SECUREVOL_DEFAULT_POLICY": "deny"})
+    server.start()
+    name = f"acc-{secrets.token_hex(4)}"
+    try:
+        dockerd.docker("volume", "create", "-d", server.driver, name)
+
+        refused = dockerd.run("--rm", "--name", "acc-nolist", "-v", f"{name}:/d", busybox_image, "true",
+                              check=False)
+
+        assert refused.returncode != 0
+        assert f"Volume '{name}' has no allowlist and this securevol daemon denies such volumes" in refused.stderr
+        assert "container 'acc-nolist'" in refused.stderr
+        assert f"'securevol allow set {name} RULES'" in refused.stderr
+    finally:
+        dockerd.docker("volume", "rm", "--force", name, check=False)
+        server.cleanup()
 
 
 @pytest.mark.docker
@@ -454,6 +478,14 @@ def test_e2e_allow_set_applies_to_running_volume(dockerd, busybox_image, volume,
     wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).returncode != 0,
                "the container losing access")
 
+    # Without an allowlist the daemon's default policy (allow) lets every container in again.
+    cleared = allow_cli(guarded_plugin, "clear", name)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "every container may use it" in cleared.stdout
+    wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).stdout == "secret\n",
+               "the container regaining access")
+    assert allow_cli(guarded_plugin, "show", name).stdout.strip() == "(no allowlist: every container may use the volume)"
+
 
 @pytest.mark.docker
 @pytest.mark.slow
@@ -505,7 +537,7 @@ def test_allow_cli_errors(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
-@pytest.mark.parametrize("action", ["show", "set"])
+@pytest.mark.parametrize("action", ["show", "set", "clear"])
 def test_allow_cli_help_lists_its_settings(action):
     result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", action, "--help"],
                             capture_output=True, text=True, timeout=60)

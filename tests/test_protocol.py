@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import securevol
 from securevol import config
 from securevol.crypto import DataKey
 from securevol.keys.local import LocalKeyProvider, load_master_key
@@ -512,6 +513,14 @@ def test_serve_help_names_settings():
                       ("--key-provider", "SECUREVOL_KEY_PROVIDER"), ("--mount-timeout", "SECUREVOL_MOUNT_TIMEOUT")]:
         assert flag in result.stdout
         assert env in result.stdout
+
+
+def test_version_flag_prints_package_version():
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "--version"], capture_output=True, text=True, check=True
+    )
+
+    assert result.stdout == f"securevol {securevol.__version__}\n"
 
 
 def test_settings_from_environment():

@@ -214,9 +214,13 @@ class MountGuard:
         self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
                           container=user.container, reason=reason)
         who = f"container {user.container.name!r} ({user.container.short_id()})"
-        if busy_refused:
+        if busy_refused and allowlist.rules:
             raise AccessDenied(f"Volume {volume!r} does not allow {who}: it matches none of the rules "
-                               f"{allowlist.text!r}.")
+                               f"{allowlist.text!r}; change them with 'securevol allow set {volume} RULES'.")
+        if busy_refused:
+            raise AccessDenied(f"Volume {volume!r} has no allowlist and this securevol daemon denies such volumes "
+                               f"to every container, so {who} may not use it; give it one with "
+                               f"'securevol allow set {volume} RULES'.")
         raise AccessDenied(
             f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol "
             "cannot tell which container this mount is for; remove that container or add it to the "

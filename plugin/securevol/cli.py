@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
-from securevol import config
+from securevol import __version__, config
 from securevol.access import ACCESS_FILE, update_access_file
 from securevol.api import create_app
 from securevol.driver import VolumeDriver
@@ -203,6 +203,22 @@ def allow_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def allow_clear(args: argparse.Namespace) -> int:
+    """Remove the allowlist of a volume, which then follows the daemon's default policy."""
+    settings, registry = _settings_and_registry(args)
+    with registry.changing_mounts(args.volume) as record:
+        previous = record.options.get("allow")
+        options = {name: value for name, value in record.options.items() if name != "allow"}
+        registry.update_options(args.volume, options)
+        update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, None)
+    log.info("allowlist removed vol=%s previous=%s", args.volume, previous or "-")
+    if settings.deny_by_default:
+        print(f"Volume {args.volume!r} has no allowlist now; the default policy denies every container.")
+    else:
+        print(f"Volume {args.volume!r} has no allowlist now; every container may use it.")
+    return 0
+
+
 def rekey(args: argparse.Namespace) -> int:
     """Wrap every volume's DEK under a new KEK: a new master key, or the newest Transit key version."""
     # With the local provider this process has every volume's DEK in memory for a moment.
@@ -275,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="securevol",
         description="Docker volume plugin that keeps each volume encrypted at rest.",
     )
+    parser.add_argument("--version", action="version", version=f"securevol {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve_parser = commands.add_parser(
@@ -307,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(set_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
     set_parser.set_defaults(func=_run_admin(allow_set))
+    clear_parser = allow_commands.add_parser(
+        "clear", help="remove the allowlist of VOLUME; the daemon's --default-policy then decides"
+    )
+    clear_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
+    config.add_arguments(clear_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
+    clear_parser.set_defaults(func=_run_admin(allow_clear))
 
     rekey_parser = commands.add_parser(
         "rekey",
