@@ -523,6 +523,16 @@ def test_version_flag_prints_package_version():
     assert result.stdout == f"securevol {securevol.__version__}\n"
 
 
+def test_unknown_flag_shows_command_usage():
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "serve", "--bogus"], capture_output=True, text=True
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: securevol serve ")
+    assert "securevol serve: error: unrecognized arguments: --bogus" in result.stderr
+
+
 def test_settings_from_environment():
     plugin = PluginServer(workers=None)
     mount_root = plugin.base_dir / "mounts"

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set by the environment variable named in its help; a flag wins over its variable.",
     )
     config.add_arguments(serve_parser)
-    serve_parser.set_defaults(func=serve)
+    serve_parser.set_defaults(func=serve, parser=serve_parser)
 
     allow_parser = commands.add_parser(
         "allow",
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     show_parser = allow_commands.add_parser("show", help="print the allowlist of VOLUME")
     show_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
     config.add_arguments(show_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
-    show_parser.set_defaults(func=_run_admin(allow_show))
+    show_parser.set_defaults(func=_run_admin(allow_show), parser=show_parser)
     set_parser = allow_commands.add_parser(
         "set", help="replace the allowlist of VOLUME with RULES, e.g. 'service:db,name:backup'"
     )
@@ -323,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rules", metavar="RULES", help="comma-separated rules such as name:NAME, service:SVC or host"
     )
     config.add_arguments(set_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
-    set_parser.set_defaults(func=_run_admin(allow_set))
+    set_parser.set_defaults(func=_run_admin(allow_set), parser=set_parser)
     clear_parser = allow_commands.add_parser(
         "clear", help="remove the allowlist of VOLUME; the daemon's --default-policy then decides"
     )
     clear_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
     config.add_arguments(clear_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
-    clear_parser.set_defaults(func=_run_admin(allow_clear))
+    clear_parser.set_defaults(func=_run_admin(allow_clear), parser=clear_parser)
 
     rekey_parser = commands.add_parser(
         "rekey",
@@ -344,12 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="first add a new version of the Transit key (the token needs update on MOUNT/keys/KEY/rotate)",
     )
     config.add_arguments(rekey_parser, _REKEY_SETTINGS, _ADMIN_HELP)
-    rekey_parser.set_defaults(func=_run_admin(rekey))
+    rekey_parser.set_defaults(func=_run_admin(rekey), parser=rekey_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        # parse_args would report them with the usage of 'securevol' rather than of the command.
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.func(args)
 
 
