@@ -10,6 +10,7 @@ import errno
 import os
 import random
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -26,7 +27,6 @@ from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
     Volume,
     backing_bytes,
     cached_bytes,
-    dirty_bytes,
     drop_cached_pages,
     expect_errno,
     is_mounted,
@@ -39,6 +39,7 @@ from tests.fs_helpers import (  # noqa: F401 (plain_dir and volume are fixtures)
     volume,
     wait_until_dirty_at_most,
     wait_until_resident,
+    wait_until_traced,
 )
 
 
@@ -476,22 +477,57 @@ def test_sequential_writes_drop_cached_ciphertext(volume):
     assert path.read_bytes() == chunk * 64
 
 
-def test_scattered_writes_leave_writeback_to_kernel(volume):
+_WRITEBACK_CALLS = ("sync_file_range", "fsync", "fdatasync")
+
+
+def _trace_writeback_calls(pid: int, log_path: Path) -> subprocess.Popen:
+    """Start strace on every thread of FUSE process *pid*, logging its calls that start or wait for writeback."""
+    tracer = subprocess.Popen(
+        ["strace", "-q", "-f", "-y", "-p", str(pid), "-e", f"trace={','.join(_WRITEBACK_CALLS)}", "-o", str(log_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    for task in os.listdir(f"/proc/{pid}/task"):
+        wait_until_traced(int(task))
+    return tracer
+
+
+def _writeback_calls_on(log_text: str, backing: Path) -> list[str]:
+    """Return the traced calls in *log_text* made on a descriptor of *backing*."""
+    return [line for line in log_text.splitlines()
+            if any(f"{call}(" in line for call in _WRITEBACK_CALLS) and f"<{backing}>" in line]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_scattered_writes_leave_writeback_to_kernel(volume, tmp_path):
+    # Seen in the FUSE process's system calls: the backing file's dirty pages
+    # would also be cleaned by any sync(2) elsewhere on the machine.
     size = 32 * 2**20
     _write_sequentially(volume.mountpoint / "f", size)
-    backing = _backing_file_of(volume, size)
-    drop_cached_pages(backing)
-
-    # Backwards, 2 MiB apart: no run moves forward, so nothing is handed to the disk early.
-    fd = os.open(volume.mountpoint / "f", os.O_WRONLY)
+    volume.remount()  # no write-behind of the writes above is still queued
+    scattered = _backing_file_of(volume, size)
+    trace_log = tmp_path / "strace.log"
+    tracer = _trace_writeback_calls(volume.pid, trace_log)
     try:
-        for offset in range(size - 2**20, -1, -2 * 2**20):
-            os.pwrite(fd, b"s" * fmt.BLOCK_SIZE, offset)
-    finally:
-        os.close(fd)
+        # Backwards, 2 MiB apart: no run moves forward, so nothing is handed to the disk early.
+        fd = os.open(volume.mountpoint / "f", os.O_WRONLY)
+        try:
+            for offset in range(size - 2**20, -1, -2 * 2**20):
+                os.pwrite(fd, b"s" * fmt.BLOCK_SIZE, offset)
+        finally:
+            os.close(fd)
 
-    time.sleep(0.5)
-    assert dirty_bytes(backing) >= 16 * fmt.BLOCK_SIZE
+        # An ascending file afterwards is handed to the disk, which shows that the trace records such calls.
+        _write_sequentially(volume.mountpoint / "g", 24 * 2**20)
+        ascending = _backing_file_of(volume, 24 * 2**20)
+        deadline = time.monotonic() + 10
+        while not _writeback_calls_on(trace_log.read_text(), ascending):
+            assert time.monotonic() < deadline, "no write-behind of the ascending file was traced"
+            time.sleep(0.05)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+
+    assert _writeback_calls_on(trace_log.read_text(), scattered) == []
 
 
 def test_fusermount_unmount_ends_process(volume):
