@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from securevol import format as fmt
 from securevol.backing_io import MAX_PENDING, BackingIoWorker
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 
@@ -66,41 +67,80 @@ def _fuse_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _wait_for_descriptors(pid: int, expected: int | None = None) -> int:
-    """Return the FUSE process's descriptor count once it is *expected* (None: once it stops changing).
+def _open_file_descriptors(pid: int, backing_files: set[str]) -> int:
+    """Return how many descriptors of process *pid* have one of *backing_files* open for reading or writing.
 
-    Read-ahead duplicates and dropped inodes are closed by threads, a moment
-    later. Gives up after STOP_TIMEOUT and returns the last count seen.
+    The FUSE process keeps such a descriptor for each open file and each read-ahead
+    request. Its other descriptors of a backing file are O_PATH descriptors of inodes.
+    """
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            with open(f"/proc/{pid}/fdinfo/{name}") as fdinfo:
+                flags = next(int(line.split()[1], 8) for line in fdinfo if line.startswith("flags:"))
+        except FileNotFoundError:
+            continue  # closed since the listing
+        if target in backing_files and not flags & os.O_PATH:
+            count += 1
+    return count
+
+
+def _wait_for_descriptors(pid: int, expected: int) -> int:
+    """Return the FUSE process's descriptor count once it is *expected*, or after STOP_TIMEOUT.
+
+    Read-ahead duplicates and dropped inodes are closed by threads, a moment later.
     """
     deadline = time.monotonic() + STOP_TIMEOUT
     count = _fuse_descriptors(pid)
-    while time.monotonic() < deadline:
+    while count != expected and time.monotonic() < deadline:
         time.sleep(0.2)
-        previous, count = count, _fuse_descriptors(pid)
-        if count == expected or (expected is None and count == previous):
-            break
+        count = _fuse_descriptors(pid)
     return count
 
 
 def test_open_read_close_cycles_leak_no_descriptors(volume):
     data = random.Random(1).randbytes(3 * 2**20)
-    for i in range(8):
-        (volume.mountpoint / f"f{i}").write_bytes(data)
-    for i in range(8):
-        assert (volume.mountpoint / f"f{i}").read_bytes() == data  # every inode looked up once
-    before = _wait_for_descriptors(volume.pid)
+    paths = [volume.mountpoint / f"f{i}" for i in range(8)]
+    for path in paths:
+        path.write_bytes(data)
+    for path in paths:
+        assert path.read_bytes() == data  # every inode looked up once
 
-    for _ in range(25):
-        handles = [open(volume.mountpoint / f"f{i}", "rb", buffering=0) for i in range(8)]
-        for handle in handles:
-            # Drop the cached plaintext, so the reads reach the FUSE process and ask for read-ahead.
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            while handle.read(256 * 1024):
-                pass
-        for handle in handles:
-            handle.close()
+    # An O_PATH descriptor on the mount keeps each file's dentry in use, so the
+    # kernel cannot forget the inode and have the FUSE process close its
+    # descriptor of it, as a drop_caches or memory reclaim on the machine would.
+    # Such an open sends no request to the FUSE process.
+    pins = [os.open(path, os.O_PATH) for path in paths]
+    try:
+        backing_files = {
+            str(entry) for entry in volume.backing.iterdir()
+            if entry.is_file() and entry.stat().st_size == fmt.cipher_size(len(data))
+        }
+        assert len(backing_files) == len(paths)
+        # close(2) can return before the FUSE process has served RELEASE, which
+        # Linux sends in the background on a FUSE mount that is not fuseblk
+        # (fuse_file_release in fs/fuse/file.c).
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _open_file_descriptors(volume.pid, backing_files) > 0:
+            assert time.monotonic() < deadline, "the FUSE process kept files open that every client closed"
+            time.sleep(0.05)
+        before = _fuse_descriptors(volume.pid)
 
-    assert _wait_for_descriptors(volume.pid, before) == before
+        for _ in range(25):
+            handles = [open(path, "rb", buffering=0) for path in paths]
+            for handle in handles:
+                # Drop the cached plaintext, so the reads reach the FUSE process and ask for read-ahead.
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                while handle.read(256 * 1024):
+                    pass
+            for handle in handles:
+                handle.close()
+
+        assert _wait_for_descriptors(volume.pid, before) == before
+    finally:
+        for pin in pins:
+            os.close(pin)
 
 
 def test_file_unlinked_and_truncated_while_read_sequentially(volume):
