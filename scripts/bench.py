@@ -133,6 +133,7 @@ class Config:
     filesystems: tuple[str, ...]
     workdir_parent: Path | None
     profile_dir: Path | None
+    settle_timeout: float = SETTLE_TIMEOUT_SECONDS
     tarball: Path | None = None
     tar_entries: int = 0
     tar_bytes: int = 0
@@ -165,22 +166,25 @@ def make_cold(fs: "Filesystem") -> None:
     os.sync()
     fs.remount()
     drop_page_cache()
-    settle_disk()
+    settle_disk(fs.config.settle_timeout)
 
 
-def settle_disk() -> None:
-    """Wait until no disk has written a sector for SETTLE_QUIET_SECONDS, or SETTLE_TIMEOUT_SECONDS passed.
+def settle_disk(timeout: float) -> None:
+    """Wait until no disk has written a sector for SETTLE_QUIET_SECONDS, or *timeout* seconds passed.
 
     sync(2) returns before the backing filesystem's journal is checkpointed,
     and that work would count against whichever filesystem runs next. The
     position in the round still changes small-file results on the test VM
     (docs/benchmarks.md), which the default of one round per filesystem evens out.
+    A *timeout* of 0 only syncs.
     """
     os.sync()
+    if timeout <= 0:
+        return
     start = time.monotonic()
     written = _sectors_written()
     quiet_since = start
-    while time.monotonic() - start < SETTLE_TIMEOUT_SECONDS:
+    while time.monotonic() - start < timeout:
         time.sleep(0.1)
         now_written = _sectors_written()
         if now_written != written:
@@ -188,7 +192,7 @@ def settle_disk() -> None:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= SETTLE_QUIET_SECONDS:
             return
-    progress(f"the disks kept writing for {SETTLE_TIMEOUT_SECONDS:.0f} s; measuring anyway")
+    progress(f"the disks kept writing for {timeout:.0f} s; measuring anyway")
 
 
 def _sectors_written() -> int:
@@ -679,7 +683,7 @@ def run_round(order: list[Filesystem], round_no: int, config: Config, results: R
             # about 8 us per page, so whichever filesystem ran later in the
             # round wrote much slower (docs/benchmarks.md, "Fresh memory").
             drop_page_cache()
-            settle_disk()
+            settle_disk(config.settle_timeout)
             values = WORKLOADS[workload](fs, config)
             fs.sample_memory()
             for metric, value in values.items():
@@ -923,6 +927,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--filesystems", type=parse_list(ALL_FILESYSTEMS), default=ALL_FILESYSTEMS,
                         help=f"comma-separated filesystems (default: {','.join(ALL_FILESYSTEMS)})")
     parser.add_argument("--quick", action="store_true", help="small sizes and one round, for a smoke run")
+    parser.add_argument("--settle-timeout", type=float, default=SETTLE_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help="longest wait, in seconds, for the disks to be quiet before each timed step "
+                             f"(default {SETTLE_TIMEOUT_SECONDS:.0f}; 0 skips the wait, for a smoke run "
+                             "on a machine whose disks other work keeps busy)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON to PATH; '-' writes JSON to stdout and the table to stderr")
     parser.add_argument("--workdir", type=Path,
@@ -950,6 +958,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         filesystems=args.filesystems,
         workdir_parent=args.workdir,
         profile_dir=args.profile,
+        settle_timeout=args.settle_timeout,
     )
     check_config(parser, config)
     return config, args
@@ -958,6 +967,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
 def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
     if config.rounds < 1 or config.files < 1 or config.size < 1 or config.fio_size < FIO_BLOCK:
         parser.error("--rounds, --files and --size must be positive and --fio-size at least 4K")
+    if not config.settle_timeout >= 0:
+        parser.error(f"--settle-timeout must be 0 or more seconds, not {config.settle_timeout}")
     if "untar" in config.workloads and not config.tar_source.is_dir():
         parser.error(f"--tar-source {config.tar_source} is not a directory")
     for tool in ("fusermount3", "fio", "gocryptfs", "securefs", "tar"):
