@@ -11,6 +11,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -594,6 +595,39 @@ def test_volume_create_elsewhere_allowed(state):
 
 
 # -- other requests -----------------------------------------------------------------------------------
+
+
+def test_catalog_sees_volume_created_in_same_clock_tick(tmp_path):
+    volumes = tmp_path / "volumes"
+    (volumes / "old").mkdir(parents=True)
+    catalog = VolumeCatalog(volumes, lambda name: None)
+    assert catalog.names() == {"old"}
+    before = os.stat(volumes)
+
+    # A coarse clock gives the directory the same mtime again, and a
+    # removal balances the link count, so only the scan of a recently
+    # changed directory finds the new volume.
+    (volumes / "old").rmdir()
+    (volumes / "new").mkdir()
+    os.utime(volumes, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    assert catalog.names() == {"new"}
+
+
+def test_catalog_caches_names_of_unchanged_directory(tmp_path):
+    volumes = tmp_path / "volumes"
+    (volumes / "db").mkdir(parents=True)
+    minute_ago = time.time_ns() - 60_000_000_000
+    os.utime(volumes, ns=(minute_ago, minute_ago))
+    catalog = VolumeCatalog(volumes, lambda name: None)
+    assert catalog.names() == {"db"}
+
+    # A rename keeps the link count; with the old mtime put back, the stamp is
+    # unchanged, so the answer comes from the cache without a scan.
+    (volumes / "db").rename(volumes / "renamed")
+    os.utime(volumes, ns=(minute_ago, minute_ago))
+
+    assert catalog.names() == {"db"}
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ import logging
 import os
 import posixpath
 import re
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ _VOLUME_CREATE_BODY = gojson.GoStruct({
 
 # -- routes (api/server/router/container and volume, dockerd 20.10) ------------------
 
+# A clock tick of directory times is at most 10 ms (HZ=100); the window is far wider, to cover clock steps too.
+_RESCAN_WINDOW_NS = 2_000_000_000
 _VERSION_PREFIX_RE = re.compile(r"/v[0-9.]+(?=/)")
 _ROUTES: tuple[tuple[frozenset[str], re.Pattern[str], str], ...] = (
     (frozenset({"POST"}), re.compile(r"/containers/create"), "create"),
@@ -270,7 +273,7 @@ class VolumeCatalog:
         self.volumes_dir = Path(volumes_dir)
         self.read_allow_option = read_allow_option
         self.deny_by_default = deny_by_default
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._names: frozenset[str] = frozenset()
 
     @classmethod
@@ -288,8 +291,12 @@ class VolumeCatalog:
             st = os.stat(self.volumes_dir)
         except FileNotFoundError:
             return frozenset()
-        stamp = (st.st_ino, st.st_mtime_ns)
-        if stamp != self._stamp:
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_nlink)
+        # Kernels that take directory times from a clock tick of several
+        # milliseconds give a volume created in the tick of the last scan the
+        # same mtime, so a directory changed that recently is scanned again.
+        recently_changed = time.time_ns() - st.st_mtime_ns < _RESCAN_WINDOW_NS
+        if stamp != self._stamp or recently_changed:
             self._names = frozenset(entry.name for entry in os.scandir(self.volumes_dir) if entry.is_dir())
             self._stamp = stamp
         return self._names
