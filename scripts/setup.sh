@@ -103,15 +103,21 @@ new_private_services() {
 }
 
 hold_back_private_services() {
-    local services
+    local services service
     mapfile -t services < <(new_private_services "$@")
-    if [ "${#services[@]}" -eq 0 ] || [ -e "$policy_rc_d" ]; then
+    # A dangling symbolic link counts as present: writing through it would create its target.
+    if [ "${#services[@]}" -eq 0 ] || [ -e "$policy_rc_d" ] || [ -L "$policy_rc_d" ]; then
         return
     fi
+    # invoke-rc.d asks with the service's name, deb-systemd-invoke with the unit's name.
+    local names=()
+    for service in "${services[@]}"; do
+        names+=("$service" "$service.service")
+    done
     own_policy_rc_d=$policy_rc_d
     trap 'rm -f "$own_policy_rc_d"' EXIT
     printf '#!/bin/sh\n# Written by securevol scripts/setup.sh during apt-get install; removed after it.\ncase "$1" in %s) exit 101 ;; esac\nexit 0\n' \
-        "$(IFS='|'; echo "${services[*]}")" >"$policy_rc_d"
+        "$(IFS='|'; echo "${names[*]}")" >"$policy_rc_d"
     chmod 0755 "$policy_rc_d"
 }
 
@@ -122,8 +128,16 @@ release_private_services() {
         own_policy_rc_d=""
     fi
     mapfile -t services < <(new_private_services "$@")
+    if ! command -v systemctl >/dev/null; then
+        return
+    fi
+    # --now also stops a service that an existing policy-rc.d let start; it needs a running systemd.
+    local now=()
+    if [ -d /run/systemd/system ]; then
+        now=(--now)
+    fi
     for service in "${services[@]}"; do
-        if command -v systemctl >/dev/null && systemctl disable --quiet "$service.service" 2>/dev/null; then
+        if systemctl disable "${now[@]}" --quiet "$service.service" 2>/dev/null; then
             log "disabled the $service service, which the tests do not use"
         fi
     done

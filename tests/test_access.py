@@ -16,15 +16,19 @@ from pathlib import Path
 import pytest
 
 from securevol.access import (
+    ACCESS_FILE,
     AccessChecker,
     AccessPolicy,
     MountGuard,
+    apply_default_policy,
     read_access_file,
     write_access_file,
 )
 from securevol.audit import AuditLog
+from securevol.driver import _apply_default_policy
 from securevol.engine import EngineClient
 from securevol.errors import AccessDenied
+from securevol.registry import Registry, VolumeRecord
 from tests.dockerd import PLUGIN_DIR, plugin_socket_path, unique_driver_name
 from tests.plugin_server import PluginServer
 
@@ -237,6 +241,64 @@ def test_dockerd_allowed_as_host_process(tmp_path, dockerd):
     assert checker.allows(dockerd.pid, "create")
 
 
+# -- the daemon's default policy ------------------------------------------------------------------------------
+
+
+def _registry_with_volumes(state_dir: Path, *names: str) -> Registry:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    registry = Registry(state_dir)
+    registry.ensure_layout()
+    for name in names:
+        record = VolumeRecord(name=name, volume_id="00" * 16, created_at="2026-01-01T00:00:00Z", options={},
+                              key_provider="local")
+        with registry.creating_or_removing():
+            registry.create(record, {"provider": "local"}, (0, 0, 0o755))
+    return registry
+
+
+def test_apply_default_policy_rewrites_access_file(tmp_path):
+    path = tmp_path / "access.json"
+    write_access_file(path, policy(tmp_path, None, approved={"c" * 64: "(default policy)"}))
+
+    assert apply_default_policy(path, True)
+
+    written = read_access_file(path)
+    assert written.deny_by_default
+    assert written.approved == {}
+    assert written.allowlist().rules == ()
+    assert not written.allowlist().open
+    assert not apply_default_policy(path, True)
+    assert not apply_default_policy(tmp_path / "missing.json", True)
+
+
+def test_daemon_start_gives_mounted_volumes_its_policy(tmp_path):
+    # The FUSE process of a volume that stayed mounted across a restart from
+    # the allow to the deny policy reads the rewritten access file.
+    registry = _registry_with_volumes(tmp_path / "state", "mounted", "never-mounted")
+    write_access_file(registry.volume_dir("mounted") / ACCESS_FILE, policy(tmp_path, None))
+
+    _apply_default_policy(registry, True)
+
+    assert read_access_file(registry.volume_dir("mounted") / ACCESS_FILE).deny_by_default
+    assert not (registry.volume_dir("never-mounted") / ACCESS_FILE).exists()
+
+
+def test_allow_cli_reports_policy_from_access_file(tmp_path):
+    # The daemon runs with the deny policy; the command is given no --default-policy.
+    state_dir = tmp_path / "state"
+    registry = _registry_with_volumes(state_dir, "db")
+    write_access_file(registry.volume_dir("db") / ACCESS_FILE, policy(tmp_path, None, deny_by_default=True))
+
+    shown = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "show", "db", "--state-dir",
+                            str(state_dir)], capture_output=True, text=True, timeout=60)
+    cleared = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "clear", "db", "--state-dir",
+                              str(state_dir)], capture_output=True, text=True, timeout=60)
+
+    assert shown.stdout.strip() == "(no allowlist: the daemon's default policy denies every container)"
+    assert cleared.returncode == 0, cleared.stderr
+    assert "the default policy denies every container" in cleared.stdout
+
+
 # -- mount time ---------------------------------------------------------------------------------------------
 
 
@@ -284,9 +346,15 @@ def test_mount_guard_with_candidates(tmp_path, dockerd, busybox_image):
         # A disallowed container that is not being started (its inspect returns at
         # once): securevol cannot rule out that the mount is for it, so it refuses.
         dockerd.docker("create", "--name", "guard-evil", "-v", f"{volume}:/d", busybox_image, "true")
-        with pytest.raises(AccessDenied, match="cannot tell which container"):
+        with pytest.raises(AccessDenied, match="cannot tell which container") as refused:
             guard(tmp_path, engine).check_mount(volume, "name:guard-web", access_file)
         assert audit_lines(tmp_path)[-1]["container_name"] == "guard-evil"
+        assert f"'securevol allow set {volume} RULES'" in str(refused.value)
+
+        # Under the deny policy, a volume without an allowlist: the refusal names the policy.
+        with pytest.raises(AccessDenied, match="has no allowlist and this securevol daemon denies") as refused:
+            guard(tmp_path, engine, deny_by_default=True).check_mount(volume, None, access_file)
+        assert f"'securevol allow set {volume} RULES'" in str(refused.value)
     finally:
         dockerd.docker("rm", "-f", "guard-web", "guard-evil", check=False)
         dockerd.docker("volume", "rm", volume, check=False)

@@ -604,12 +604,33 @@ def test_catalog_sees_volume_created_in_same_clock_tick(tmp_path):
     assert catalog.names() == {"old"}
     before = os.stat(volumes)
 
-    # A coarse clock gives the directory the same mtime again, and a
-    # removal balances the link count, so only the scan of a recently
-    # changed directory finds the new volume.
+    # A coarse clock gives the directory the same mtime again, and a removal
+    # balances the link count. The last scan came too soon after that mtime
+    # to be trusted, so the directory is scanned again.
     (volumes / "old").rmdir()
     (volumes / "new").mkdir()
     os.utime(volumes, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    assert catalog.names() == {"new"}
+
+
+def test_catalog_sees_same_tick_volume_after_quiet_time(tmp_path):
+    volumes = tmp_path / "volumes"
+    (volumes / "old").mkdir(parents=True)
+    catalog = VolumeCatalog(volumes, lambda name: None)
+    assert catalog.names() == {"old"}
+    before = os.stat(volumes)
+    (volumes / "old").rmdir()
+    (volumes / "new").mkdir()
+    os.utime(volumes, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    # No request comes while the change is recent. The directory's time and
+    # the time of the last scan are moved a minute back, one millisecond
+    # apart, as if the next request came a minute after both.
+    minute_earlier = before.st_mtime_ns - 60_000_000_000
+    os.utime(volumes, ns=(minute_earlier, minute_earlier))
+    catalog._stamp = (before.st_ino, minute_earlier, before.st_nlink)
+    catalog._scanned_at_ns = minute_earlier + 1_000_000
 
     assert catalog.names() == {"new"}
 

@@ -140,6 +140,22 @@ def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:
     return True
 
 
+def apply_default_policy(path: str | os.PathLike[str], deny_by_default: bool) -> bool:
+    """Give an existing access file the daemon's default policy and drop its approvals; True if it changed.
+
+    A FUSE process outlives a daemon restart, and its access file keeps the
+    policy of the daemon that last mounted the volume until it is rewritten.
+    """
+    try:
+        policy = read_access_file(path)
+    except FileNotFoundError:
+        return False
+    if policy.deny_by_default == deny_by_default:
+        return False
+    write_access_file(path, dataclasses.replace(policy, deny_by_default=deny_by_default, approved={}))
+    return True
+
+
 def read_access_file(path: str | os.PathLike[str]) -> AccessPolicy:
     """Read an access file; raise ValueError or OSError if it is missing or damaged."""
     with open(path, "rb") as f:
@@ -221,10 +237,15 @@ class MountGuard:
             raise AccessDenied(f"Volume {volume!r} has no allowlist and this securevol daemon denies such volumes "
                                f"to every container, so {who} may not use it; give it one with "
                                f"'securevol allow set {volume} RULES'.")
+        if allowlist.rules:
+            raise AccessDenied(
+                f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol "
+                "cannot tell which container this mount is for; remove that container or add it with "
+                f"'securevol allow set {volume} RULES'."
+            )
         raise AccessDenied(
-            f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol "
-            "cannot tell which container this mount is for; remove that container or add it to the "
-            "allowlist."
+            f"Volume {volume!r} has no allowlist and this securevol daemon denies such volumes to every "
+            f"container, and {who} uses it; give it one with 'securevol allow set {volume} RULES'."
         )
 
     def _busy(self, volume: str, candidates: list[VolumeUser]) -> list[VolumeUser]:
@@ -262,13 +283,13 @@ class MountGuard:
         except EngineError as exc:
             self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
                               reason="engine unavailable")
-            raise AccessDenied(f"Volume {volume!r} has an allowlist, and securevol cannot ask dockerd which "
-                               f"container is starting: {exc}") from None
+            raise AccessDenied(f"Volume {volume!r} may be used only by some containers, and securevol cannot ask "
+                               f"dockerd which container is starting: {exc}") from None
 
     def _require_engine(self, volume: str) -> EngineClient:
         if self.engine is None:
-            raise AccessDenied(f"Volume {volume!r} has an allowlist, but securevol has no Docker Engine API "
-                               "socket configured to check it.")
+            raise AccessDenied(f"Volume {volume!r} may be used only by some containers, but securevol has no "
+                               "Docker Engine API socket configured to check which; start it with --docker-host.")
         return self.engine
 
 

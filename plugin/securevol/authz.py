@@ -102,6 +102,7 @@ _VOLUME_CREATE_BODY = gojson.GoStruct({
 # -- routes (api/server/router/container and volume, dockerd 20.10) ------------------
 
 # A clock tick of directory times is at most 10 ms (HZ=100); the window is far wider, to cover clock steps too.
+# A scan made less than this after the directory's mtime is repeated at the next request.
 _RESCAN_WINDOW_NS = 2_000_000_000
 _VERSION_PREFIX_RE = re.compile(r"/v[0-9.]+(?=/)")
 _ROUTES: tuple[tuple[frozenset[str], re.Pattern[str], str], ...] = (
@@ -274,6 +275,7 @@ class VolumeCatalog:
         self.read_allow_option = read_allow_option
         self.deny_by_default = deny_by_default
         self._stamp: tuple[int, int, int] | None = None
+        self._scanned_at_ns = 0  # when the cached names were read (time.time_ns)
         self._names: frozenset[str] = frozenset()
 
     @classmethod
@@ -294,9 +296,11 @@ class VolumeCatalog:
         stamp = (st.st_ino, st.st_mtime_ns, st.st_nlink)
         # Kernels that take directory times from a clock tick of several
         # milliseconds give a volume created in the tick of the last scan the
-        # same mtime, so a directory changed that recently is scanned again.
-        recently_changed = time.time_ns() - st.st_mtime_ns < _RESCAN_WINDOW_NS
-        if stamp != self._stamp or recently_changed:
+        # same mtime. So a scan made soon after the mtime is not trusted, and
+        # the directory is scanned again until a scan comes well after it.
+        scan_too_early = st.st_mtime_ns + _RESCAN_WINDOW_NS > self._scanned_at_ns
+        if stamp != self._stamp or scan_too_early:
+            self._scanned_at_ns = time.time_ns()
             self._names = frozenset(entry.name for entry in os.scandir(self.volumes_dir) if entry.is_dir())
             self._stamp = stamp
         return self._names
@@ -715,7 +719,8 @@ def _refusal(use: VolumeUse, container: ContainerInfo) -> str:
         return (f"Volume {use.volume!r} does not allow {who}: it matches none of the rules "
                 f"{use.allowlist.text!r}; change them with 'securevol allow set {use.volume} RULES'.")
     return (f"Volume {use.volume!r} has no allowlist and this securevol daemon denies such volumes to every "
-            f"container, so {who} may not use it; give the volume an 'allow' option.")
+            f"container, so {who} may not use it; give it one with 'securevol allow set {use.volume} RULES', "
+            "or an 'allow' option when it is created.")
 
 
 def _driver_config(mount: Mapping[str, Any]) -> tuple[str, dict[str, str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 
 from securevol import __version__, config
-from securevol.access import ACCESS_FILE, update_access_file
+from securevol.access import ACCESS_FILE, read_access_file, update_access_file
 from securevol.api import create_app
 from securevol.driver import VolumeDriver
 from securevol.errors import SecurevolError, VolumeNotFound
@@ -183,7 +183,7 @@ def allow_show(args: argparse.Namespace) -> int:
     rules = record.options.get("allow")
     if rules is not None:
         print(parse_allowlist(rules).text)
-    elif settings.deny_by_default:
+    elif _denies_by_default(settings, registry, args.volume):
         print("(no allowlist: the daemon's default policy denies every container)")
     else:
         print("(no allowlist: every container may use the volume)")
@@ -212,11 +212,19 @@ def allow_clear(args: argparse.Namespace) -> int:
         registry.update_options(args.volume, options)
         update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, None)
     log.info("allowlist removed vol=%s previous=%s", args.volume, previous or "-")
-    if settings.deny_by_default:
+    if _denies_by_default(settings, registry, args.volume):
         print(f"Volume {args.volume!r} has no allowlist now; the default policy denies every container.")
     else:
         print(f"Volume {args.volume!r} has no allowlist now; every container may use it.")
     return 0
+
+
+def _denies_by_default(settings: config.Settings, registry: Registry, volume: str) -> bool:
+    """Tell whether the daemon's default policy denies *volume*, as its access file records, else as --default-policy sets it."""
+    try:
+        return read_access_file(registry.volume_dir(volume) / ACCESS_FILE).deny_by_default
+    except (OSError, ValueError):
+        return settings.deny_by_default
 
 
 def rekey(args: argparse.Namespace) -> int:

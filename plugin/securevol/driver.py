@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securevol.access import ACCESS_FILE, MountGuard
+from securevol.access import ACCESS_FILE, MountGuard, apply_default_policy
 from securevol.audit import AuditLog
 from securevol.config import Settings
 from securevol.crypto import VOLUME_ID_LEN, DataKey
@@ -50,6 +50,7 @@ class VolumeDriver:
         prepare_state_dir(settings)
         registry = Registry(settings.state_dir)
         registry.ensure_layout()
+        _apply_default_policy(registry, settings.deny_by_default)
         return cls(settings, registry, create_provider(settings), Mounter(settings.mount_timeout),
                    mount_guard(settings))
 
@@ -335,6 +336,24 @@ def prepare_state_dir(settings: Settings) -> None:
         if stat.S_IMODE(st.st_mode) != 0o700:
             log.warning("directory mode tightened path=%s mode=%04o", path, stat.S_IMODE(st.st_mode))
             os.chmod(path, 0o700)
+
+
+def _apply_default_policy(registry: Registry, deny_by_default: bool) -> None:
+    """Give the access files of mounted volumes this daemon's --default-policy.
+
+    Without it, a volume without an allowlist that stayed mounted across a
+    restart from the allow to the deny policy would stay open to every container.
+    """
+    policy = "deny" if deny_by_default else "allow"
+    for name in registry.volume_names():
+        try:
+            with registry.changing_mounts(name):
+                changed = apply_default_policy(registry.volume_dir(name) / ACCESS_FILE, deny_by_default)
+        except (SecurevolError, OSError, ValueError) as exc:
+            log.warning("default policy not applied vol=%s error=%s", name, exc)
+            continue
+        if changed:
+            log.info("default policy applied to mounted volume vol=%s policy=%s", name, policy)
 
 
 def _remove_if_empty(path: Path) -> None:
