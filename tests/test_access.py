@@ -424,6 +424,14 @@ def can_read(path: Path) -> bool:
     return True
 
 
+def written_and_readable(path: Path) -> bool:
+    """Tell whether *path* exists and this process can read it; a container may not have written it yet."""
+    try:
+        return can_read(path)
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 def test_e2e_allowed_container_uses_volume(dockerd, busybox_image, volume, guarded_plugin):
@@ -562,7 +570,7 @@ def test_e2e_revoked_handle_cannot_fallocate(dockerd, busybox_image, volume, gua
     dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",
                 "echo secret > /d/f; sleep 300")
     path = guarded_plugin.mount_root / name / "f"
-    wait_until(lambda: can_read(path), "the container writing its file")
+    wait_until(lambda: written_and_readable(path), "the container writing its file")
     fd = os.open(path, os.O_RDWR)
     try:
         # The host loses access while it keeps a handle open.
