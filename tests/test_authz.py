@@ -597,32 +597,33 @@ def test_volume_create_elsewhere_allowed(state):
 # -- other requests -----------------------------------------------------------------------------------
 
 
-def test_catalog_sees_volume_created_in_same_clock_tick(tmp_path):
+def _catalog_after_same_tick_change(tmp_path: Path) -> tuple[VolumeCatalog, Path, os.stat_result]:
+    """Scan a volumes directory with volume 'old', then replace it by 'new' as a coarse clock would show it.
+
+    A coarse clock gives the directory the same mtime again, and the removal
+    balances the link count, so the catalog's stamp does not change.
+    """
     volumes = tmp_path / "volumes"
     (volumes / "old").mkdir(parents=True)
     catalog = VolumeCatalog(volumes, lambda name: None)
     assert catalog.names() == {"old"}
     before = os.stat(volumes)
 
-    # A coarse clock gives the directory the same mtime again, and a removal
-    # balances the link count. The last scan came too soon after that mtime
-    # to be trusted, so the directory is scanned again.
     (volumes / "old").rmdir()
     (volumes / "new").mkdir()
     os.utime(volumes, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return catalog, volumes, before
 
+
+def test_catalog_sees_volume_created_in_same_clock_tick(tmp_path):
+    catalog, _, _ = _catalog_after_same_tick_change(tmp_path)
+
+    # The last scan came too soon after the mtime to be trusted, so the directory is scanned again.
     assert catalog.names() == {"new"}
 
 
 def test_catalog_sees_same_tick_volume_after_quiet_time(tmp_path):
-    volumes = tmp_path / "volumes"
-    (volumes / "old").mkdir(parents=True)
-    catalog = VolumeCatalog(volumes, lambda name: None)
-    assert catalog.names() == {"old"}
-    before = os.stat(volumes)
-    (volumes / "old").rmdir()
-    (volumes / "new").mkdir()
-    os.utime(volumes, ns=(before.st_atime_ns, before.st_mtime_ns))
+    catalog, volumes, before = _catalog_after_same_tick_change(tmp_path)
 
     # No request comes while the change is recent. The directory's time and
     # the time of the last scan are moved a minute back, one millisecond
