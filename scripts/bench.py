@@ -928,7 +928,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                         help=f"comma-separated filesystems (default: {','.join(ALL_FILESYSTEMS)})")
     parser.add_argument("--quick", action="store_true", help="small sizes and one round, for a smoke run")
     parser.add_argument("--settle-timeout", type=float, default=SETTLE_TIMEOUT_SECONDS, metavar="SECONDS",
-                        help="longest wait, in seconds, for the disks to be quiet before each timed step "
+                        help="maximum wait, in seconds, for the disks to be quiet before each timed step "
                              f"(default {SETTLE_TIMEOUT_SECONDS:.0f}; 0 skips the wait, for a smoke run "
                              "on a machine whose disks other work keeps busy)")
     parser.add_argument("--json", metavar="PATH",

@@ -42,11 +42,11 @@ test_packages=(
 private_services=(docker-registry postgresql)
 
 apt_packages=("${demo_packages[@]}" "${test_packages[@]}")
-if [ "${1:-}" = "--demo" ]; then
-    apt_packages=("${demo_packages[@]}")
-elif [ $# -gt 0 ]; then
+if [ $# -gt 1 ] || { [ $# -eq 1 ] && [ "$1" != "--demo" ]; }; then
     echo "usage: $0 [--demo]" >&2
     exit 2
+elif [ $# -eq 1 ]; then
+    apt_packages=("${demo_packages[@]}")
 fi
 
 log() {
@@ -109,7 +109,7 @@ hold_back_private_services() {
     if [ "${#services[@]}" -eq 0 ] || [ -e "$policy_rc_d" ] || [ -L "$policy_rc_d" ]; then
         return
     fi
-    # invoke-rc.d asks with the service's name, deb-systemd-invoke with the unit's name.
+    # invoke-rc.d passes the service's name, deb-systemd-invoke the unit's name.
     local names=()
     for service in "${services[@]}"; do
         names+=("$service" "$service.service")

@@ -289,12 +289,12 @@ def test_allow_cli_reports_policy_from_access_file(tmp_path):
     registry = _registry_with_volumes(state_dir, "db")
     write_access_file(registry.volume_dir("db") / ACCESS_FILE, policy(tmp_path, None, deny_by_default=True))
 
-    shown = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "show", "db", "--state-dir",
-                            str(state_dir)], capture_output=True, text=True, timeout=60)
+    show_result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "show", "db", "--state-dir",
+                                  str(state_dir)], capture_output=True, text=True, timeout=60)
     cleared = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "clear", "db", "--state-dir",
                               str(state_dir)], capture_output=True, text=True, timeout=60)
 
-    assert shown.stdout.strip() == "(no allowlist: the daemon's default policy denies every container)"
+    assert show_result.stdout.strip() == "(no allowlist: the daemon's default policy denies every container)"
     assert cleared.returncode == 0, cleared.stderr
     assert "the default policy denies every container" in cleared.stdout
 

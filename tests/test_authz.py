@@ -600,8 +600,8 @@ def test_volume_create_elsewhere_allowed(state):
 def _catalog_after_same_tick_change(tmp_path: Path) -> tuple[VolumeCatalog, Path, os.stat_result]:
     """Scan a volumes directory with volume 'old', then replace it by 'new' as a coarse clock would show it.
 
-    A coarse clock gives the directory the same mtime again, and the removal
-    balances the link count, so the catalog's stamp does not change.
+    A coarse clock gives the directory the same mtime again, so the catalog's
+    stamp (inode and mtime) does not change.
     """
     volumes = tmp_path / "volumes"
     (volumes / "old").mkdir(parents=True)
@@ -630,7 +630,7 @@ def test_catalog_sees_same_tick_volume_after_quiet_time(tmp_path):
     # apart, as if the next request came a minute after both.
     minute_earlier = before.st_mtime_ns - 60_000_000_000
     os.utime(volumes, ns=(minute_earlier, minute_earlier))
-    catalog._stamp = (before.st_ino, minute_earlier, before.st_nlink)
+    catalog._stamp = (before.st_ino, minute_earlier)
     catalog._scanned_at_ns = minute_earlier + 1_000_000
 
     assert catalog.names() == {"new"}
@@ -644,8 +644,8 @@ def test_catalog_caches_names_of_unchanged_directory(tmp_path):
     catalog = VolumeCatalog(volumes, lambda name: None)
     assert catalog.names() == {"db"}
 
-    # A rename keeps the link count; with the old mtime put back, the stamp is
-    # unchanged, so the answer comes from the cache without a scan.
+    # With the old mtime put back after a rename, the stamp is unchanged, so
+    # names() returns the cached set without a scan.
     (volumes / "db").rename(volumes / "renamed")
     os.utime(volumes, ns=(minute_ago, minute_ago))
 

@@ -101,9 +101,6 @@ _VOLUME_CREATE_BODY = gojson.GoStruct({
 
 # -- routes (api/server/router/container and volume, dockerd 20.10) ------------------
 
-# A clock tick of directory times is at most 10 ms (HZ=100); the window is far wider, to cover clock steps too.
-# A scan made less than this after the directory's mtime is repeated at the next request.
-_RESCAN_WINDOW_NS = 2_000_000_000
 _VERSION_PREFIX_RE = re.compile(r"/v[0-9.]+(?=/)")
 _ROUTES: tuple[tuple[frozenset[str], re.Pattern[str], str], ...] = (
     (frozenset({"POST"}), re.compile(r"/containers/create"), "create"),
@@ -261,6 +258,12 @@ class VolumeUse:
 # -- the registry ----------------------------------------------------------------------------
 
 
+# A scan made less than this after the volumes directory's mtime is repeated at the next
+# request. A clock tick of directory times is at most 10 ms (CONFIG_HZ is 100 or more), and
+# the rest leaves room for a scan delayed by a busy machine.
+_RESCAN_WINDOW_NS = 2_000_000_000
+
+
 class VolumeCatalog:
     """Names and allowlists of the volumes in the registry's ``volumes/`` directory.
 
@@ -274,7 +277,7 @@ class VolumeCatalog:
         self.volumes_dir = Path(volumes_dir)
         self.read_allow_option = read_allow_option
         self.deny_by_default = deny_by_default
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int] | None = None
         self._scanned_at_ns = 0  # when the cached names were read (time.time_ns)
         self._names: frozenset[str] = frozenset()
 
@@ -293,7 +296,7 @@ class VolumeCatalog:
             st = os.stat(self.volumes_dir)
         except FileNotFoundError:
             return frozenset()
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_nlink)
+        stamp = (st.st_ino, st.st_mtime_ns)
         # Kernels that take directory times from a clock tick of several
         # milliseconds give a volume created in the tick of the last scan the
         # same mtime. So a scan made soon after the mtime is not trusted, and
