@@ -15,6 +15,7 @@ import pytest
 
 from securevol import format as fmt
 from securevol.backing_io import MAX_PENDING, BackingIoWorker
+from securevol.mount import DESCRIPTOR_TABLE_SLOTS
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 
 STOP_TIMEOUT = 60.0
@@ -161,3 +162,42 @@ def test_file_unlinked_and_truncated_while_read_sequentially(volume):
         rest = f.read()
     assert head + rest == data[: 2**20 + 5000]
     assert (volume.mountpoint / "truncated").read_bytes() == data[: 2**20 + 5000]
+
+
+def _descriptor_table_size(pid: int) -> int:
+    """Return the slots of *pid*'s descriptor table (FDSize), which the kernel doubles and never shrinks."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("FDSize:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no FDSize in /proc/{pid}/status")
+
+
+def _open_file_limit(pid: int) -> int:
+    """Return the soft RLIMIT_NOFILE of *pid*, which the FUSE process raises for itself."""
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError(f"no open file limit in /proc/{pid}/limits")
+
+
+def test_descriptor_table_is_sized_before_threads_start(volume):
+    # Each doubling of the table in a process with threads waits for an RCU
+    # grace period (2 to 20 ms on the test VM), and the FUSE process keeps a
+    # descriptor for every inode the kernel has looked up.
+    expected = min(DESCRIPTOR_TABLE_SLOTS, _open_file_limit(volume.pid))
+    size = _descriptor_table_size(volume.pid)
+    assert size >= expected
+
+    paths = [volume.mountpoint / f"f{i:04d}" for i in range(2000)]
+    for path in paths:
+        path.write_bytes(b"x")
+    # Pinned, every inode stays known to the kernel, so the FUSE process keeps its descriptors.
+    pins = [os.open(path, os.O_PATH) for path in paths]
+    try:
+        assert _fuse_descriptors(volume.pid) > len(paths)
+        assert _descriptor_table_size(volume.pid) == size
+    finally:
+        for fd in pins:
+            os.close(fd)
