@@ -20,6 +20,14 @@ Workloads (``--workloads``, all by default):
   untar       extract a tarball of a real source tree, then sync
   memory      peak RSS (VmHWM) of each FUSE process while it served the round
 
+CPU placement (``--placement``): by default the scheduler places the
+benchmark and each FUSE process. On a VM where waking another CPU is
+expensive, whether a FUSE process happens to share a CPU with its client
+decides the small-file figures more than the filesystem does
+(docs/benchmarks.md, "CPU placement"). ``together`` pins the benchmark, its
+tar and fio, and every FUSE process to one CPU; ``apart`` pins the
+FUSE processes to a CPU other than the benchmark's.
+
 The securevol mount is made the way the daemon makes it: securevol.mounter
 starts ``python -m securevol.mount`` and hands it a random DEK over a pipe.
 
@@ -73,6 +81,7 @@ UNMOUNT_TIMEOUT = 60.0
 PROFILE_RATE = 200  # py-spy samples per second
 
 ALL_FILESYSTEMS = ("plain", "securevol", "gocryptfs", "securefs")
+PLACEMENTS = ("free", "together", "apart")
 ALL_WORKLOADS = ("seqwrite", "coldread", "smallfiles", "random4k", "untar", "memory")
 
 
@@ -134,6 +143,7 @@ class Config:
     workdir_parent: Path | None
     profile_dir: Path | None
     settle_timeout: float = SETTLE_TIMEOUT_SECONDS
+    placement: "Placement | None" = None
     tarball: Path | None = None
     tar_entries: int = 0
     tar_bytes: int = 0
@@ -216,6 +226,55 @@ def read_vm_hwm_kib(pid: int) -> int:
     return 0
 
 
+# --- CPU placement ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The CPUs the benchmark (the client) and the FUSE processes may use; None leaves it to the scheduler."""
+
+    mode: str
+    client_cpus: frozenset[int] | None = None
+    fuse_cpus: frozenset[int] | None = None
+
+    @classmethod
+    def choose(cls, mode: str, allowed: set[int]) -> "Placement":
+        cpus = sorted(allowed)
+        if mode == "together":
+            return cls(mode, frozenset(cpus[:1]), frozenset(cpus[:1]))
+        if mode == "apart":
+            if len(cpus) < 2:
+                raise ValueError("--placement apart needs at least two CPUs")
+            return cls(mode, frozenset(cpus[:1]), frozenset(cpus[1:2]))
+        return cls(mode)
+
+    def describe(self) -> dict:
+        def listed(cpus: frozenset[int] | None) -> list[int] | None:
+            return sorted(cpus) if cpus is not None else None
+        return {"mode": self.mode, "client_cpus": listed(self.client_cpus),
+                "fuse_cpus": listed(self.fuse_cpus)}
+
+
+def pin_process(pid: int, cpus: frozenset[int]) -> None:
+    """Restrict every thread of *pid* to *cpus*; threads it starts later inherit the setting."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            continue  # the thread ended while we listed them
+
+
+def threads_cpus(pid: int) -> set[int]:
+    """Return the union of the CPUs the threads of *pid* may run on."""
+    cpus: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cpus |= os.sched_getaffinity(int(tid))
+        except ProcessLookupError:
+            continue
+    return cpus
+
+
 # --- filesystems under test ------------------------------------------------------------------------
 
 
@@ -229,6 +288,8 @@ class Filesystem:
         self.config = config
         self.root = base / "mnt"
         self.round_peak_rss_kib = 0
+        # The CPUs each of this filesystem's FUSE processes was seen allowed to use, for the report.
+        self.seen_fuse_cpus: set[int] = set()
 
     def create(self) -> None:
         self.root.mkdir(parents=True)
@@ -253,6 +314,14 @@ class Filesystem:
     def sample_memory(self) -> None:
         if self.fuse_pid is not None:
             self.round_peak_rss_kib = max(self.round_peak_rss_kib, read_vm_hwm_kib(self.fuse_pid))
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                self.seen_fuse_cpus |= threads_cpus(self.fuse_pid)
+
+    def place_fuse_process(self) -> None:
+        """Pin the FUSE process just mounted to the CPUs of --placement, if it names any."""
+        placement = self.config.placement
+        if placement is not None and placement.fuse_cpus is not None and self.fuse_pid is not None:
+            pin_process(self.fuse_pid, placement.fuse_cpus)
 
     def take_round_peak_rss_mib(self) -> float | None:
         """Return the peak RSS of this round's FUSE processes and start counting the next round."""
@@ -297,6 +366,7 @@ class SecurevolFilesystem(Filesystem):
 
     def mount(self) -> None:
         self.pid = self.mounter.start(self.launch, self.dek)
+        self.place_fuse_process()
 
     def unmount(self) -> None:
         if self.pid is None:
@@ -380,6 +450,7 @@ class ProcessFilesystem(Filesystem):
         finally:
             os.close(log_fd)
         self._wait_until_mounted()
+        self.place_fuse_process()
 
     def _wait_until_mounted(self) -> None:
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -625,6 +696,8 @@ def prepare_tarball(config: Config, workdir: Path) -> None:
 class Results:
     # values[filesystem][metric] is a list with one value per round.
     values: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    # The CPUs each filesystem's FUSE processes were allowed to use while they served.
+    fuse_cpus: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, filesystem: str, metric: str, value: float) -> None:
         self.values[filesystem][metric].append(value)
@@ -647,6 +720,9 @@ def rotated(items: list, round_no: int) -> list:
 
 
 def run_benchmark(config: Config) -> Results:
+    if config.placement.client_cpus is not None:
+        # tar and fio, started by this process, inherit the setting.
+        os.sched_setaffinity(0, config.placement.client_cpus)
     workdir = Path(tempfile.mkdtemp(prefix="securevol-bench-", dir=config.workdir_parent))
     filesystems = [FILESYSTEM_CLASSES[name](workdir / name, config) for name in config.filesystems]
     results = Results()
@@ -654,6 +730,7 @@ def run_benchmark(config: Config) -> Results:
     progress(f"sizes: sequential file {size_text(config.size)}, {config.files:,} small files, "
              f"fio file {size_text(config.fio_size)} ({size_text(config.fio_io_size)} per job), "
              f"{config.rounds} round(s)")
+    progress(f"CPU placement: {describe_placement(config.placement)}")
     try:
         if "untar" in config.workloads:
             prepare_tarball(config, workdir)
@@ -666,7 +743,16 @@ def run_benchmark(config: Config) -> Results:
             run_round(rotated(filesystems, round_no), round_no, config, results)
     finally:
         clean_up(filesystems, workdir)
+    results.fuse_cpus = {fs.name: sorted(fs.seen_fuse_cpus) for fs in filesystems if fs.seen_fuse_cpus}
     return results
+
+
+def describe_placement(placement: Placement) -> str:
+    if placement.mode == "free":
+        return "free (the scheduler places every process)"
+    client = ",".join(map(str, sorted(placement.client_cpus)))
+    fuse = ",".join(map(str, sorted(placement.fuse_cpus)))
+    return f"{placement.mode} (benchmark, tar and fio on CPU {client}; FUSE processes on CPU {fuse})"
 
 
 def run_round(order: list[Filesystem], round_no: int, config: Config, results: Results) -> None:
@@ -758,7 +844,8 @@ def evaluate_targets(results: Results) -> list[dict]:
 def render_table(results: Results, config: Config, verdicts: list[dict]) -> str:
     names = [name for name in config.filesystems if name in results.values]
     metrics = [m for m in METRICS if any(m.name in results.values[name] for name in names)]
-    lines = [f"Medians over {config.rounds} round(s); (x) is the ratio to the plain directory.", ""]
+    lines = [f"Medians over {config.rounds} round(s); (x) is the ratio to the plain directory.",
+             f"CPU placement: {describe_placement(config.placement)}.", ""]
 
     header = f"{'metric':<11}{'unit':<10}" + "".join(f"{name:>20}" for name in names)
     lines += [header, "-" * len(header)]
@@ -833,7 +920,9 @@ def build_report(results: Results, config: Config, verdicts: list[dict], started
             "tar_source": str(config.tar_source), "tar_entries": config.tar_entries,
             "tar_bytes": config.tar_bytes,
             "workloads": list(config.workloads), "filesystems": list(config.filesystems),
+            "placement": config.placement.describe(),
         },
+        "fuse_cpus": results.fuse_cpus,
         "metrics": {m.name: {"unit": m.unit, "description": m.description} for m in METRICS},
         "rounds": {name: dict(results.values[name]) for name in names},
         "median": {name: {metric: results.median(name, metric) for metric in results.values[name]}
@@ -931,6 +1020,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                         help="maximum wait, in seconds, for the disks to be quiet before each timed step "
                              f"(default {SETTLE_TIMEOUT_SECONDS:.0f}; 0 skips the wait, for a smoke run "
                              "on a machine whose disks other work keeps busy)")
+    parser.add_argument("--placement", choices=PLACEMENTS, default="free",
+                        help="free (default): the scheduler places every process; together: the benchmark "
+                             "and every FUSE process on one CPU; apart: the FUSE processes on another CPU "
+                             "than the benchmark")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON to PATH; '-' writes JSON to stdout and the table to stderr")
     parser.add_argument("--workdir", type=Path,
@@ -960,6 +1053,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         profile_dir=args.profile,
         settle_timeout=args.settle_timeout,
     )
+    try:
+        config.placement = Placement.choose(args.placement, os.sched_getaffinity(0))
+    except ValueError as exc:
+        parser.error(str(exc))
     check_config(parser, config)
     return config, args
 

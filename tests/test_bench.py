@@ -78,3 +78,55 @@ def test_quick_run_leaves_nothing_behind(quick_report: tuple[dict, Path, str]) -
 def test_quick_run_states_its_sizes(quick_report: tuple[dict, Path, str]) -> None:
     _, _, progress = quick_report
     assert "sizes: sequential file 4 MiB, 50 small files, fio file 1 MiB (256 KiB per job), 1 round(s)" in progress
+
+
+def run_pinned(workdir: Path, placement: str) -> dict:
+    command = [
+        sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--json", "-",
+        "--workloads", "smallfiles", "--filesystems", "plain,securevol,gocryptfs", "--files", "20",
+        "--workdir", str(workdir), "--settle-timeout", "0", "--placement", placement,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["together", "apart"])
+def test_placement_pins_fuse_processes(placement: str, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark mounts FUSE filesystems, which needs root")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+
+    report = run_pinned(tmp_path, placement)
+
+    chosen = report["config"]["placement"]
+    assert chosen["mode"] == placement
+    assert len(chosen["client_cpus"]) == 1 and len(chosen["fuse_cpus"]) == 1
+    assert (chosen["client_cpus"] == chosen["fuse_cpus"]) == (placement == "together")
+    # Read back from every thread of each FUSE process while it served.
+    assert report["fuse_cpus"] == {"securevol": chosen["fuse_cpus"], "gocryptfs": chosen["fuse_cpus"]}
+    assert report["median"]["securevol"]["stat"] > 0
+
+
+@pytest.mark.slow
+def test_free_placement_leaves_fuse_processes_unpinned(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark mounts FUSE filesystems, which needs root")
+
+    report = run_pinned(tmp_path, "free")
+
+    assert report["config"]["placement"] == {"mode": "free", "client_cpus": None, "fuse_cpus": None}
+    everywhere = sorted(os.sched_getaffinity(0))
+    assert report["fuse_cpus"] == {"securevol": everywhere, "gocryptfs": everywhere}
+
+
+def test_apart_placement_needs_two_cpus() -> None:
+    command = ["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable,
+               str(REPO / "scripts" / "bench.py"), "--placement", "apart", "--filesystems", "plain"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    assert result.returncode == 2
+    assert "--placement apart needs at least two CPUs" in result.stderr
