@@ -43,9 +43,11 @@ _HEAP_BUFFER_LIMIT = 32 << 20
 # Signals that stop the filesystem cleanly: cached writes are synced and the mount removed.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-# Descriptor slots the kernel allocates at start-up (about 8 bytes each):
-# every inode the kernel has looked up keeps a descriptor open here.
-DESCRIPTOR_TABLE_SLOTS = 65536
+# Descriptor slots the kernel allocates at start-up, 128 KiB at 8 bytes each.
+# Every inode the kernel has looked up keeps a descriptor open here, and the
+# table still grows past this size when needed.
+DESCRIPTOR_TABLE_SLOTS = 16384
+
 MOUNT_OPTIONS = frozenset({"fsname=securevol", "subtype=securevol", "allow_other", "default_permissions"})
 
 
