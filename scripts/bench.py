@@ -288,7 +288,7 @@ class Filesystem:
         self.config = config
         self.root = base / "mnt"
         self.round_peak_rss_kib = 0
-        # The CPUs each of this filesystem's FUSE processes was seen allowed to use, for the report.
+        # The CPUs this filesystem's FUSE processes were allowed to use when sampled, for the report.
         self.seen_fuse_cpus: set[int] = set()
 
     def create(self) -> None:
@@ -617,12 +617,14 @@ def run_fio(path: Path, mode: str, seed: int, config: Config) -> float:
 
     fio's random map visits each block at most once, and --io_size is a
     quarter of the file, so no read is served from pages an earlier read
-    brought in. The write job's runtime includes its final fsync.
+    brought in. The write job's runtime includes its final fsync. The job
+    runs as a thread (--thread), because a forked job process outlived its
+    parent when an interrupt ended the benchmark.
     """
     command = [
         "fio", "--name=bench", f"--filename={path}", f"--size={config.fio_size}",
         f"--io_size={config.fio_io_size}", f"--bs={FIO_BLOCK}", f"--rw={mode}",
-        "--ioengine=psync", "--invalidate=1", f"--randseed={seed}", "--output-format=json",
+        "--ioengine=psync", "--invalidate=1", f"--randseed={seed}", "--output-format=json", "--thread",
     ]
     if mode == "randwrite":
         command.append("--end_fsync=1")

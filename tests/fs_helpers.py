@@ -99,14 +99,19 @@ class FuseMount:
         return [line for line in lines if f" {level} " in line]
 
 
-def run_mount_command(args: list[str], key_bytes: bytes) -> str:
+def run_mount_command(args: list[str], key_bytes: bytes, ready_fd_number: int | None = None) -> str:
     """Run ``python -m securevol.mount`` with *key_bytes* on the key pipe; return its status line.
 
     The launcher's stderr goes to /dev/null rather than a pipe: the detached
     FUSE process inherits it, so a pipe would never reach end-of-file.
+    *ready_fd_number* puts the write end of the ready pipe at that descriptor.
     """
     key_r, key_w = os.pipe()
     ready_r, ready_w = os.pipe()
+    if ready_fd_number is not None:
+        os.dup2(ready_w, ready_fd_number)
+        os.close(ready_w)
+        ready_w = ready_fd_number
     command = [sys.executable, "-m", "securevol.mount", *args, "--key-fd", str(key_r), "--ready-fd", str(ready_w)]
     launcher = subprocess.Popen(
         command, pass_fds=(key_r, ready_w), cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL

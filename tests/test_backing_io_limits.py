@@ -8,6 +8,7 @@ descriptor behind and stay correct when the file changes under them.
 
 import os
 import random
+import resource
 import threading
 import time
 
@@ -16,6 +17,7 @@ import pytest
 from securevol import format as fmt
 from securevol.backing_io import MAX_PENDING, BackingIoWorker
 from securevol.mount import DESCRIPTOR_TABLE_SLOTS
+from tests.fs_helpers import KEY, FuseMount, require_fuse, run_mount_command
 from tests.fs_helpers import volume  # noqa: F401 (a fixture)
 
 STOP_TIMEOUT = 60.0
@@ -184,7 +186,7 @@ def _open_file_limit(pid: int) -> int:
 
 def test_descriptor_table_is_sized_before_threads_start(volume):
     # Each doubling of the table in a process with threads waits for an RCU
-    # grace period (2 to 20 ms on the test VM), and the FUSE process keeps a
+    # grace period (about 10 ms each on the test VM), and the FUSE process keeps a
     # descriptor for every inode the kernel has looked up.
     expected = min(DESCRIPTOR_TABLE_SLOTS, _open_file_limit(volume.pid))
     size = _descriptor_table_size(volume.pid)
@@ -201,3 +203,25 @@ def test_descriptor_table_is_sized_before_threads_start(volume):
     finally:
         for fd in pins:
             os.close(fd)
+
+
+def test_descriptor_table_growth_keeps_inherited_descriptor(tmp_path):
+    # The ready pipe sits where the table growth takes its descriptor: the
+    # FUSE process must still report on it.
+    require_fuse()
+    ready_fd_number = DESCRIPTOR_TABLE_SLOTS - 1
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= ready_fd_number:
+        pytest.skip(f"needs an open file limit above {ready_fd_number}")
+    mount = FuseMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    mount.backing.mkdir()
+    mount.mountpoint.mkdir()
+
+    try:
+        line = run_mount_command(mount.command_args(), KEY, ready_fd_number=ready_fd_number)
+        assert line.startswith("ready "), line
+        mount.pid = int(line.split()[1])
+        (mount.mountpoint / "f").write_bytes(b"data")
+        assert (mount.mountpoint / "f").read_bytes() == b"data"
+    finally:
+        mount.cleanup()

@@ -6,8 +6,10 @@ how fast anything was.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,7 +105,8 @@ def test_placement_pins_fuse_processes(placement: str, tmp_path: Path) -> None:
 
     chosen = report["config"]["placement"]
     assert chosen["mode"] == placement
-    assert len(chosen["client_cpus"]) == 1 and len(chosen["fuse_cpus"]) == 1
+    assert len(chosen["client_cpus"]) == 1
+    assert len(chosen["fuse_cpus"]) == 1
     assert (chosen["client_cpus"] == chosen["fuse_cpus"]) == (placement == "together")
     # Read back from every thread of each FUSE process while it served.
     assert report["fuse_cpus"] == {"securevol": chosen["fuse_cpus"], "gocryptfs": chosen["fuse_cpus"]}
@@ -130,3 +133,50 @@ def test_apart_placement_needs_two_cpus() -> None:
 
     assert result.returncode == 2
     assert "--placement apart needs at least two CPUs" in result.stderr
+
+
+def _fio_processes(workdir: Path) -> list[int]:
+    """Return the PIDs of fio processes whose arguments name a file under *workdir*."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # the process ended while we listed them
+        if argv[0] == b"fio" and any(os.fsencode(workdir) in arg for arg in argv):
+            found.append(int(name))
+    return found
+
+
+def test_interrupt_during_fio_leaves_no_fio(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark drops the page cache, which needs root")
+    command = [
+        sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--filesystems", "plain",
+        "--workloads", "random4k", "--fio-size", "64M", "--settle-timeout", "0", "--workdir", str(tmp_path),
+    ]
+    bench = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _fio_processes(tmp_path):
+            assert bench.poll() is None, "the benchmark ended before fio started"
+            assert time.monotonic() < deadline, "fio did not start within 60 s"
+            time.sleep(0.005)
+
+        bench.send_signal(signal.SIGINT)  # to the benchmark alone, not to its process group
+        bench.wait(timeout=60)
+
+        deadline = time.monotonic() + 5
+        while _fio_processes(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _fio_processes(tmp_path)
+        assert left == []
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in _fio_processes(tmp_path):
+            os.kill(pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ It implements the daemon side of the contract in docs/architecture.md:
 """
 
 import argparse
+import fcntl
 import gc
 import logging
 import os
@@ -226,6 +227,9 @@ def _raise_open_file_limit() -> None:
     log.warning("open file limit unchanged soft=%d hard=%d", soft, hard)
 
 
+_TABLE_NOT_GROWN = "descriptor table not grown slots=%d error=%s; the first lookups may wait for the kernel"
+
+
 def _grow_descriptor_table(slots: int) -> None:
     """Grow this process's descriptor table to *slots* descriptors now, within RLIMIT_NOFILE.
 
@@ -241,16 +245,15 @@ def _grow_descriptor_table(slots: int) -> None:
     try:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        log.warning("descriptor table not grown error=%s; the first lookups may wait for the kernel", exc.strerror)
+        log.warning(_TABLE_NOT_GROWN, slots, exc.strerror)
         return
     try:
+        # The lowest free descriptor at or above *highest*: an inherited
+        # descriptor there, such as the ready pipe, stays open.
         if highest > fd:
-            os.dup2(fd, highest, inheritable=False)
-            os.close(highest)
+            os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, highest))
     except OSError as exc:
-        log.warning(
-            "descriptor table not grown slots=%d error=%s; the first lookups may wait for the kernel", slots, exc.strerror
-        )
+        log.warning(_TABLE_NOT_GROWN, slots, exc.strerror)
     finally:
         os.close(fd)
 
