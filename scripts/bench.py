@@ -25,7 +25,7 @@ benchmark and each FUSE process. On a VM where waking another CPU is
 expensive, whether a FUSE process happens to share a CPU with its client
 decides the small-file figures more than the filesystem does
 (docs/benchmarks.md, "CPU placement"). ``together`` pins the benchmark, its
-tar and fio, and every FUSE process to one CPU; ``apart`` pins the
+tar and fio, and every FUSE process to one CPU. ``apart`` pins the
 FUSE processes to a CPU other than the benchmark's.
 
 The securevol mount is made the way the daemon makes it: securevol.mounter
@@ -244,7 +244,8 @@ class Placement:
             return cls(mode, frozenset(cpus[:1]), frozenset(cpus[:1]))
         if mode == "apart":
             if len(cpus) < 2:
-                raise ValueError("--placement apart needs at least two CPUs")
+                raise ValueError("--placement apart needs at least two CPUs; allow the script two, or use "
+                                 "together or free")
             return cls(mode, frozenset(cpus[:1]), frozenset(cpus[1:2]))
         return cls(mode)
 
@@ -1023,9 +1024,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                              f"(default {SETTLE_TIMEOUT_SECONDS:.0f}; 0 skips the wait, for a smoke run "
                              "on a machine whose disks other work keeps busy)")
     parser.add_argument("--placement", choices=PLACEMENTS, default="free",
-                        help="free (default): the scheduler places every process; together: the benchmark "
-                             "and every FUSE process on one CPU; apart: the FUSE processes on another CPU "
-                             "than the benchmark")
+                        help="free (default) leaves every process to the scheduler, together runs the "
+                             "benchmark and every FUSE process on one CPU, apart runs the FUSE processes "
+                             "on another CPU than the benchmark")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON to PATH; '-' writes JSON to stdout and the table to stderr")
     parser.add_argument("--workdir", type=Path,

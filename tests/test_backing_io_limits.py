@@ -166,22 +166,23 @@ def test_file_unlinked_and_truncated_while_read_sequentially(volume):
     assert (volume.mountpoint / "truncated").read_bytes() == data[: 2**20 + 5000]
 
 
+def _proc_field(path: str, prefix: str, index: int) -> int:
+    """Return whitespace-separated field *index* of the line of /proc file *path* that starts with *prefix*."""
+    with open(path) as proc_file:
+        for line in proc_file:
+            if line.startswith(prefix):
+                return int(line.split()[index])
+    raise AssertionError(f"no line starting with {prefix!r} in {path}")
+
+
 def _descriptor_table_size(pid: int) -> int:
     """Return the slots of *pid*'s descriptor table (FDSize), which the kernel doubles and never shrinks."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("FDSize:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no FDSize in /proc/{pid}/status")
+    return _proc_field(f"/proc/{pid}/status", "FDSize:", 1)
 
 
 def _open_file_limit(pid: int) -> int:
     """Return the soft RLIMIT_NOFILE of *pid*, which the FUSE process raises for itself."""
-    with open(f"/proc/{pid}/limits") as limits:
-        for line in limits:
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-    raise AssertionError(f"no open file limit in /proc/{pid}/limits")
+    return _proc_field(f"/proc/{pid}/limits", "Max open files", 3)
 
 
 def test_descriptor_table_is_sized_before_threads_start(volume):

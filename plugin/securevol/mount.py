@@ -227,7 +227,9 @@ def _raise_open_file_limit() -> None:
     log.warning("open file limit unchanged soft=%d hard=%d", soft, hard)
 
 
-_TABLE_NOT_GROWN = "descriptor table not grown slots=%d error=%s; the first lookups may wait for the kernel"
+_TABLE_NOT_GROWN = (
+    "growing the descriptor table failed slots=%d error=%s; the first lookups after the mount may be slower"
+)
 
 
 def _grow_descriptor_table(slots: int) -> None:
