@@ -143,6 +143,18 @@ class ModelMount(FuseMount):
         return args
 
 
+class FewDescriptorsModelMount(ModelMount):
+    """A ModelMount whose FUSE process keeps at most two descriptors of known inodes.
+
+    Every file and symlink beyond them has its descriptor closed early and is
+    reopened by its backing name, so renames, links and unlinks must keep
+    those names right (securevol.inodes).
+    """
+
+    def command_args(self) -> list[str]:
+        return [*super().command_args(), "--inode-descriptors", "2"]
+
+
 class Written:
     """Names and data samples written through the mount, which the backing store must not contain."""
 
@@ -166,12 +178,14 @@ def pattern(seed: int, length: int) -> bytes:
 class MountModel(RuleBasedStateMachine):
     """Random operations applied to a securevol mount and to a plain directory, compared step by step.
 
-    Subclasses set ``workdir`` (a directory for this run) and ``finished``
-    (a list that receives each example's ModelMount and Written record).
+    Subclasses set ``workdir`` (a directory for this run), ``finished``
+    (a list that receives each example's ModelMount and Written record) and
+    ``mount_class`` (ModelMount or a subclass).
     """
 
     workdir: Path
     finished: list
+    mount_class: type
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,7 +194,7 @@ class MountModel(RuleBasedStateMachine):
         self.plain.mkdir()
         for directory in INITIAL_DIRS:
             (self.plain / directory).mkdir()
-        self.volume = ModelMount(self.base / "backing", self.base / "mnt", self.base / "fuse.log")
+        self.volume = self.mount_class(self.base / "backing", self.base / "mnt", self.base / "fuse.log")
         try:
             self.volume.start()
         except BaseException:
@@ -423,11 +437,11 @@ def _require_fuse() -> None:
         pytest.skip(message)
 
 
-def run_model(workdir: Path, model_settings: settings) -> None:
+def run_model(workdir: Path, model_settings: settings, mount_class: type = ModelMount) -> None:
     """Run the state machine, then check every example's backing store and log once more."""
     _require_fuse()
     finished: list = []
-    machine = type("Model", (MountModel,), {"workdir": workdir, "finished": finished})
+    machine = type("Model", (MountModel,), {"workdir": workdir, "finished": finished, "mount_class": mount_class})
 
     run_state_machine_as_test(machine, settings=model_settings)
 
@@ -457,3 +471,7 @@ def test_model_matches_plain_directory(tmp_path):
 @pytest.mark.slow
 def test_model_matches_plain_directory_long(tmp_path):
     run_model(tmp_path, LONG)
+
+
+def test_model_with_descriptors_closed_early(tmp_path):
+    run_model(tmp_path, QUICK, FewDescriptorsModelMount)

@@ -34,8 +34,15 @@ log = logging.getLogger(__name__)
 class GuardedOperations(SecurevolOperations):
     """SecurevolOperations that refuse callers the volume's allowlist does not allow."""
 
-    def __init__(self, volume: str, backing_root: str, keys: VolumeKeys, checker: AccessChecker) -> None:
-        super().__init__(volume, backing_root, keys)
+    def __init__(
+        self,
+        volume: str,
+        backing_root: str,
+        keys: VolumeKeys,
+        checker: AccessChecker,
+        inode_descriptors: int | None = None,
+    ) -> None:
+        super().__init__(volume, backing_root, keys, inode_descriptors)
         self.checker = checker
         # File and directory handle -> caller key of the process that opened it.
         self._openers: dict[int, str | None] = {}

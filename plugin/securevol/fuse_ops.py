@@ -197,12 +197,13 @@ class SecurevolOperations(pyfuse3.Operations):
     # The kernel enforces POSIX ACLs stored as extended attributes.
     enable_acl = True
 
-    def __init__(self, volume: str, backing_root: str, keys: VolumeKeys) -> None:
+    def __init__(self, volume: str, backing_root: str, keys: VolumeKeys, inode_descriptors: int | None = None) -> None:
+        """*inode_descriptors* bounds the descriptors of known inodes (securevol.inodes); None: half the open-file limit."""
         super().__init__()
         self.volume = volume
         self._backing_root = os.path.realpath(backing_root)
         root_fd = os.open(self._backing_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._inodes = InodeTable(root_fd)
+        self._inodes = InodeTable(root_fd, inode_descriptors)
         self._names = names.NameCipher(keys.name_key, volume)
         # Finish a change cut short by the death of the previous process before serving anything.
         self._journal = Journal(root_fd, volume)
@@ -274,7 +275,7 @@ class SecurevolOperations(pyfuse3.Operations):
             fd = os.open(backing.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except FileNotFoundError:
             return self._negative_entry()
-        return self._remember(fd)
+        return self._remember(fd, parent, backing.name)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -429,6 +430,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._journal.check_usable()
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
+        self._inodes.name_removed(parent, backing.name)
         os.unlink(backing.name, dir_fd=parent.fd)
         names.remove_side_record(parent.fd, backing.name)
 
@@ -460,6 +462,7 @@ class SecurevolOperations(pyfuse3.Operations):
 
         if flags & pyfuse3.RENAME_EXCHANGE:
             syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_EXCHANGE)
+            self._inodes.names_exchanged(old_parent, old.name, new_parent, new.name)
             return
 
         with self._side_record(new_parent, new):
@@ -467,6 +470,7 @@ class SecurevolOperations(pyfuse3.Operations):
                 syscalls.rename_at(old_parent.fd, old.name, new_parent.fd, new.name, syscalls.RENAME_NOREPLACE)
             else:
                 self._rename_replacing(old_parent, old, new_parent, new)
+        self._inodes.name_moved(old_parent, old.name, new_parent, new.name)
         # The kernel handles a rename onto another hard link of the same inode
         # itself, so here *old* is always gone and so is its side record.
         names.remove_side_record(old_parent.fd, old.name)
@@ -503,7 +507,7 @@ class SecurevolOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, entry.plain_name, attributes, index + 1):
                 os.close(fd)
                 return
-            self._inodes.remember(fd, st)
+            self._inodes.remember(fd, st, directory, entry.backing_name)
 
     @_handler
     def releasedir(self, fh: int) -> None:
@@ -535,7 +539,7 @@ class SecurevolOperations(pyfuse3.Operations):
         with self._side_record(parent, backing):
             fd, path_fd = self._create_backing_file(parent, backing, mode, flags, uid, gid, inherit_gid)
 
-        attributes = self._remember(path_fd)
+        attributes = self._remember(path_fd, parent, backing.name)
         inode = self._inodes.get(attributes.st_ino)
         inode.absent_xattrs.add(_CAPABILITY)  # a new file has no file capabilities yet
         return self._open_handle(inode, fd), attributes
@@ -751,14 +755,18 @@ class SecurevolOperations(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         return inode
 
-    def _remember(self, fd: int) -> pyfuse3.EntryAttributes:
-        """Count a lookup of the inode behind O_PATH descriptor *fd* (owned from now on), return its attributes."""
+    def _remember(self, fd: int, parent: Inode | None = None, backing_name: str | None = None) -> pyfuse3.EntryAttributes:
+        """Count a lookup of the inode behind O_PATH descriptor *fd* (owned from now on), return its attributes.
+
+        *parent* and *backing_name* lead to the inode again if its descriptor
+        is closed early (securevol.inodes).
+        """
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        inode = self._inodes.remember(fd, st)
+        inode = self._inodes.remember(fd, st, parent, backing_name)
         return self._attributes(inode.ino, st)
 
     def _attributes(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -949,7 +957,7 @@ class SecurevolOperations(pyfuse3.Operations):
             os.close(fd)
             self._discard_new_entry(parent, temp_name)
             raise
-        return self._remember(fd)
+        return self._remember(fd, parent, backing_name)
 
     def _remove_temporary_entries(self, directory: Inode, backing_names: list[str]) -> None:
         """Remove entries that a killed process left under temporary names, keeping the directory's times.
@@ -1097,6 +1105,8 @@ class SecurevolOperations(pyfuse3.Operations):
             target = None
 
         if target is None or not stat.S_ISDIR(target.st_mode):
+            if target is not None:
+                self._inodes.name_removed(new_parent, new.name)
             os.rename(old.name, new.name, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
             return
 

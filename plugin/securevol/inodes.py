@@ -13,14 +13,28 @@ open file handles is above zero. Descriptors of dropped inodes are closed by a
 background thread: closing the last descriptor of an unlinked backing file
 makes the backing filesystem free its blocks inside close(2), which would
 otherwise stall the request loop on every FORGET after an unlink.
+
+The kernel can know more inodes than the process may hold descriptors (a
+find(1) over a large tree). When the table holds more descriptors than half
+the open-file limit, it closes those of the least recently used files and
+symlinks that are not open, and reopens one by its backing name when it is
+next used. Each such file keeps its name: the directory inode and backing name
+it was looked up or created by, kept up to date by rename. A file whose name is
+removed while it is still known (unlink, or a rename over it) is reopened first
+and keeps its descriptor from then on, so a known inode's backing inode is never
+freed and its number never reused while the kernel knows it. Directories are
+never closed early: they are the parents every reopen starts from.
 """
 
+import errno
 import logging
 import os
 import queue
+import resource
 import stat
 import threading
 import time
+from collections import OrderedDict
 
 import pyfuse3
 
@@ -33,18 +47,36 @@ CLOSE_BATCH_DELAY = 0.002
 
 CLOSER_THREAD_NAME = "sv-closer"
 
+# The share of the open-file limit that descriptors of known inodes may use;
+# open files, read-ahead and the journal need the rest.
+INODE_DESCRIPTOR_SHARE = 0.5
+
+# Known inodes remembered between two looks at the open-file limit.
+LIMIT_CHECK_INTERVAL = 64
+
+# Descriptors closed at once when over budget, as a share of the budget.
+CLOSE_EARLY_BATCH = 0.125
+
+_CLOSED = -1
+
 
 class Inode:
     """One backing inode with a lookup count above zero or an open handle."""
 
-    __slots__ = ("ino", "fd", "lookups", "opens", "is_dir", "dir_iv", "absent_xattrs", "unlinked_times")
+    __slots__ = (
+        "ino", "_fd", "_table", "lookups", "opens", "is_dir", "name", "dir_iv", "absent_xattrs", "unlinked_times",
+    )
 
-    def __init__(self, ino: int, fd: int, is_dir: bool) -> None:
+    def __init__(self, ino: int, fd: int, is_dir: bool, table: "InodeTable | None" = None) -> None:
         self.ino = ino
-        self.fd = fd
+        self._fd = fd
+        self._table = table
         self.lookups = 0
         self.opens = 0
         self.is_dir = is_dir
+        # (parent FUSE inode number, backing name) that reopens a file whose
+        # descriptor was closed early; None while no such name is known.
+        self.name: tuple[int, str] | None = None
         self.dir_iv: bytes | None = None  # cached by the name layer for directories
         # Names of extended attributes found missing; only this process sets
         # attributes, so the set stays true until setxattr or removexattr here.
@@ -52,6 +84,17 @@ class Inode:
         # (atime_ns, mtime_ns) set on an unlinked file and kept here instead of
         # on the backing inode, which is about to be freed; None keeps a time.
         self.unlinked_times: tuple[int | None, int | None] | None = None
+
+    @property
+    def fd(self) -> int:
+        """The O_PATH descriptor of the backing inode, reopened by name if it was closed early."""
+        if self._fd == _CLOSED:
+            self._table.reopen(self)
+        return self._fd
+
+    @property
+    def has_descriptor(self) -> bool:
+        return self._fd != _CLOSED
 
     @property
     def proc_path(self) -> str:
@@ -63,9 +106,10 @@ class Inode:
 
 
 class InodeTable:
-    """Maps FUSE inode numbers to Inode records and keeps their lookup counts."""
+    """Maps FUSE inode numbers to Inode records, keeps their lookup counts and bounds their descriptors."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, max_descriptors: int | None = None) -> None:
+        """*max_descriptors* bounds the descriptors held; None: a share of the open-file limit, looked up as it changes."""
         root_stat = os.fstat(root_fd)
         self._root_backing_ino = root_stat.st_ino
         root = Inode(pyfuse3.ROOT_INODE, root_fd, is_dir=True)
@@ -73,12 +117,25 @@ class InodeTable:
         self._inodes: dict[int, Inode] = {root.ino: root}
         self._closer = _DescriptorCloser()
 
+        # Files and symlinks that hold a descriptor and have a name to reopen
+        # by, least recently used first; and the same inodes by that name.
+        self._closable: OrderedDict[int, Inode] = OrderedDict()
+        self._by_name: dict[tuple[int, str], Inode] = {}
+        self._descriptors = 1
+        self._max_descriptors = max_descriptors
+        self._next_limit_check = 0
+
     @property
     def root(self) -> Inode:
         return self._inodes[pyfuse3.ROOT_INODE]
 
     def __len__(self) -> int:
         return len(self._inodes)
+
+    @property
+    def descriptors(self) -> int:
+        """The number of descriptors the table holds."""
+        return self._descriptors
 
     def fuse_ino(self, backing_ino: int) -> int:
         """Return the FUSE inode number of a backing inode number."""
@@ -89,22 +146,41 @@ class InodeTable:
         return backing_ino
 
     def get(self, ino: int) -> Inode | None:
-        return self._inodes.get(ino)
+        inode = self._inodes.get(ino)
+        if ino in self._closable:
+            self._closable.move_to_end(ino)
+        return inode
 
-    def remember(self, fd: int, st: os.stat_result) -> Inode:
+    def remember(self, fd: int, st: os.stat_result, parent: Inode | None = None, name: str | None = None) -> Inode:
         """Count one lookup of the backing inode behind O_PATH descriptor *fd* and return its record.
 
         Takes ownership of *fd*: it becomes the record's descriptor, or is
-        closed if the inode is known already.
+        closed if the inode is known already. *parent* and *name* are the
+        directory and backing name the inode was found by, which can reopen
+        it later; leave them out for directories and for "." and "..".
         """
         ino = self.fuse_ino(st.st_ino)
         inode = self._inodes.get(ino)
         if inode is None:
-            inode = Inode(ino, fd, is_dir=stat.S_ISDIR(st.st_mode))
+            inode = Inode(ino, fd, is_dir=stat.S_ISDIR(st.st_mode), table=self)
             self._inodes[ino] = inode
+            self._descriptors += 1
+            if parent is not None and name is not None and not inode.is_dir:
+                self._name(inode, (parent.ino, name))
+        elif not inode.has_descriptor:
+            inode._fd = fd  # spares the reopen
+            self._descriptors += 1
+            self._closable[ino] = inode
         else:
             os.close(fd)
+            self.get(ino)
+            if inode.name is None and parent is not None and name is not None and not inode.is_dir:
+                # Known, with its earlier name removed: the name it was just found by will do.
+                self._name(inode, (parent.ino, name))
         inode.lookups += 1
+
+        if self._descriptors >= self._next_limit_check:
+            self._keep_within_budget(keep=inode)
         return inode
 
     def forget(self, ino: int, count: int) -> None:
@@ -125,20 +201,123 @@ class InodeTable:
         inode.opens -= 1
         self._drop_if_unused(inode)
 
+    # -- names of files whose descriptor may be closed early ----------------------------------------
+
+    def name_removed(self, parent: Inode, name: str) -> None:
+        """Note that backing *name* in *parent* is about to go; call it before unlink or a rename over it.
+
+        A file known by that name is reopened now, while the name still
+        leads to it, and keeps its descriptor for as long as it is known.
+        """
+        inode = self._by_name.pop((parent.ino, name), None)
+        if inode is None:
+            return
+        inode.fd  # noqa: B018 (the property reopens it)
+        inode.name = None
+        self._closable.pop(inode.ino, None)
+
+    def name_moved(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str) -> None:
+        """Note that backing *old_name* in *old_parent* is now *new_name* in *new_parent*."""
+        inode = self._by_name.pop((old_parent.ino, old_name), None)
+        if inode is not None:
+            self._name(inode, (new_parent.ino, new_name))
+
+    def names_exchanged(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str) -> None:
+        """Note that two backing names traded their inodes (RENAME_EXCHANGE)."""
+        first = self._by_name.pop((old_parent.ino, old_name), None)
+        second = self._by_name.pop((new_parent.ino, new_name), None)
+        if first is not None:
+            self._name(first, (new_parent.ino, new_name))
+        if second is not None:
+            self._name(second, (old_parent.ino, old_name))
+
+    def reopen(self, inode: Inode) -> None:
+        """Give *inode*, whose descriptor was closed early, a new one by its name."""
+        parent_ino, name = inode.name
+        parent = self._inodes[parent_ino]
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        if self.fuse_ino(os.fstat(fd).st_ino) != inode.ino:
+            os.close(fd)
+            log.error("backing name leads to another inode ino=%d", inode.ino)
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        inode._fd = fd
+        self._descriptors += 1
+        self._closable[inode.ino] = inode
+        if self._descriptors >= self._next_limit_check:
+            self._keep_within_budget(keep=inode)
+
+    def _name(self, inode: Inode, name: tuple[int, str]) -> None:
+        replaced = self._by_name.get(name)
+        if replaced is not None and replaced is not inode:
+            # Every removal of a name passes name_removed, so this does not happen.
+            log.warning("backing name recorded twice ino=%d other=%d", inode.ino, replaced.ino)
+            self.name_removed(self._inodes[name[0]], name[1])
+        inode.name = name
+        self._by_name[name] = inode
+        if inode.has_descriptor:
+            self._closable[inode.ino] = inode
+            self._closable.move_to_end(inode.ino)
+
+    # -- the descriptor budget ----------------------------------------------------------------------
+
+    def _keep_within_budget(self, keep: Inode) -> None:
+        """Close the descriptors of the least recently used unopened files while over budget."""
+        budget = self._budget()
+        if self._descriptors > budget:
+            target = budget - int(budget * CLOSE_EARLY_BATCH)
+            closed = self._close_early(self._descriptors - target, keep)
+            log.debug("descriptors of known inodes closed early count=%d held=%d", closed, self._descriptors)
+        self._next_limit_check = min(budget + 1, self._descriptors + LIMIT_CHECK_INTERVAL)
+
+    def _budget(self) -> int:
+        if self._max_descriptors is not None:
+            return self._max_descriptors
+        # Looked up each time, because an operator can change it with prlimit(1).
+        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(16, int(soft_limit * INODE_DESCRIPTOR_SHARE))
+
+    def _close_early(self, count: int, keep: Inode) -> int:
+        closed = 0
+        skipped: list[Inode] = []
+        while closed < count and self._closable:
+            _ino, inode = self._closable.popitem(last=False)
+            if inode.opens > 0 or inode is keep:
+                skipped.append(inode)
+                continue
+            os.close(inode._fd)
+            inode._fd = _CLOSED
+            self._descriptors -= 1
+            closed += 1
+        for inode in reversed(skipped):
+            self._closable[inode.ino] = inode
+            self._closable.move_to_end(inode.ino, last=False)
+        return closed
+
+    # -- dropping -----------------------------------------------------------------------------------
+
     def close_all(self) -> None:
         """Close every descriptor; called once the filesystem is unmounted."""
         for inode in self._inodes.values():
-            os.close(inode.fd)
+            if inode.has_descriptor:
+                os.close(inode._fd)
         self._inodes.clear()
+        self._closable.clear()
+        self._by_name.clear()
         self._closer.stop()
 
     def _drop_if_unused(self, inode: Inode) -> None:
         if inode.lookups > 0 or inode.opens > 0 or inode.ino == pyfuse3.ROOT_INODE:
             return
         del self._inodes[inode.ino]
-        # The record is gone, so nothing uses this descriptor any more, and its
-        # number cannot be handed out again before the closer closes it.
-        self._closer.close_later(inode.fd)
+        self._closable.pop(inode.ino, None)
+        if inode.name is not None and self._by_name.get(inode.name) is inode:
+            del self._by_name[inode.name]
+        if inode.has_descriptor:
+            # The record is gone, so nothing uses this descriptor any more, and its
+            # number cannot be handed out again before the closer closes it.
+            self._closer.close_later(inode._fd)
+            inode._fd = _CLOSED
+            self._descriptors -= 1
 
 
 class _DescriptorCloser:

@@ -72,7 +72,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--foreground", action="store_true", help="do not detach; for debugging by hand"
     )
+    parser.add_argument(
+        "--inode-descriptors", type=_positive_int, default=None, metavar="N",
+        help="descriptors of known files kept open before the least recently used are closed "
+             "(default: half the open-file limit)",
+    )
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,8 +390,8 @@ def _extend_pyfuse3(operations: SecurevolOperations) -> None:
 def _make_operations(args: argparse.Namespace, keys) -> SecurevolOperations:
     if args.access_file:
         checker = AccessChecker(args.access_file)
-        return GuardedOperations(args.volume, args.backing, keys, checker)
-    return SecurevolOperations(args.volume, args.backing, keys)
+        return GuardedOperations(args.volume, args.backing, keys, checker, args.inode_descriptors)
+    return SecurevolOperations(args.volume, args.backing, keys, args.inode_descriptors)
 
 
 class _LoopOutcome(NamedTuple):
