@@ -109,7 +109,7 @@ def test_plain_size_rejects_impossible_lengths(cipher):
 
 @pytest.mark.parametrize(
     ("cipher", "reported"),
-    [(10, 0), (24 + 32, 0), (24 + C + 5, B), (24 + C + 40, B + 8)],
+    [(10, 1), (24 + 32, 1), (24 + C + 5, B + 1), (24 + C + 40, B + 8)],
 )
 def test_readable_plain_size_never_raises(cipher, reported):
     assert fmt.readable_plain_size(cipher) == reported

@@ -283,6 +283,31 @@ def test_truncated_ciphertext_reads_as_eio(volume):
         expect_errno(errno.EIO, os.pread, f.fileno(), 100, 2 * B)
 
 
+@pytest.mark.parametrize(
+    "cipher_size",
+    [10, fmt.HEADER_LEN + fmt.CIPHER_BLOCK_SIZE + 20],
+    ids=["partial-header", "last-block-too-short"],
+)
+def test_impossible_ciphertext_length_reads_as_eio(volume, cipher_size):
+    # Such a length cannot be a valid file; reporting it as a shorter one would hide the damage.
+    data = random.Random(5).randbytes(3 * B)
+    (volume.mountpoint / "victim").write_bytes(data)
+    volume.stop()
+    backing_file = _backing_file_of(volume, len(data))
+    os.truncate(backing_file, cipher_size)
+    volume.start()
+    volume.expected_errors.append("integrity check failed")
+
+    path = volume.mountpoint / "victim"
+    expect_errno(errno.EIO, path.read_bytes)
+    assert path.stat().st_size == fmt.intact_plain_size(cipher_size) + 1
+    errors = volume.log_lines("ERROR")
+    assert errors and all(f"path={backing_file.name}" in line for line in errors)
+
+    path.unlink()
+    assert not backing_file.exists()
+
+
 def test_swapped_files_read_as_eio(volume):
     (volume.mountpoint / "a").write_bytes(b"A" * 5000)
     (volume.mountpoint / "b").write_bytes(b"B" * 5000)

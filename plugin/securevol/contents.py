@@ -79,7 +79,7 @@ class EncryptedContents:
     # --- public operations -----------------------------------------------------------------------
 
     def plain_size(self, fd: int) -> int:
-        """Return the plaintext size of the file, a damaged tail left out as readable_plain_size does."""
+        """Return the plaintext size of the file, a damaged tail counted as readable_plain_size does."""
         return fmt.readable_plain_size(os.fstat(fd).st_size)
 
     def read(self, fd: int, offset: int, size: int) -> memoryview:
@@ -244,7 +244,7 @@ class EncryptedContents:
         except IntegrityError:
             if cipher_size < fmt.HEADER_LEN:
                 raise
-            plain_size = fmt.readable_plain_size(cipher_size)
+            plain_size = fmt.intact_plain_size(cipher_size)
             if offset + size > plain_size:
                 raise fmt.BlockIntegrityError(fmt.block_count(plain_size)) from None
             return plain_size

@@ -153,16 +153,22 @@ def plain_size(cipher_size: int) -> int:
 def readable_plain_size(cipher_size: int) -> int:
     """Return the plaintext size to report for a ciphertext file, even a damaged one.
 
-    Unlike plain_size() this never raises: a partial header counts as empty and
-    a last block too short to be valid counts as zero bytes. Reading that block
-    still fails authentication, but the file can be listed, renamed and removed.
+    Unlike plain_size() this never raises, so that the file can be listed,
+    renamed and removed. A partial header, or a last block too short to be
+    valid, counts as one plaintext byte: readers then ask for it and get EIO.
+    Left out of the size, the damage would read as a shorter, valid file.
     """
     try:
         return plain_size(cipher_size)
     except IntegrityError:
-        if cipher_size < HEADER_LEN:
-            return 0
-        return (cipher_size - HEADER_LEN) // CIPHER_BLOCK_SIZE * BLOCK_SIZE
+        return intact_plain_size(cipher_size) + 1
+
+
+def intact_plain_size(cipher_size: int) -> int:
+    """Return the plaintext size of the whole blocks of a ciphertext file; 0 for a partial header."""
+    if cipher_size < HEADER_LEN:
+        return 0
+    return (cipher_size - HEADER_LEN) // CIPHER_BLOCK_SIZE * BLOCK_SIZE
 
 
 def block_offset(block_no: int) -> int:
