@@ -1027,12 +1027,24 @@ def test_mount_with_wrong_master_key_fails_clearly(fresh_server):
     volume_id = bytes.fromhex(json.loads((server.volume_dir(name) / "volume.json").read_text())["volume_id"])
     foreign = LocalKeyProvider(os.urandom(32))
     (server.volume_dir(name) / "dek.json").write_text(json.dumps(foreign.wrap(DataKey.generate(), volume_id)))
+    before = _files_with_times(server.volume_dir(name))
 
     response = server.call("Mount", {"Name": name, "ID": "x"})
 
     assert_one_sentence_error(response, name, "cannot be unlocked", "master key")
     assert not mounts_under(server.mount_root)
     assert get(server, other)["Name"] == other
+    # Nothing of the volume was written, its access file included.
+    assert _files_with_times(server.volume_dir(name)) == before
+
+
+def _files_with_times(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Return each file's bytes and mtime, lock files left out (the first Mount creates one)."""
+    return {
+        str(path.relative_to(directory)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in directory.rglob("*")
+        if path.is_file() and path.suffix != ".lock"
+    }
 
 
 def test_daemon_refuses_a_master_key_of_no_volume(fresh_server):

@@ -178,14 +178,17 @@ class MountGuard:
 
     def check_mount(self, volume: str, allow_option: str | None, access_file: str | os.PathLike[str]) -> None:
         """Raise AccessDenied unless the container being mounted for is allowed; write the access file."""
+        write_access_file(access_file, self.mount_policy(volume, allow_option))
+
+    def mount_policy(self, volume: str, allow_option: str | None) -> AccessPolicy:
+        """Raise AccessDenied unless the container being mounted for is allowed; return the policy for the access file."""
         allowlist = self._allowlist(volume, allow_option)
         approved: dict[str, str] = {}
         if not allowlist.open:
             approved = self._approve(volume, allowlist)
 
-        policy = AccessPolicy(volume, allow_option, self.deny_by_default, self.docker_socket,
-                              self.audit.path, approved)
-        write_access_file(access_file, policy)
+        return AccessPolicy(volume, allow_option, self.deny_by_default, self.docker_socket,
+                            self.audit.path, approved)
 
     def _allowlist(self, volume: str, allow_option: str | None) -> Allowlist:
         try:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securevol.access import ACCESS_FILE, MountGuard, apply_default_policy
+from securevol.access import ACCESS_FILE, AccessPolicy, MountGuard, apply_default_policy, write_access_file
 from securevol.audit import AuditLog
 from securevol.config import Settings
 from securevol.crypto import VOLUME_ID_LEN, DataKey
@@ -142,28 +142,34 @@ class VolumeDriver:
         validate_name(name)
 
         with self.registry.changing_mounts(name) as record:
-            if self.guard is not None:
-                # Raises AccessDenied; writes the access file the FUSE process reads.
-                self.guard.check_mount(name, record.options.get("allow"), self._access_file(name))
+            # Raises AccessDenied. The access file is written only once the mount can go ahead.
+            policy = self.guard.mount_policy(name, record.options.get("allow")) if self.guard is not None else None
             state = self._current_mounts(name)
             mountpoint = self._mountpoint(name)
-            if not self.mounter.is_serving(state.pid, mountpoint):
-                self._start_fuse(record, state, mountpoint)
+            if self.mounter.is_serving(state.pid, mountpoint):
+                self._write_access_file(name, policy)
+            else:
+                self._start_fuse(record, state, mountpoint, policy)
             state.add(mount_id)
             self.registry.write_mounts(name, state)
 
         log.info("volume mounted vol=%s id=%s count=%d pid=%d", name, mount_id, state.total, state.pid)
         return str(mountpoint)
 
-    def _start_fuse(self, record: VolumeRecord, state: MountState, mountpoint: Path) -> None:
+    def _start_fuse(
+        self, record: VolumeRecord, state: MountState, mountpoint: Path, policy: AccessPolicy | None
+    ) -> None:
+        # A volume that cannot be unlocked fails here, before anything of it changes on disk.
+        self._check_format(record)
+        dek = self._unwrap_dek(record)
+
         name = record.name
         if state.pid is not None or state.total:
             log.warning("fuse process not serving, replacing it vol=%s pid=%s count=%d", name, state.pid, state.total)
         self.mounter.clear_stale(state.pid, mountpoint)
         self._record_no_fuse_process(name, state)
+        self._write_access_file(name, policy)
 
-        self._check_format(record)
-        dek = self._unwrap_dek(record)
         launch = FuseLaunch(
             volume=name,
             volume_id=record.volume_id,
@@ -180,6 +186,11 @@ class VolumeDriver:
             raise
         state.mountpoint = str(mountpoint)
         log.info("fuse process started vol=%s pid=%d", name, state.pid)
+
+    def _write_access_file(self, name: str, policy: AccessPolicy | None) -> None:
+        """Write the policy that the volume's FUSE process reads (securevol.fuse_access)."""
+        if policy is not None:
+            write_access_file(self._access_file(name), policy)
 
     def _check_format(self, record: VolumeRecord) -> None:
         """Reject a volume whose backing store this release cannot read, before its key is unwrapped."""
