@@ -6,6 +6,7 @@ and check the ciphertext on disk.
 """
 
 import base64
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -28,7 +29,7 @@ from securevol import config
 from securevol.crypto import DataKey
 from securevol.keys.local import LocalKeyProvider, load_master_key
 from securevol.options import allowlist_supported
-from tests.plugin_server import PluginServer, mounts_under, plugin_request
+from tests.plugin_server import PluginResponse, PluginServer, UnixHTTPConnection, mounts_under, plugin_request
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.1+json"
 
@@ -338,6 +339,51 @@ def test_oversized_body_rejected(server):
     assert response.status == 413
 
 
+def test_oversized_chunked_body_rejected(server):
+    # Without Content-Length the limit can only be found while reading.
+    connection = UnixHTTPConnection(server.socket)
+    try:
+        body = (b" " * 65536 for _ in range(160))  # 10 MiB of JSON whitespace
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # The daemon answers and closes before the rest of the body is sent.
+            connection.request("POST", "/VolumeDriver.Create", body=body, encode_chunked=True)
+        response = connection.getresponse()
+        answer = PluginResponse(response.status, response.getheader("Content-Type", ""), response.read())
+    finally:
+        connection.close()
+
+    assert_one_sentence_error(answer, "larger than")
+    assert answer.status == 413
+
+
+@pytest.mark.parametrize("endpoint", ["/VolumeDriver.Create", "/AuthZPlugin.AuthZReq"])
+def test_deeply_nested_json_rejected(server, endpoint):
+    response = server.request(endpoint, b"[" * 5000 + b"]" * 5000)
+
+    assert response.status == 400
+    answer = response.json
+    assert answer.get("Allow", False) is False
+    assert answer["Err"] == "The request body is not valid JSON."
+    assert "request crashed" not in server.log_text()
+
+
+def test_options_method_answered_like_other_methods(server):
+    response = server.request("/VolumeDriver.List", method="OPTIONS")
+
+    assert_one_sentence_error(response, "use POST")
+    assert response.status == 405
+
+
+@pytest.mark.parametrize("endpoint", ["Mount", "Unmount"])
+def test_empty_mount_id_rejected(server, endpoint):
+    name = create(server)
+
+    response = server.call(endpoint, {"Name": name, "ID": ""})
+
+    assert_one_sentence_error(response, "'ID' field is empty")
+    assert get(server, name)["Status"]["mount_count"] == 0
+
+
 def test_content_type_header_ignored(server):
     names = []
 
@@ -415,12 +461,15 @@ def test_key_like_option_rejected(server, option):
         ({"mode": "rwx"}, "octal permission bits"),
         ({"mode": "07777"}, "octal permission bits"),
         ({"mode": "4755"}, "setuid"),
+        ({"uid": "1" * 5000}, "decimal ID"),
+        ({"uid": "1" * 11}, "decimal ID"),
     ],
 )
 def test_bad_option_value_rejected(server, opts, fragment):
     response = server.call("Create", {"Name": new_name(), "Opts": opts})
 
     assert_one_sentence_error(response, next(iter(opts)), fragment)
+    assert len(response.err) < 200  # a huge value is shortened, not repeated
 
 
 @pytest.mark.skipif(not allowlist_supported(), reason="the allow option needs securevol.policy")

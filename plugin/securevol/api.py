@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from securevol.authz import Authorizer, Verdict, build_authorizer
 from securevol.config import Settings
@@ -66,11 +66,17 @@ def error_response(message: str, status: int) -> Response:
 def request_object() -> dict[str, Any]:
     """Return the request body as a JSON object; an empty body or ``null`` counts as ``{}``."""
     body = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(body) >= limit:
+        # A chunked body is cut at the limit without an error; the rest is still unread.
+        raise RequestEntityTooLarge()
     if not body.strip():
         return {}
-    data = request.get_json(force=True, silent=True)
-    if data is None and body.strip() != b"null":
-        raise BadRequest("The request body is not valid JSON.")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        # RecursionError: arrays or objects nested thousands deep.
+        raise BadRequest("The request body is not valid JSON.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -85,6 +91,13 @@ def _string_field(data: dict[str, Any], field: str) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"The request's {field!r} field must be a string.")
     return value
+
+
+def _mount_id(data: dict[str, Any]) -> str:
+    mount_id = _string_field(data, "ID")
+    if not mount_id:
+        raise BadRequest("The request's 'ID' field is empty; send the ID that the mount is counted under.")
+    return mount_id
 
 
 def _driver() -> VolumeDriver:
@@ -106,7 +119,10 @@ def _endpoint(path: str) -> Callable[[Callable[[], dict[str, Any]]], Callable[[]
                 log.info("request failed endpoint=%s error=%s", path, exc)
                 return error_response(str(exc), 500)
 
-        volume_api.add_url_rule(path, endpoint=handler.__name__, view_func=view, methods=["POST"])
+        # Without automatic OPTIONS, every other method gets the same JSON error.
+        volume_api.add_url_rule(
+            path, endpoint=handler.__name__, view_func=view, methods=["POST"], provide_automatic_options=False
+        )
         return view
 
     return register
@@ -136,14 +152,14 @@ def remove() -> dict[str, Any]:
 @_endpoint("/VolumeDriver.Mount")
 def mount() -> dict[str, Any]:
     data = request_object()
-    mountpoint = _driver().mount(_string_field(data, "Name"), _string_field(data, "ID"))
+    mountpoint = _driver().mount(_string_field(data, "Name"), _mount_id(data))
     return {"Mountpoint": mountpoint, "Err": ""}
 
 
 @_endpoint("/VolumeDriver.Unmount")
 def unmount() -> dict[str, Any]:
     data = request_object()
-    _driver().unmount(_string_field(data, "Name"), _string_field(data, "ID"))
+    _driver().unmount(_string_field(data, "Name"), _mount_id(data))
     return {"Err": ""}
 
 
@@ -181,7 +197,13 @@ def _authz_endpoint(path: str, answer: Callable[[Authorizer, dict[str, Any]], Ve
             return plugin_response({"Allow": False, "Err": str(exc)}, 400)
         return plugin_response(answer(current_app.extensions["securevol.authz"], payload).to_response())
 
-    volume_api.add_url_rule(path, endpoint=path.lstrip("/").replace(".", "_"), view_func=view, methods=["POST"])
+    volume_api.add_url_rule(
+        path,
+        endpoint=path.lstrip("/").replace(".", "_"),
+        view_func=view,
+        methods=["POST"],
+        provide_automatic_options=False,
+    )
 
 
 _authz_endpoint("/AuthZPlugin.AuthZReq", lambda authorizer, payload: authorizer.authorize_request(payload))
@@ -195,7 +217,7 @@ def _http_error(exc: HTTPException) -> Response:
     elif status == 405:
         message = f"Method {request.method} is not allowed on {request.path}; use POST."
     elif status == 413:
-        message = f"The request body is larger than {MAX_REQUEST_BYTES} bytes."
+        message = f"The request body is larger than {request.max_content_length or MAX_REQUEST_BYTES} bytes."
     else:
         message = f"The request failed: {exc.name}."
     return error_response(message, status)

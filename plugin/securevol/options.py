@@ -36,6 +36,9 @@ DEFAULT_MODE = 0o755
 
 # Highest ID the kernel accepts: (uid_t)-1 means "unchanged" to chown(2).
 _MAX_ID = 2**32 - 2
+
+# Characters of an option's name or value quoted in an error message.
+_SHOWN_CHARS = 40
 # Permission bits plus setgid and sticky; setuid has no meaning on a directory.
 _ALLOWED_MODE_BITS = 0o3777
 
@@ -78,7 +81,7 @@ def parse_options(opts: Any) -> dict[str, str]:
     for name in sorted(opts):
         value = opts[name]
         if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidOption(f"Volume option {name!r} must have a string value.")
+            raise InvalidOption(f"Volume option {_shown(name)} must have a string value.")
         canonical[name] = _parse_option(name, value)
     return canonical
 
@@ -109,11 +112,18 @@ def _parse_option(name: str, value: str) -> str:
         return parsers[name](name, value)
     if _looks_like_secret(name):
         raise InvalidOption(
-            f"Volume option {name!r} is not accepted: securevol never takes keys or passwords as "
+            f"Volume option {_shown(name)} is not accepted: securevol never takes keys or passwords as "
             "options, because they come from the daemon's key provider."
         )
     known = ", ".join(sorted(parsers))
-    raise InvalidOption(f"Unknown volume option {name!r}; known options are: {known}.")
+    raise InvalidOption(f"Unknown volume option {_shown(name)}; known options are: {known}.")
+
+
+def _shown(text: str) -> str:
+    """Quote *text* for an error message, shortened so that a huge value cannot swamp it."""
+    if len(text) <= _SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:_SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 def _looks_like_secret(name: str) -> bool:
@@ -122,9 +132,10 @@ def _looks_like_secret(name: str) -> bool:
 
 
 def _parse_id(name: str, value: str) -> str:
-    if not value.isascii() or not value.isdigit() or int(value) > _MAX_ID:
+    # The length check first: int() refuses strings of more than 4,300 digits.
+    if not value.isascii() or not value.isdigit() or len(value) > len(str(_MAX_ID)) or int(value) > _MAX_ID:
         raise InvalidOption(
-            f"Invalid value {value!r} for volume option {name!r}: give a decimal ID from 0 to {_MAX_ID}."
+            f"Invalid value {_shown(value)} for volume option {name!r}: give a decimal ID from 0 to {_MAX_ID}."
         )
     return str(int(value))
 
@@ -132,7 +143,7 @@ def _parse_id(name: str, value: str) -> str:
 def _parse_mode(name: str, value: str) -> str:
     if not re.fullmatch(r"[0-7]{3,4}", value):
         raise InvalidOption(
-            f"Invalid value {value!r} for volume option {name!r}: give octal permission bits such as 0750."
+            f"Invalid value {_shown(value)} for volume option {name!r}: give octal permission bits such as 0750."
         )
     mode = int(value, 8)
     if mode & ~_ALLOWED_MODE_BITS:
