@@ -648,6 +648,22 @@ def test_key_of_other_data_refused(volume):
     assert "written-under-the-first-key" in os.listdir(volume.mountpoint)
 
 
+def test_damaged_root_directory_iv_named_as_the_cause(volume):
+    (volume.mountpoint / "top-level-file").write_bytes(b"data")
+    (volume.mountpoint / "sub").mkdir()
+    (volume.mountpoint / "sub" / "inner-file").write_bytes(b"data")
+    volume.stop()
+    iv_file = volume.backing / "securevol.diriv"
+    iv = bytearray(iv_file.read_bytes())
+    iv[0] ^= 0x01
+    iv_file.write_bytes(bytes(iv))
+    volume.expected_errors.append("mount failed vol=testvol")
+
+    with pytest.raises(MountFailed, match=r"reads names in subdirectories .* so the root's directory IV .* is damaged"):
+        volume.start()
+    assert not is_mounted(volume.mountpoint)
+
+
 def test_key_check_accepts_a_partly_damaged_root(volume):
     for index in range(3):
         (volume.mountpoint / f"file-{index}").write_bytes(b"data")

@@ -190,29 +190,75 @@ def _check_key_reads_names(backing: str, keys, volume: str) -> None:
     A volume.json and dek.json restored from another volume of the same name
     would otherwise mount as an empty directory that accepts writes, with the
     real files hidden. One name that authenticates is enough, and a root
-    without entries cannot tell, so both mount.
+    without entries cannot tell, so both mount. When the root's names fail but
+    names inside its subdirectories authenticate, the key is right and the
+    root's directory IV is what was damaged.
     """
-    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    cipher = names.NameCipher(keys.name_key, volume)
+    root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        dir_iv = names.read_dir_iv(root_fd)
-        cipher = names.NameCipher(keys.name_key, volume)
-        unreadable = 0
-        for backing_name in os.listdir(backing):
-            if names.is_reserved(backing_name) and not names.is_long_name(backing_name):
-                continue
-            try:
-                cipher.plain_name_for(root_fd, backing_name, dir_iv)
-                return
-            except (IntegrityError, OSError):
-                unreadable += 1
+        readable, unreadable = _count_readable_names(root_fd, cipher, stop_at_first=True)
+        if readable or not unreadable:
+            return
+        subdirectories_readable = _subdirectory_names_readable(root_fd, cipher)
     finally:
         os.close(root_fd)
 
-    if unreadable:
+    iv_path = os.path.join(backing, names.DIR_IV_NAME)
+    if subdirectories_readable:
         raise StartupError(
-            f"the volume's key decrypts none of the {unreadable} names in its backing store {backing}, so "
-            "its volume.json and dek.json belong to other data; restore the pair that was saved with it"
+            f"the volume's key reads names in subdirectories of its backing store but none of the "
+            f"{unreadable} in its root, so the root's directory IV {iv_path} is damaged; restore that file "
+            "from a backup"
         )
+    raise StartupError(
+        f"the volume's key decrypts none of the {unreadable} names in its backing store {backing}: either its "
+        f"volume.json and dek.json belong to other data (restore the pair that was saved with it), or its "
+        f"directory IV {iv_path} is damaged (restore that file)"
+    )
+
+
+def _count_readable_names(dir_fd: int, cipher, stop_at_first: bool) -> tuple[int, int]:
+    """Return how many entry names of backing directory *dir_fd* authenticate, and how many do not."""
+    dir_iv = names.read_dir_iv(dir_fd)
+    readable = unreadable = 0
+    for backing_name in os.listdir(dir_fd):
+        if names.is_reserved(backing_name) and not names.is_long_name(backing_name):
+            continue
+        try:
+            cipher.plain_name_for(dir_fd, backing_name, dir_iv)
+            readable += 1
+            if stop_at_first:
+                break
+        except (IntegrityError, OSError):
+            unreadable += 1
+    return readable, unreadable
+
+
+def _subdirectory_names_readable(root_fd: int, cipher, most: int = 16) -> bool:
+    """Tell whether a name inside one of the first *most* subdirectories of the backing root authenticates."""
+    checked = 0
+    for backing_name in os.listdir(root_fd):
+        if checked >= most:
+            break
+        if names.is_reserved(backing_name):
+            continue
+        try:
+            child_fd = os.open(
+                backing_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd
+            )
+        except OSError:
+            continue  # not a directory
+        checked += 1
+        try:
+            readable, _unreadable = _count_readable_names(child_fd, cipher, stop_at_first=True)
+        except (IntegrityError, OSError):
+            readable = 0
+        finally:
+            os.close(child_fd)
+        if readable:
+            return True
+    return False
 
 
 def _detach() -> None:
