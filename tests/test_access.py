@@ -24,8 +24,9 @@ from securevol.access import (
     read_access_file,
     write_access_file,
 )
+from securevol import config
 from securevol.audit import AuditLog
-from securevol.driver import _apply_default_policy
+from securevol.driver import VolumeDriver, _apply_default_policy
 from securevol.engine import EngineClient
 from securevol.errors import AccessDenied
 from securevol.registry import Registry, VolumeRecord
@@ -297,6 +298,20 @@ def test_allow_cli_reports_policy_from_access_file(tmp_path):
     assert show_result.stdout.strip() == "(no allowlist: the daemon's default policy denies every container)"
     assert cleared.returncode == 0, cleared.stderr
     assert "the default policy denies every container" in cleared.stdout
+
+
+def test_allow_cli_reports_policy_recorded_by_daemon_start(tmp_path):
+    # A volume never mounted has no access file; the daemon's start recorded its policy in the state directory.
+    state_dir = tmp_path / "state"
+    settings = config.resolve({"state_dir": str(state_dir), "socket": str(tmp_path / "unused.sock"),
+                               "default_policy": "deny"})
+    VolumeDriver.from_settings(settings).create("never-mounted", {})
+
+    show_result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", "show", "never-mounted",
+                                  "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60)
+
+    assert show_result.stdout.strip() == "(no allowlist: the daemon's default policy denies every container)"
+    assert not (state_dir / "volumes" / "never-mounted" / ACCESS_FILE).exists()
 
 
 # -- mount time ---------------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ from securevol.syscalls import replace_file
 log = logging.getLogger(__name__)
 
 ACCESS_FILE = "access.json"
+
+# In the state directory: the --default-policy of the daemon that last started
+# on it, for the allow commands, which run without the daemon's settings.
+DEFAULT_POLICY_FILE = "default-policy"
 ACCESS_FILE_VERSION = 1
 
 # How long the mount-time guard waits for an inspect before it counts the
@@ -154,6 +158,29 @@ def apply_default_policy(path: str | os.PathLike[str], deny_by_default: bool) ->
         return False
     write_access_file(path, dataclasses.replace(policy, deny_by_default=deny_by_default, approved={}))
     return True
+
+
+def record_default_policy(state_dir: str | os.PathLike[str], deny_by_default: bool) -> None:
+    """Record the daemon's default policy in its state directory, if it is not recorded there already."""
+    text = b"deny\n" if deny_by_default else b"allow\n"
+    path = os.path.join(state_dir, DEFAULT_POLICY_FILE)
+    try:
+        with open(path, "rb") as f:
+            if f.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    replace_file(path, text)
+
+
+def recorded_default_policy(state_dir: str | os.PathLike[str]) -> bool | None:
+    """Return whether the daemon last started on *state_dir* denies by default; None if it is not recorded."""
+    try:
+        with open(os.path.join(state_dir, DEFAULT_POLICY_FILE), "rb") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return {b"deny": True, b"allow": False}.get(text)
 
 
 def read_access_file(path: str | os.PathLike[str]) -> AccessPolicy:

@@ -18,7 +18,7 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 
 from securevol import __version__, config
-from securevol.access import ACCESS_FILE, read_access_file, update_access_file
+from securevol.access import ACCESS_FILE, read_access_file, recorded_default_policy, update_access_file
 from securevol.api import create_app
 from securevol.driver import VolumeDriver
 from securevol.errors import SecurevolError, VolumeNotFound
@@ -220,11 +220,20 @@ def allow_clear(args: argparse.Namespace) -> int:
 
 
 def _denies_by_default(settings: config.Settings, registry: Registry, volume: str) -> bool:
-    """Tell whether the daemon's default policy denies *volume*, as its access file records, else as --default-policy sets it."""
+    """Tell whether the daemon's default policy denies *volume*.
+
+    The volume's access file records it once the volume was mounted, the state
+    directory once a daemon started on it; --default-policy is the last resort.
+    """
     try:
         return read_access_file(registry.volume_dir(volume) / ACCESS_FILE).deny_by_default
     except (OSError, ValueError):
-        return settings.deny_by_default
+        pass
+    try:
+        recorded = recorded_default_policy(settings.state_dir)
+    except OSError:
+        recorded = None
+    return settings.deny_by_default if recorded is None else recorded
 
 
 def rekey(args: argparse.Namespace) -> int:
@@ -315,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         "allow",
         help="show or change the allowlist of a volume",
         description="Show or change which containers may use a volume (the 'allow' option; syntax in "
-        "docs/allowlist.md). It reads the daemon's state directory, so give the --state-dir and "
-        "--default-policy that the daemon uses, by flag or by the same SECUREVOL_* variables.",
+        "docs/allowlist.md). It reads the daemon's state directory, so give the --state-dir that the "
+        "daemon uses, by flag or by SECUREVOL_STATE_DIR. The daemon's default policy is read from there; "
+        "--default-policy counts only for a state directory that no daemon has started on.",
     )
     allow_commands = allow_parser.add_subparsers(dest="allow_command", metavar="ACTION", required=True)
     show_parser = allow_commands.add_parser("show", help="print the allowlist of VOLUME")

@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securevol.access import ACCESS_FILE, AccessPolicy, MountGuard, apply_default_policy, write_access_file
+from securevol.access import (
+    ACCESS_FILE,
+    AccessPolicy,
+    MountGuard,
+    apply_default_policy,
+    record_default_policy,
+    write_access_file,
+)
 from securevol.audit import AuditLog
 from securevol.config import Settings
 from securevol.crypto import VOLUME_ID_LEN, DataKey
@@ -50,6 +57,7 @@ class VolumeDriver:
         prepare_state_dir(settings)
         registry = Registry(settings.state_dir)
         registry.ensure_layout()
+        record_default_policy(settings.state_dir, settings.deny_by_default)
         _apply_default_policy(registry, settings.deny_by_default)
         return cls(settings, registry, create_provider(settings), Mounter(settings.mount_timeout),
                    mount_guard(settings))
