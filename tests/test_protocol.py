@@ -1102,6 +1102,8 @@ def test_daemon_refuses_a_master_key_of_no_volume(fresh_server):
     server.stop()
     key_file = server.state_dir / "master.key"
     key_file.write_bytes(os.urandom(32))
+    recorded_policy = (server.state_dir / "default-policy").read_bytes()
+    server.extra_args += ("--default-policy", "deny")
 
     with pytest.raises(RuntimeError, match="exited with status 1") as caught:
         server.start()
@@ -1109,6 +1111,8 @@ def test_daemon_refuses_a_master_key_of_no_volume(fresh_server):
     message = str(caught.value)
     assert f"but none of the 1 volume(s) with local keys was wrapped with it (volume {name!r} needs key" in message
     assert "restore the right file, or give its path with --master-key or SECUREVOL_MASTER_KEY." in message
+    # The refused daemon recorded nothing of its own settings.
+    assert (server.state_dir / "default-policy").read_bytes() == recorded_policy == b"allow\n"
 
 
 @needs_fuse

@@ -57,10 +57,11 @@ class VolumeDriver:
         prepare_state_dir(settings)
         registry = Registry(settings.state_dir)
         registry.ensure_layout()
+        # First, so that a daemon refused for its key provider changes nothing.
+        key_provider = create_provider(settings)
         record_default_policy(settings.state_dir, settings.deny_by_default)
         _apply_default_policy(registry, settings.deny_by_default)
-        return cls(settings, registry, create_provider(settings), Mounter(settings.mount_timeout),
-                   mount_guard(settings))
+        return cls(settings, registry, key_provider, Mounter(settings.mount_timeout), mount_guard(settings))
 
     # -- changes -------------------------------------------------------------
 
