@@ -12,6 +12,7 @@ It implements the daemon side of the contract in docs/architecture.md:
 """
 
 import argparse
+import errno
 import fcntl
 import gc
 import logging
@@ -336,7 +337,11 @@ def _raise_read_ahead(mountpoint: str) -> None:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(READ_AHEAD_KB))
     except OSError as exc:
-        log.warning("read-ahead unchanged device=%s error=%s", device, exc)
+        if exc.errno == errno.EROFS:
+            # A managed plugin's container has /sys read-only; nothing to act on.
+            log.info("read-ahead left at the kernel default, /sys is read-only device=%s", device)
+        else:
+            log.warning("read-ahead unchanged device=%s error=%s", device, exc)
 
 
 def _mount_device(mountpoint: str) -> str | None:
