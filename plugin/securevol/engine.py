@@ -107,7 +107,8 @@ class EngineClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise EngineError(
                 f"The Docker Engine API socket {self.socket_path} is not reachable ({exc.strerror}); "
-                "check that dockerd runs and that securevol is given its socket."
+                "check that dockerd runs and that securevol is given its socket (--docker-host, "
+                "SECUREVOL_DOCKER_HOST, or docker-socket.source for the managed plugin)."
             ) from None
         except TimeoutError:
             raise EngineTimeout(
