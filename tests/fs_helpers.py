@@ -369,16 +369,21 @@ class Volume(FuseMount):
         ]
 
 
-@pytest.fixture
-def volume(tmp_path):
+def started_volume(tmp_path: Path, volume_class: type = Volume):
+    """Yield a started *volume_class* on directories in *tmp_path*; clean up, then check its log for unexpected errors."""
     require_fuse()
-    vol = Volume(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
+    vol = volume_class(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
     vol.start()
     try:
         yield vol
     finally:
         vol.cleanup()
     assert vol.unexpected_errors() == []
+
+
+@pytest.fixture
+def volume(tmp_path):
+    yield from started_volume(tmp_path)
 
 
 @pytest.fixture

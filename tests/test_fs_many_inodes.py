@@ -14,7 +14,7 @@ import stat
 
 import pytest
 
-from tests.fs_helpers import Volume, require_fuse, tree_snapshot
+from tests.fs_helpers import Volume, started_volume, tree_snapshot
 
 BUDGET = 4
 FILLERS = 40
@@ -31,14 +31,7 @@ class FewDescriptorsVolume(Volume):
 
 @pytest.fixture
 def volume(tmp_path):
-    require_fuse()
-    vol = FewDescriptorsVolume(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fuse.log")
-    vol.start()
-    try:
-        yield vol
-    finally:
-        vol.cleanup()
-    assert vol.unexpected_errors() == []
+    yield from started_volume(tmp_path, FewDescriptorsVolume)
 
 
 def _push_out(volume, batch: str) -> None:
