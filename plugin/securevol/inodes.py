@@ -156,8 +156,8 @@ class InodeTable:
 
         Takes ownership of *fd*: it becomes the record's descriptor, or is
         closed if the inode is known already. *parent* and *name* are the
-        directory and backing name the inode was found by, which can reopen
-        it later; leave them out for directories and for "." and "..".
+        directory and backing name the inode was found by. They reopen it if
+        its descriptor is closed early. Directories, "." and ".." go without.
         """
         ino = self.fuse_ino(st.st_ino)
         inode = self._inodes.get(ino)
