@@ -18,6 +18,8 @@ from tests.fs_helpers import Volume, started_volume, tree_snapshot
 
 BUDGET = 4
 FILLERS = 40
+# Other O_PATH descriptors of the process: the root, directories, and the one a request reopens.
+MARGIN = 12
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -183,3 +185,42 @@ def test_tree_after_changes_matches_a_plain_directory(volume, tmp_path):
     assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain)
     volume.remount()
     assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain)
+
+
+def test_link_then_unlink_of_the_first_name_keeps_descriptors_within_budget(volume):
+    # The way git stores an object: write a temporary file, link it to its name, unlink the temporary name.
+    mnt = volume.mountpoint
+    (mnt / "objects").mkdir()
+    for i in range(100):
+        (mnt / "objects" / f"tmp{i}").write_bytes(f"object {i}".encode())
+        os.link(mnt / "objects" / f"tmp{i}", mnt / "objects" / f"obj{i}")
+        os.unlink(mnt / "objects" / f"tmp{i}")
+
+    assert _path_descriptors(volume.pid) <= BUDGET + MARGIN
+    for i in range(100):
+        os.chmod(mnt / "objects" / f"obj{i}", 0o444)
+        assert (mnt / "objects" / f"obj{i}").read_bytes() == f"object {i}".encode()
+    assert _path_descriptors(volume.pid) <= BUDGET + MARGIN
+
+
+def test_file_reachable_after_the_kernel_forgets_the_directory_of_its_first_name(volume):
+    mnt = volume.mountpoint
+    (mnt / "d1").mkdir()
+    (mnt / "d2").mkdir()
+    (mnt / "d1" / "a").write_bytes(b"hello")
+    os.link(mnt / "d1" / "a", mnt / "d2" / "b")
+    # An O_PATH descriptor keeps the file known without opening it through the FUSE process.
+    holder = os.open(mnt / "d2" / "b", os.O_PATH)
+    try:
+        _push_out(volume, "1")
+        os.sync()
+        # Reclaim of dentries and inodes, as memory pressure would do: the kernel forgets d1.
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+
+        os.chmod(f"/proc/self/fd/{holder}", 0o600)
+        with open(f"/proc/self/fd/{holder}", "rb") as f:
+            assert f.read() == b"hello"
+        assert (mnt / "d2" / "b").read_bytes() == b"hello"
+    finally:
+        os.close(holder)

@@ -75,7 +75,8 @@ _WRITE_BEHIND_MARGIN = 1 << 20
 # How far behind the range handed to the disk the ciphertext is dropped from the cache.
 _DROP_BEHIND_BYTES = 24 << 20
 
-# Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open descriptors.
+# Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open
+# descriptors, to a sixteenth of the open-file limit where that is less.
 _MAX_UNSYNCED_IVS = 1024
 
 # Seconds between two warnings that the FUSE process ran out of file descriptors.
@@ -421,6 +422,7 @@ class SecurevolOperations(pyfuse3.Operations):
         with self._side_record(parent, backing):
             # linkat(2) through the /proc magic link links the inode itself, even an unlinked-but-open one.
             os.link(inode.proc_path, backing.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        self._inodes.name_added(inode, parent, backing.name)
         inode.lookups += 1
         self._store_unlinked_times(inode)
         return self._attributes_of(inode, os.fstat(inode.fd))
@@ -888,7 +890,9 @@ class SecurevolOperations(pyfuse3.Operations):
             os.sync()
             return
         self._unsynced_ivs.append(fd)
-        if len(self._unsynced_ivs) >= _MAX_UNSYNCED_IVS:
+        # A small open-file limit lowers the bound, so that the IVs cannot take what files need.
+        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if len(self._unsynced_ivs) >= min(_MAX_UNSYNCED_IVS, soft_limit // 16):
             self._fsync_dir_ivs()
 
     def _fsync_dir_ivs(self) -> None:

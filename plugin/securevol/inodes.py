@@ -17,13 +17,14 @@ otherwise stall the request loop on every FORGET after an unlink.
 The kernel can know more inodes than the process may hold descriptors (a
 find(1) over a large tree). When the table holds more descriptors than half
 the open-file limit, it closes those of the least recently used files and
-symlinks that are not open, and reopens one by its backing name when it is
-next used. Each such file keeps its name: the directory inode and backing name
-it was looked up or created by, kept up to date by rename. A file whose name is
-removed while it is still known (unlink, or a rename over it) is reopened first
-and keeps its descriptor from then on, so a known inode's backing inode is never
-freed and its number never reused while the kernel knows it. Directories are
-never closed early: they are the parents every reopen starts from.
+symlinks that are not open, and reopens one by a backing name when it is next
+used. Each such file keeps the names it is known by: the directory inode and
+backing name of each lookup, create and link, kept up to date by rename and
+unlink. A file whose last known name is removed while the kernel still knows it
+is reopened first and keeps its descriptor from then on, so its backing inode is
+never freed, nor its number reused, while the kernel knows it. Directories are
+never closed early, and one that holds a known name stays in the table after
+the kernel forgets it: they are where every reopen starts.
 """
 
 import errno
@@ -64,7 +65,8 @@ class Inode:
     """One backing inode with a lookup count above zero or an open handle."""
 
     __slots__ = (
-        "ino", "_fd", "_table", "lookups", "opens", "is_dir", "name", "dir_iv", "absent_xattrs", "unlinked_times",
+        "ino", "_fd", "_table", "lookups", "opens", "is_dir", "names", "named_children", "dir_iv", "absent_xattrs",
+        "unlinked_times",
     )
 
     def __init__(self, ino: int, fd: int, is_dir: bool, table: "InodeTable | None" = None) -> None:
@@ -74,9 +76,12 @@ class Inode:
         self.lookups = 0
         self.opens = 0
         self.is_dir = is_dir
-        # (parent FUSE inode number, backing name) that reopens a file whose
-        # descriptor was closed early; None while no such name is known.
-        self.name: tuple[int, str] | None = None
+        # The (parent FUSE inode number, backing name) pairs known to lead to
+        # this file, any of which reopens it once its descriptor was closed early.
+        self.names: list[tuple[int, str]] = []
+        # For a directory: how many such names lie in it. It stays in the
+        # table while there are any, so that the files can still be reopened.
+        self.named_children = 0
         self.dir_iv: bytes | None = None  # cached by the name layer for directories
         # Names of extended attributes found missing; only this process sets
         # attributes, so the set stays true until setxattr or removexattr here.
@@ -165,18 +170,14 @@ class InodeTable:
             inode = Inode(ino, fd, is_dir=stat.S_ISDIR(st.st_mode), table=self)
             self._inodes[ino] = inode
             self._descriptors += 1
-            if parent is not None and name is not None and not inode.is_dir:
-                self._name(inode, (parent.ino, name))
         elif not inode.has_descriptor:
             inode._fd = fd  # spares the reopen
             self._descriptors += 1
-            self._closable[ino] = inode
         else:
             os.close(fd)
-            self.get(ino)
-            if inode.name is None and parent is not None and name is not None and not inode.is_dir:
-                # Known, with its earlier name removed: the name it was just found by will do.
-                self._name(inode, (parent.ino, name))
+        if parent is not None and name is not None and not inode.is_dir:
+            self.name_added(inode, parent, name)
+        self._make_closable(inode)
         inode.lookups += 1
 
         if self._descriptors >= self._next_limit_check:
@@ -196,44 +197,70 @@ class InodeTable:
 
     def opened(self, inode: Inode) -> None:
         inode.opens += 1
+        self._closable.pop(inode.ino, None)
 
     def closed(self, inode: Inode) -> None:
         inode.opens -= 1
+        self._make_closable(inode)
         self._drop_if_unused(inode)
 
     # -- names of files whose descriptor may be closed early ----------------------------------------
 
+    def name_added(self, inode: Inode, parent: Inode, name: str) -> None:
+        """Note that backing *name* in *parent* leads to *inode* (a lookup, create or link)."""
+        if inode.is_dir:
+            return
+        key = (parent.ino, name)
+        owner = self._by_name.get(key)
+        if owner is inode:
+            return
+        if owner is not None:
+            # Every removal of a name passes name_removed, so this does not happen.
+            log.warning("backing name recorded twice ino=%d other=%d", inode.ino, owner.ino)
+            self.name_removed(parent, name)
+        inode.names.append(key)
+        self._by_name[key] = inode
+        parent.named_children += 1
+        self._make_closable(inode)
+
     def name_removed(self, parent: Inode, name: str) -> None:
         """Note that backing *name* in *parent* is about to go; call it before unlink or a rename over it.
 
-        A file known by that name is reopened now, while the name still
+        A file known by no other name is reopened now, while the name still
         leads to it, and keeps its descriptor for as long as it is known.
         """
-        inode = self._by_name.pop((parent.ino, name), None)
+        inode = self._by_name.get((parent.ino, name))
         if inode is None:
             return
-        inode.fd  # noqa: B018 (the property reopens it)
-        inode.name = None
-        self._closable.pop(inode.ino, None)
+        if len(inode.names) == 1:
+            inode.fd  # noqa: B018 (the property reopens it)
+        self._forget_name(inode, (parent.ino, name))
+        if not inode.names:
+            self._closable.pop(inode.ino, None)
 
     def name_moved(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str) -> None:
         """Note that backing *old_name* in *old_parent* is now *new_name* in *new_parent*."""
-        inode = self._by_name.pop((old_parent.ino, old_name), None)
+        inode = self._by_name.get((old_parent.ino, old_name))
         if inode is not None:
-            self._name(inode, (new_parent.ino, new_name))
+            self._forget_name(inode, (old_parent.ino, old_name))
+            self.name_added(inode, new_parent, new_name)
 
     def names_exchanged(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str) -> None:
         """Note that two backing names traded their inodes (RENAME_EXCHANGE)."""
-        first = self._by_name.pop((old_parent.ino, old_name), None)
-        second = self._by_name.pop((new_parent.ino, new_name), None)
+        first = self._by_name.get((old_parent.ino, old_name))
+        second = self._by_name.get((new_parent.ino, new_name))
         if first is not None:
-            self._name(first, (new_parent.ino, new_name))
+            self._forget_name(first, (old_parent.ino, old_name))
         if second is not None:
-            self._name(second, (old_parent.ino, old_name))
+            self._forget_name(second, (new_parent.ino, new_name))
+        if first is not None:
+            self.name_added(first, new_parent, new_name)
+        if second is not None:
+            self.name_added(second, old_parent, old_name)
 
     def reopen(self, inode: Inode) -> None:
-        """Give *inode*, whose descriptor was closed early, a new one by its name."""
-        parent_ino, name = inode.name
+        """Give *inode*, whose descriptor was closed early, a new one by one of its names."""
+        parent_ino, name = inode.names[0]
         parent = self._inodes[parent_ino]
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         if self.fuse_ino(os.fstat(fd).st_ino) != inode.ino:
@@ -242,19 +269,21 @@ class InodeTable:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         inode._fd = fd
         self._descriptors += 1
-        self._closable[inode.ino] = inode
+        self._make_closable(inode)
         if self._descriptors >= self._next_limit_check:
             self._keep_within_budget(keep=inode)
 
-    def _name(self, inode: Inode, name: tuple[int, str]) -> None:
-        replaced = self._by_name.get(name)
-        if replaced is not None and replaced is not inode:
-            # Every removal of a name passes name_removed, so this does not happen.
-            log.warning("backing name recorded twice ino=%d other=%d", inode.ino, replaced.ino)
-            self.name_removed(self._inodes[name[0]], name[1])
-        inode.name = name
-        self._by_name[name] = inode
-        if inode.has_descriptor:
+    def _forget_name(self, inode: Inode, key: tuple[int, str]) -> None:
+        """Take one name off *inode*; a directory left holding no known name and no lookup is dropped."""
+        del self._by_name[key]
+        inode.names.remove(key)
+        parent = self._inodes[key[0]]
+        parent.named_children -= 1
+        self._drop_if_unused(parent)
+
+    def _make_closable(self, inode: Inode) -> None:
+        """Put *inode* at the recently used end of the closable files, if its descriptor may be closed early."""
+        if inode.names and inode.opens == 0 and inode.has_descriptor:
             self._closable[inode.ino] = inode
             self._closable.move_to_end(inode.ino)
 
@@ -277,20 +306,19 @@ class InodeTable:
         return max(16, int(soft_limit * INODE_DESCRIPTOR_SHARE))
 
     def _close_early(self, count: int, keep: Inode) -> int:
+        # Open files are never in _closable, so only *keep* is passed over.
         closed = 0
-        skipped: list[Inode] = []
         while closed < count and self._closable:
             _ino, inode = self._closable.popitem(last=False)
-            if inode.opens > 0 or inode is keep:
-                skipped.append(inode)
+            if inode is keep:
+                self._closable[inode.ino] = inode
+                if len(self._closable) == 1:
+                    break
                 continue
             os.close(inode._fd)
             inode._fd = _CLOSED
             self._descriptors -= 1
             closed += 1
-        for inode in reversed(skipped):
-            self._closable[inode.ino] = inode
-            self._closable.move_to_end(inode.ino, last=False)
         return closed
 
     # -- dropping -----------------------------------------------------------------------------------
@@ -306,12 +334,14 @@ class InodeTable:
         self._closer.stop()
 
     def _drop_if_unused(self, inode: Inode) -> None:
-        if inode.lookups > 0 or inode.opens > 0 or inode.ino == pyfuse3.ROOT_INODE:
+        if inode.lookups > 0 or inode.opens > 0 or inode.named_children > 0 or inode.ino == pyfuse3.ROOT_INODE:
             return
+        if self._inodes.get(inode.ino) is not inode:
+            return  # dropped already
         del self._inodes[inode.ino]
         self._closable.pop(inode.ino, None)
-        if inode.name is not None and self._by_name.get(inode.name) is inode:
-            del self._by_name[inode.name]
+        for key in list(inode.names):
+            self._forget_name(inode, key)
         if inode.has_descriptor:
             # The record is gone, so nothing uses this descriptor any more, and its
             # number cannot be handed out again before the closer closes it.
