@@ -78,7 +78,8 @@ class Inode:
         self.is_dir = is_dir
         # The (parent FUSE inode number, backing name) pairs known to lead to
         # this file, any of which reopens it once its descriptor was closed early.
-        self.names: list[tuple[int, str]] = []
+        # A dict used as an ordered set: a file can have tens of thousands of hard links.
+        self.names: dict[tuple[int, str], None] = {}
         # For a directory: how many such names lie in it. It stays in the
         # table while there are any, so that the files can still be reopened.
         self.named_children = 0
@@ -218,7 +219,7 @@ class InodeTable:
             # Every removal of a name passes name_removed, so this does not happen.
             log.warning("backing name recorded twice ino=%d other=%d", inode.ino, owner.ino)
             self.name_removed(parent, name)
-        inode.names.append(key)
+        inode.names[key] = None
         self._by_name[key] = inode
         parent.named_children += 1
         self._make_closable(inode)
@@ -260,7 +261,7 @@ class InodeTable:
 
     def reopen(self, inode: Inode) -> None:
         """Give *inode*, whose descriptor was closed early, a new one by one of its names."""
-        parent_ino, name = inode.names[0]
+        parent_ino, name = next(iter(inode.names))
         parent = self._inodes[parent_ino]
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         if self.fuse_ino(os.fstat(fd).st_ino) != inode.ino:
@@ -276,7 +277,7 @@ class InodeTable:
     def _forget_name(self, inode: Inode, key: tuple[int, str]) -> None:
         """Take one name off *inode*; a directory left holding no known name and no lookup is dropped."""
         del self._by_name[key]
-        inode.names.remove(key)
+        del inode.names[key]
         parent = self._inodes[key[0]]
         parent.named_children -= 1
         self._drop_if_unused(parent)
