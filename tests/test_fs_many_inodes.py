@@ -1,4 +1,4 @@
-"""Tests of a FUSE process that knows more inodes than it keeps descriptors for.
+"""Tests of a FUSE process that has more inodes looked up than it keeps descriptors for.
 
 The process closes the descriptors of the least recently used files and
 symlinks beyond its budget and reopens each by its backing name when a request
@@ -72,7 +72,7 @@ def test_known_files_beyond_budget_keep_few_descriptors(volume):
             path.write_bytes(f"{d}/{i}".encode() * 10)
             inos[path] = path.stat().st_ino
 
-    # The kernel still knows all 300 files; the process holds descriptors for
+    # All 300 files are still looked up; the process holds descriptors for
     # the root, the 3 directories and at most BUDGET files.
     assert _path_descriptors(volume.pid) <= 1 + 3 + BUDGET
     assert _closed_early(volume) > 0
@@ -187,7 +187,7 @@ def test_tree_after_changes_matches_a_plain_directory(volume, tmp_path):
     assert tree_snapshot(volume.mountpoint) == tree_snapshot(plain)
 
 
-def test_link_then_unlink_of_the_first_name_keeps_descriptors_within_budget(volume):
+def test_link_then_unlink_stays_within_budget(volume):
     # The way git stores an object: write a temporary file, link it to its name, unlink the temporary name.
     mnt = volume.mountpoint
     (mnt / "objects").mkdir()
@@ -203,7 +203,7 @@ def test_link_then_unlink_of_the_first_name_keeps_descriptors_within_budget(volu
     assert _path_descriptors(volume.pid) <= BUDGET + MARGIN
 
 
-def test_file_reachable_after_the_kernel_forgets_the_directory_of_its_first_name(volume):
+def test_hard_link_readable_after_first_directory_forgotten(volume):
     mnt = volume.mountpoint
     (mnt / "d1").mkdir()
     (mnt / "d2").mkdir()
@@ -214,7 +214,7 @@ def test_file_reachable_after_the_kernel_forgets_the_directory_of_its_first_name
     try:
         _push_out(volume, "1")
         os.sync()
-        # Reclaim of dentries and inodes, as memory pressure would do: the kernel forgets d1.
+        # Reclaim of dentries and inodes, as memory pressure would do: the kernel sends FORGET for d1.
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("2\n")
 

@@ -14,17 +14,18 @@ background thread: closing the last descriptor of an unlinked backing file
 makes the backing filesystem free its blocks inside close(2), which would
 otherwise stall the request loop on every FORGET after an unlink.
 
-The kernel can know more inodes than the process may hold descriptors (a
-find(1) over a large tree). When the table holds more descriptors than half
+The kernel can look up more inodes than the process may hold descriptors for
+(a find(1) over a large tree). When the table holds more descriptors than half
 the open-file limit, it closes those of the least recently used files and
 symlinks that are not open, and reopens one by a backing name when it is next
 used. Each such file keeps the names it is known by: the directory inode and
 backing name of each lookup, create and link, kept up to date by rename and
-unlink. A file whose last known name is removed while the kernel still knows it
-is reopened first and keeps its descriptor from then on, so its backing inode is
-never freed, nor its number reused, while the kernel knows it. Directories are
-never closed early, and one that holds a known name stays in the table after
-the kernel forgets it: they are where every reopen starts.
+unlink. A file whose last known name is removed while its lookup count is above
+zero is reopened first and keeps its descriptor from then on, so its backing
+inode is never freed, nor its number reused, while the kernel may still refer
+to it. Directories are never closed early, and one that holds a known name
+stays in the table after the kernel's FORGET: they are where every reopen
+starts.
 """
 
 import errno
