@@ -3,9 +3,9 @@
 The process closes the descriptors of the least recently used files and
 symlinks beyond its budget and reopens each by its backing name when a request
 needs it (securevol.inodes). These tests give it a budget of a few descriptors,
-so that the files they work on have been closed early, and check that every
-request reaches the right backing file: after renames, renames over other files,
-exchanges, hard links and unlinks.
+so that the files they work on have been closed early. Each test checks that
+requests reach the right backing file after renames, renames over other files,
+exchanges, hard links or unlinks.
 """
 
 import ctypes
@@ -72,7 +72,7 @@ def test_known_files_beyond_budget_keep_few_descriptors(volume):
             path.write_bytes(f"{d}/{i}".encode() * 10)
             inos[path] = path.stat().st_ino
 
-    # All 300 files are still looked up; the process holds descriptors for
+    # All 300 files are still looked up; the process keeps descriptors for
     # the root, the 3 directories and at most BUDGET files.
     assert _path_descriptors(volume.pid) <= 1 + 3 + BUDGET
     assert _closed_early(volume) > 0

@@ -846,7 +846,7 @@ def test_mkdir_iv_synced_by_next_fsync(volume):
     assert _open_iv_files(volume.pid) == []
 
 
-def test_unsynced_ivs_bounded_by_a_small_open_file_limit(volume):
+def test_unsynced_ivs_bounded_by_limit(volume):
     # Under a limit of 800, at most 800 // 16 = 50 IV descriptors wait for an fsync.
     soft, hard = resource.prlimit(volume.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(volume.pid, resource.RLIMIT_NOFILE, (800, hard))

@@ -345,7 +345,7 @@ def test_oversized_chunked_body_rejected(server):
     try:
         body = (b" " * 65536 for _ in range(160))  # 10 MiB of JSON whitespace
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            # The daemon answers and closes before the rest of the body is sent.
+            # The daemon replies and closes the connection before the rest of the body is sent.
             connection.request("POST", "/VolumeDriver.Create", body=body, encode_chunked=True)
         response = connection.getresponse()
         answer = PluginResponse(response.status, response.getheader("Content-Type", ""), response.read())

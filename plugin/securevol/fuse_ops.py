@@ -75,8 +75,8 @@ _WRITE_BEHIND_MARGIN = 1 << 20
 # How far behind the range handed to the disk the ciphertext is dropped from the cache.
 _DROP_BEHIND_BYTES = 24 << 20
 
-# Directory IVs left unsynced by mkdir before one mkdir fsyncs them all; bounds the open
-# descriptors, to a sixteenth of the open-file limit where that is less.
+# Directory IVs left unsynced by mkdir before one mkdir fsyncs them all. It bounds their open
+# descriptors, and so does a sixteenth of the open-file limit where that is less.
 _MAX_UNSYNCED_IVS = 1024
 
 # Seconds between two warnings that the FUSE process ran out of file descriptors.

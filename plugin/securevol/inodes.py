@@ -21,9 +21,9 @@ symlinks that are not open, and reopens one by a backing name when it is next
 used. Each such file keeps the names it is known by: the directory inode and
 backing name of each lookup, create and link, kept up to date by rename and
 unlink. A file whose last known name is removed while its lookup count is above
-zero is reopened first and keeps its descriptor from then on, so its backing
-inode is never freed, nor its number reused, while the kernel may still refer
-to it. Directories are never closed early, and one that holds a known name
+zero is reopened first and keeps its descriptor from then on. So its backing
+inode is never freed, and its number never reused, while the kernel may still
+refer to it. Directories are never closed early, and one that holds a known name
 stays in the table after the kernel's FORGET: they are where every reopen
 starts.
 """

@@ -198,7 +198,7 @@ def _check_key_reads_names(backing: str, keys, volume: str) -> None:
     cipher = names.NameCipher(keys.name_key, volume)
     root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        readable, unreadable = _count_readable_names(root_fd, cipher, stop_at_first=True)
+        readable, unreadable = _count_readable_names(root_fd, cipher)
         if readable or not unreadable:
             return
         subdirectories_readable = _subdirectory_names_readable(root_fd, cipher)
@@ -219,8 +219,8 @@ def _check_key_reads_names(backing: str, keys, volume: str) -> None:
     )
 
 
-def _count_readable_names(dir_fd: int, cipher, stop_at_first: bool) -> tuple[int, int]:
-    """Return how many entry names of backing directory *dir_fd* authenticate, and how many do not."""
+def _count_readable_names(dir_fd: int, cipher) -> tuple[int, int]:
+    """Return how many entry names of backing directory *dir_fd* authenticate (0 or 1, it stops at the first) and how many fail."""
     dir_iv = names.read_dir_iv(dir_fd)
     readable = unreadable = 0
     for backing_name in os.listdir(dir_fd):
@@ -229,18 +229,17 @@ def _count_readable_names(dir_fd: int, cipher, stop_at_first: bool) -> tuple[int
         try:
             cipher.plain_name_for(dir_fd, backing_name, dir_iv)
             readable += 1
-            if stop_at_first:
-                break
+            break
         except (IntegrityError, OSError):
             unreadable += 1
     return readable, unreadable
 
 
-def _subdirectory_names_readable(root_fd: int, cipher, most: int = 16) -> bool:
-    """Tell whether a name inside one of the first *most* subdirectories of the backing root authenticates."""
+def _subdirectory_names_readable(root_fd: int, cipher, limit: int = 16) -> bool:
+    """Tell whether a name inside one of the first *limit* subdirectories of the backing root authenticates."""
     checked = 0
     for backing_name in os.listdir(root_fd):
-        if checked >= most:
+        if checked >= limit:
             break
         if names.is_reserved(backing_name):
             continue
@@ -252,7 +251,7 @@ def _subdirectory_names_readable(root_fd: int, cipher, most: int = 16) -> bool:
             continue  # not a directory
         checked += 1
         try:
-            readable, _unreadable = _count_readable_names(child_fd, cipher, stop_at_first=True)
+            readable, _unreadable = _count_readable_names(child_fd, cipher)
         except (IntegrityError, OSError):
             readable = 0
         finally:
