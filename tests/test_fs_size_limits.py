@@ -51,6 +51,35 @@ def test_write_near_max_offset_fails_cleanly(volume):
     assert path.read_bytes() == b""
 
 
+def test_failed_write_back_logged_once(volume):
+    # write(2) returns before the kernel writes the page back, so the error
+    # reaches the program at fsync(2) or close(2) and the operator through the log.
+    path = volume.mountpoint / "secret-name"
+    path.write_bytes(b"hello")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset in (2**62, 2**62 + 2**20):
+            assert os.pwrite(fd, b"X", offset) == 1
+        with pytest.raises(OSError) as info:
+            os.fsync(fd)
+        assert info.value.errno in (errno.EFBIG, errno.EIO)
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            assert exc.errno in (errno.EFBIG, errno.EIO)
+
+    failed = [line for line in volume.log_lines("WARNING") if "write failed" in line]
+    assert len(failed) == 1, failed
+    assert f"offset={2**62}" in failed[0] or f"offset={2**62 + 2**20}" in failed[0]
+    assert "secret-name" not in failed[0]
+    backing_names = [name for name in os.listdir(volume.backing) if not name.startswith("securevol.")]
+    assert any(f"path={name}" in failed[0] for name in backing_names), (failed[0], backing_names)
+
+    volume.remount()
+    assert path.read_bytes() == b"hello"
+
+
 def test_truncate_beyond_backing_limit_like_plain(volume, plain_dir):
     # On ext4 both fail with EFBIG; on a filesystem that takes the size, both succeed.
     outcomes = []

@@ -217,6 +217,8 @@ class SecurevolOperations(pyfuse3.Operations):
         self._next_fh = itertools.count(1)
         # (inode, block) pairs logged as damaged; repeats log at DEBUG until the file changes.
         self._reported_damage: dict[int, set[object]] = {}
+        # Inodes whose last write failed; repeats log at DEBUG until a write succeeds.
+        self._failed_writes: set[int] = set()
         # Read-only descriptors of directory IV files written by mkdir but not yet fsynced.
         self._unsynced_ivs: list[int] = []
         self._last_descriptor_warning: float | None = None
@@ -624,6 +626,10 @@ class SecurevolOperations(pyfuse3.Operations):
         except IntegrityError as exc:
             self._report_damage(handle.inode, exc, handle.fd)
             raise FUSEError(errno.EIO) from None
+        except OSError as exc:
+            self._report_failed_write(handle, offset, len(data), exc)
+            raise
+        self._failed_writes.discard(handle.inode.ino)
 
         backing_ranges = handle.write_behind_ranges(offset, end, gap)
         if backing_ranges is not None:
@@ -1146,6 +1152,26 @@ class SecurevolOperations(pyfuse3.Operations):
         level = logging.DEBUG if block in reported else logging.ERROR
         reported.add(block)
         log.log(level, "integrity check failed vol=%s path=%s block=%s error=%s", self.volume, path, block, exc)
+
+    def _report_failed_write(self, handle: OpenFile, offset: int, size: int, exc: OSError) -> None:
+        """Log a write that failed in the backing store: one WARNING line per file until one of its writes succeeds.
+
+        With the writeback cache most writes reach this process after write(2)
+        has returned, so the program learns of the failure only from fsync(2)
+        or close(2), and the operator only from this line.
+        """
+        ino = handle.inode.ino
+        level = logging.DEBUG if ino in self._failed_writes else logging.WARNING
+        self._failed_writes.add(ino)
+        log.log(
+            level,
+            "write failed vol=%s path=%s offset=%d length=%d error=%s",
+            self.volume,
+            self._backing_path(handle.fd),
+            offset,
+            size,
+            exc.strerror or errno.errorcode.get(exc.errno, exc.errno),
+        )
 
     def _backing_path(self, fd: int) -> str:
         """Return the backing path of *fd* relative to the backing root: ciphertext names only."""
