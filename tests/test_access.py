@@ -548,6 +548,30 @@ def test_e2e_fuse_refuses_host_and_other_containers(dockerd, busybox_image, volu
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_e2e_cgroup_parent_inside_allowed_container(dockerd, busybox_image, volume, guarded_plugin):
+    # With the cgroupfs driver, --cgroup-parent may name another container's
+    # cgroup, so the new container's path starts with the allowed one's ID.
+    name = volume("name:acc-web")
+    dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",
+                "echo secret > /d/f; sleep 300")
+    wait_until(lambda: dockerd.docker("exec", "acc-web", "cat", "/d/f", check=False).stdout == "secret\n",
+               "the container writing its file")
+    pid = dockerd.docker("inspect", "--format", "{{.State.Pid}}", "acc-web").stdout.strip()
+    allowed_cgroup = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[0].split(":", 2)[2]
+    if allowed_cgroup.endswith(".scope"):
+        pytest.skip("dockerd uses the systemd cgroup driver, whose --cgroup-parent must be a slice")
+
+    nested = dockerd.run("--rm", "--name", "acc-nested", "--cgroup-parent", allowed_cgroup,
+                         "-v", f"{guarded_plugin.mount_root}:/m", busybox_image, "sh", "-c",
+                         f"cat /proc/self/cgroup; cat /m/{name}/f", check=False)
+
+    assert allowed_cgroup in nested.stdout  # the new container runs inside the allowed one's cgroup
+    assert "secret" not in nested.stdout
+    assert "Permission denied" in nested.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_e2e_allow_set_applies_to_running_volume(dockerd, busybox_image, volume, guarded_plugin):
     name = volume("name:acc-web")
     dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",

@@ -53,11 +53,6 @@ RECORDED = {
         ProcessIdentity("docker", ID_A)),
     "recorded_v2_systemd_in_container": (
         f"0::/system.slice/docker-{ID_A}.scope/init.scope\n", ProcessIdentity("docker", ID_A)),
-    "recorded_v2_nested_scope_spoof": (
-        f"0::/system.slice/docker-{ID_A}.scope/system.slice/docker-{ID_B}.scope\n",
-        ProcessIdentity("docker", ID_A)),
-    "recorded_v1_docker_in_docker": (
-        v1_lines(f"/docker/{ID_A}/docker/{ID_B}"), ProcessIdentity("docker", ID_A)),
     "recorded_v2_cri_containerd": (
         "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c.slice/"
         f"cri-containerd-{ID_A}.scope\n",
@@ -92,6 +87,28 @@ RECORDED = {
 @pytest.mark.parametrize(("text", "identity"), RECORDED.values(), ids=RECORDED.keys())
 def test_identify_cgroup(text, identity):
     assert identify_cgroup(text) == identity
+
+
+# Paths that name two containers: the outer one may be an allowed container
+# whose ID an attacker gave as --cgroup-parent, and the inner one may be a
+# cgroup that a process in the outer container named after another container.
+TWO_CONTAINERS = {
+    "recorded_v2_nested_scope_spoof": f"0::/system.slice/docker-{ID_A}.scope/system.slice/docker-{ID_B}.scope\n",
+    "recorded_v1_docker_in_docker": v1_lines(f"/docker/{ID_A}/docker/{ID_B}"),
+    "recorded_v1_cgroup_parent_of_another": v1_lines(f"/docker/{ID_A}/{ID_B}"),
+    "recorded_v2_cgroup_parent_of_another": f"0::/docker/{ID_A}/{ID_B}\n",
+    "recorded_v2_scope_under_bare_id": f"0::/docker/{ID_A}/docker-{ID_B}.scope\n",
+}
+
+
+@pytest.mark.parametrize("text", TWO_CONTAINERS.values(), ids=TWO_CONTAINERS.keys())
+def test_path_naming_two_containers_is_unknown(text):
+    with pytest.raises(UnknownProcess):
+        identify_cgroup(text)
+
+
+def test_path_naming_one_container_twice():
+    assert identify_cgroup(f"0::/docker/{ID_A}/docker-{ID_A}.scope\n").container_id == ID_A
 
 
 def test_recorded_lines_naming_two_containers():

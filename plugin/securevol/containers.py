@@ -11,9 +11,12 @@ cgroup filesystem), so the cgroup path identifies the container:
     CRI-O, Podman                 crio-<64 hex>.scope, libpod-<64 hex>.scope
     a host process                anything else, for example 0::/user.slice/...
 
-Only the outermost container named in a path counts, because a process may
-create nested cgroups with any name inside its own cgroup (Docker in
-Docker, systemd in a container) but cannot rename the one around it.
+A path that names two different containers is rejected, because neither end
+of such a path can be trusted. A process with write access to its cgroup
+may create nested cgroups with any name inside its own (Docker in Docker,
+systemd in a container). With the cgroupfs driver, the creator of a
+container may put it inside another container's cgroup (``--cgroup-parent
+/docker/<ID of an allowed container>``).
 """
 
 import os
@@ -89,19 +92,30 @@ def _cgroup_paths(text: str) -> list[str]:
 
 def _identify_path(path: str) -> ProcessIdentity:
     components = path.split("/")
-    for index, component in enumerate(components):
-        scope = _SCOPE_RE.fullmatch(component)
-        if scope:
-            return ProcessIdentity(_RUNTIME_OF_SCOPE[scope.group(1)], scope.group(2))
+    named = [identity for index in range(len(components)) if (identity := _identify_component(components, index))]
+    if not named:
+        return HOST_PROCESS
 
-        if _ID_RE.fullmatch(component):
-            parent = components[index - 1] if index > 0 else ""
-            return ProcessIdentity("docker" if parent == "docker" else "unknown", component)
+    if len({identity.container_id for identity in named}) > 1:
+        raise UnknownProcess("the process's cgroup path names more than one container")
+    return named[0]
 
-        if component == "buildkit" and index > 0 and components[index - 1] == "docker":
-            # BuildKit runs each build step under /docker/buildkit/<step ID>.
-            return ProcessIdentity("buildkit")
-    return HOST_PROCESS
+
+def _identify_component(components: list[str], index: int) -> ProcessIdentity | None:
+    """Return the container that path component *index* names, or None if it names none."""
+    component = components[index]
+    scope = _SCOPE_RE.fullmatch(component)
+    if scope:
+        return ProcessIdentity(_RUNTIME_OF_SCOPE[scope.group(1)], scope.group(2))
+
+    parent = components[index - 1] if index > 0 else ""
+    if _ID_RE.fullmatch(component):
+        return ProcessIdentity("docker" if parent == "docker" else "unknown", component)
+
+    if component == "buildkit" and parent == "docker":
+        # BuildKit runs each build step under /docker/buildkit/<step ID>.
+        return ProcessIdentity("buildkit")
+    return None
 
 
 def is_docker_daemon(pid: int, proc: str = "/proc") -> bool:
