@@ -797,6 +797,7 @@ def test_catalog_unreadable_record_denies(state):
 def test_create_spec_reads_fields(state):
     body = (b'{"Image": "busybox", "Labels": {"a": "1"}, "Volumes": {"/v": {}}, "HostConfig": '
             b'{"Binds": ["db:/d"], "VolumesFrom": ["other:ro"], "VolumeDriver": "x", '
+            b'"PidMode": "container:db1", "IpcMode": "container:db2", '
             b'"Mounts": [{"Type": "bind", "Source": "/s", "Target": "/t"}]}}')
 
     spec = CreateSpec.from_body(body, "/web")
@@ -807,6 +808,8 @@ def test_create_spec_reads_fields(state):
     assert spec.binds == ["db:/d"]
     assert spec.volumes_from == ["other:ro"]
     assert spec.volume_driver == "x"
+    assert spec.pid_mode == "container:db1"
+    assert spec.ipc_mode == "container:db2"
     assert spec.mounts == [{"Type": "bind", "Source": "/s", "Target": "/t"}]
     assert spec.anonymous_volumes == ["/v"]
 
@@ -1047,6 +1050,27 @@ def test_e2e_authz_volumes_from_and_rename(authz_docker, authz_volume):
     assert renamed.returncode != 0
     assert "does not allow container 'az-evil'" in renamed.stderr
     assert daemon.docker("rename", "az-web1", "az-web2").returncode == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
+    # A process in the PID namespace of an allowed container can write into
+    # its memory through /proc/PID/mem and read the volume through it.
+    daemon, _, image = authz_docker
+    volume = authz_volume("name:az-web*")
+    daemon.run("-d", "--name", "az-web1", "--ipc", "shareable", "-v", f"{volume}:/d", image, "sleep", "300")
+
+    for option in ("--pid", "--ipc"):
+        joined = daemon.run("--rm", "--name", "az-peek", option, "container:az-web1", image, "true", check=False)
+        assert joined.returncode != 0, option
+        assert f"Volume '{volume}' does not allow container 'az-peek'" in joined.stderr
+        assert "namespace of container 'az-web1'" in joined.stderr
+
+    sidecar = daemon.run("--rm", "--name", "az-web-sidecar", "--pid", "container:az-web1", image, "true",
+                         check=False)
+    assert sidecar.returncode == 0, sidecar.stderr
+    assert "az-peek" not in container_names(daemon)
 
 
 @pytest.mark.docker

@@ -21,8 +21,10 @@ Requests checked, and why:
 ``POST /containers/create``
     every securevol volume the container would mount (``Binds``, ``Mounts``,
     ``VolumesFrom`` of another container, anonymous volumes of the
-    ``VolumeDriver``) must allow it, and no host bind mount may reach the
-    state directory or the mount root.
+    ``VolumeDriver``) must allow it, and so must every securevol volume of a
+    container whose PID or IPC namespace it would join (``PidMode`` or
+    ``IpcMode`` ``container:NAME``). No host bind mount may reach the state
+    directory or the mount root.
 ``POST /containers/{id}/rename``
     the new name must still be allowed by every securevol volume the
     container mounts, or a rename would carry a container past a ``name:`` rule.
@@ -83,6 +85,8 @@ _HOST_CONFIG_FIELDS: dict[str, gojson.GoType] = {
     "Mounts": gojson.GoSlice(_MOUNT),
     "VolumesFrom": gojson.GoSlice(gojson.GoString()),
     "VolumeDriver": gojson.GoString(),
+    "PidMode": gojson.GoString(),
+    "IpcMode": gojson.GoString(),
 }
 # runconfig.ContainerConfigWrapper on Linux: the Config fields, the HostConfig
 # object, and (deprecated) the HostConfig fields once more at the top level.
@@ -252,7 +256,7 @@ class VolumeUse:
 
     volume: str
     allowlist: Allowlist
-    via: str  # how the container gets it: "Binds", "Mounts", "VolumesFrom web", ...
+    via: str  # how the container gets it: "Binds", "Mounts", "VolumesFrom web", "PID namespace of web", ...
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -344,6 +348,8 @@ class CreateSpec:
     mounts: list[dict[str, Any]]
     volumes_from: list[str]
     volume_driver: str
+    pid_mode: str
+    ipc_mode: str
     anonymous_volumes: list[str]  # destinations in Config.Volumes
 
     @classmethod
@@ -359,6 +365,8 @@ class CreateSpec:
             mounts=gojson.items(host_config.get("Mounts")),
             volumes_from=gojson.items(host_config.get("VolumesFrom")),
             volume_driver=host_config.get("VolumeDriver") or "",
+            pid_mode=host_config.get("PidMode") or "",
+            ipc_mode=host_config.get("IpcMode") or "",
             anonymous_volumes=sorted(top.get("Volumes") or {}),
         )
 
@@ -493,6 +501,7 @@ class Authorizer:
         uses = [
             *self._create_volume_uses(spec),
             *self._volumes_from_uses(spec),
+            *self._shared_namespace_uses(spec),
             *self._image_volume_uses(spec),
         ]
         self._check_uses("create", spec.container(), uses)
@@ -557,6 +566,24 @@ class Authorizer:
                     self._check_host_path(str(mount.get("Source") or ""))
             yield from self._mounted_volume_uses(document, f"VolumesFrom {reference}")
 
+    def _shared_namespace_uses(self, spec: CreateSpec) -> Iterator[VolumeUse]:
+        """Yield the volumes of a container whose PID or IPC namespace the new one would join.
+
+        A process in another container's PID namespace can write to the memory
+        of that container's processes through /proc/PID/mem when it runs as the
+        same user (unless Yama's ptrace_scope forbids it), and so run code in a
+        process that the FUSE check allows. A shared IPC namespace shares
+        /dev/shm, where programs may keep data read from the volume.
+        """
+        for namespace, mode in (("PID", spec.pid_mode), ("IPC", spec.ipc_mode)):
+            kind, _, reference = mode.partition(":")
+            if kind != "container" or not reference:
+                continue
+            document = self._inspect(reference, f"the container {reference!r} named in the {namespace} mode")
+            if document is None:
+                continue  # dockerd refuses the create: no such container
+            yield from self._mounted_volume_uses(document, f"{namespace} namespace of {reference}")
+
     def _image_volume_uses(self, spec: CreateSpec) -> Iterator[VolumeUse]:
         """Yield the anonymous volumes that the image's VOLUME lines create with this driver.
 
@@ -596,7 +623,8 @@ class Authorizer:
                 "cannot check its mounts.",
                 "start body unreadable",
             ) from None
-        if not (spec.binds or spec.mounts or spec.volumes_from or spec.volume_driver):
+        if not (spec.binds or spec.mounts or spec.volumes_from or spec.volume_driver or spec.pid_mode
+                or spec.ipc_mode):
             return
 
         document = self._inspect(reference, f"the container {reference!r}")
@@ -604,7 +632,7 @@ class Authorizer:
             return  # dockerd returns 404
         for path in self._create_host_paths(spec):
             self._check_host_path(path)
-        uses = [*self._create_volume_uses(spec), *self._volumes_from_uses(spec)]
+        uses = [*self._create_volume_uses(spec), *self._volumes_from_uses(spec), *self._shared_namespace_uses(spec)]
         self._check_uses("start", info_from_inspect(document), uses)
 
     # -- volume create ---------------------------------------------------------------------
@@ -718,6 +746,9 @@ def _refusal(use: VolumeUse, container: ContainerInfo) -> str:
     who = f"container {container.name!r}" if container.name else "a container without a name"
     if container.image:
         who += f" (image {container.image})"
+    if " namespace of " in use.via:
+        namespace, _, reference = use.via.partition(" namespace of ")
+        who += f", which would join the {namespace} namespace of container {reference!r} that mounts it,"
     if use.allowlist.rules:
         return (f"Volume {use.volume!r} does not allow {who}: it matches none of the rules "
                 f"{use.allowlist.text!r}; change them with 'securevol allow set {use.volume} RULES'.")
