@@ -375,6 +375,40 @@ def test_mount_guard_with_candidates(tmp_path, dockerd, busybox_image):
         dockerd.docker("volume", "rm", volume, check=False)
 
 
+class AllBusyGuard(MountGuard):
+    """A MountGuard that takes every candidate for one being started, as if dockerd held each one's lock."""
+
+    def _busy(self, volume, candidates):
+        return list(candidates)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_mount_guard_starting_together_simulated_locks(tmp_path, dockerd, busybox_image):
+    # Which containers dockerd is starting is simulated: a real race of two
+    # starts is needed to lock both, and it does not happen on demand.
+    engine = EngineClient(str(dockerd.socket))
+    volume = "guard-together"
+    together = AllBusyGuard(engine, AuditLog(tmp_path / "audit.jsonl"), deny_by_default=False,
+                            docker_socket="unix:///var/run/docker.sock", probe_timeout=0.5)
+    try:
+        dockerd.docker("create", "--name", "guard-ok", "-v", f"{volume}:/d", busybox_image, "true")
+        dockerd.docker("create", "--name", "guard-no", "-v", f"{volume}:/d", busybox_image, "true")
+
+        with pytest.raises(AccessDenied) as refused:
+            together.check_mount(volume, "name:guard-ok", tmp_path / "access.json")
+
+        message = str(refused.value)
+        assert "container 'guard-no'" in message
+        assert "was starting too" in message
+        assert "start the allowed container again" in message
+        assert "matches none of the rules" not in message
+        assert audit_lines(tmp_path)[-1]["reason"] == "allowed and disallowed containers start together"
+    finally:
+        dockerd.docker("rm", "-f", "guard-ok", "guard-no", check=False)
+        dockerd.docker("volume", "rm", volume, check=False)
+
+
 # -- end to end: a real plugin and dockerd, without the authorization plugin --------------------------
 #
 # With no authorization plugin, the mount-time check and the FUSE process are

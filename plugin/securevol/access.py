@@ -256,10 +256,24 @@ class MountGuard:
             return
 
         user = busy_refused[0] if busy_refused else refused[0]
-        reason = "container not on allowlist" if busy_refused else "cannot tell which container mounts"
+        starting_together = len(busy_refused) < len(busy)
+        if starting_together:
+            reason = "allowed and disallowed containers start together"
+        elif busy_refused:
+            reason = "container not on allowlist"
+        else:
+            reason = "cannot tell which container mounts"
         self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
                           container=user.container, reason=reason)
         who = f"container {user.container.name!r} ({user.container.short_id()})"
+        if starting_together:
+            # The mount may be for the allowed container, so the message must
+            # not tell its user that the rules leave their container out.
+            raise AccessDenied(
+                f"Volume {volume!r} was mounted while {who}, which its allowlist does not allow, was starting "
+                "too, and securevol cannot tell which container the mount is for; start the allowed "
+                "container again once the other has started or failed."
+            )
         if busy_refused and allowlist.rules:
             raise AccessDenied(f"Volume {volume!r} does not allow {who}: it matches none of the rules "
                                f"{allowlist.text!r}; change them with 'securevol allow set {volume} RULES'.")
