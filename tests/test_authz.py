@@ -1075,6 +1075,29 @@ def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_e2e_authz_image_labels_count(authz_docker, authz_volume):
+    # dockerd gives a container its image's labels, and the mount-time check
+    # sees them; the create request carries only the labels it sets.
+    daemon, _, image = authz_docker
+    volume = authz_volume("label:com.example.role=db")
+    daemon.docker("create", "--name", "az-labeler", image, "true")
+    labeled = "authz-busybox:role-db"
+    daemon.docker("commit", "--change", "LABEL com.example.role=db", "az-labeler", labeled)
+
+    inherited = daemon.run("--rm", "--name", "az-inherits", "-v", f"{volume}:/d", labeled, "true", check=False)
+    overridden = daemon.run("--rm", "--name", "az-overrides", "--label", "com.example.role=web",
+                            "-v", f"{volume}:/d", labeled, "true", check=False)
+    unlabeled = daemon.run("--rm", "--name", "az-plain", "-v", f"{volume}:/d", image, "true", check=False)
+
+    assert inherited.returncode == 0, inherited.stderr
+    assert overridden.returncode != 0
+    assert "does not allow container 'az-overrides'" in overridden.stderr
+    assert unlabeled.returncode != 0
+    assert "does not allow container 'az-plain'" in unlabeled.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_e2e_authz_cp_and_exec_follow_allowlist(authz_docker, authz_volume, tmp_path):
     daemon, plugin, image = authz_docker
     volume = authz_volume("name:az-web")

@@ -683,13 +683,28 @@ class Authorizer:
                               container=container, rule=rule)
 
     def _match(self, use: VolumeUse, container: ContainerInfo) -> tuple[Rule | None, ContainerInfo]:
-        """Match *container* against the use's allowlist; look up image tags only if a rule needs them."""
+        """Match *container* against the use's allowlist; look up its image only if a rule needs it.
+
+        A create request carries only the labels it sets, while the container
+        will also have its image's labels, which the mount-time check sees.
+        """
         rule = use.allowlist.match(container)
-        if rule is not None or container.image_refs is not None or not use.allowlist.has_kind("image"):
+        if rule is not None or container.image_refs is not None:
             return rule, container
-        container = self._engine_call(
-            lambda engine: engine.with_image_refs(container), f"the image {container.image!r}"
-        )
+
+        if use.allowlist.has_kind("image"):
+            container = self._engine_call(
+                lambda engine: engine.with_image_refs(container), f"the image {container.image!r}"
+            )
+        elif self.engine is not None and (use.allowlist.has_kind("label") or use.allowlist.has_kind("service")):
+            try:
+                container = self.engine.with_image_refs(container)
+            except EngineError as exc:
+                # Without the image's labels only the request's count, which refuses at worst.
+                log.warning("image labels not read image=%s error=%s", container.image, exc)
+                return None, container
+        else:
+            return rule, container
         return use.allowlist.match(container), container
 
     def _check_host_path(self, source: str) -> None:

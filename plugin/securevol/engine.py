@@ -179,13 +179,21 @@ class EngineClient:
         return info
 
     def with_image_refs(self, info: ContainerInfo) -> ContainerInfo:
-        """Return *info* with the tags and digests of its image, looked up by image ID (or reference)."""
+        """Return *info* with the tags and digests of its image, looked up by image ID (or reference).
+
+        The image's labels are added under the container's own, as dockerd
+        does when it creates the container, so that a create request (which
+        carries only its own labels) matches label rules as the container will.
+        """
         image = self.inspect_image(info.image_id or info.image)
         if image is None:
             return dataclasses.replace(info, image_refs=frozenset())
         refs = normalize_image_refs(image.get("RepoTags")) | normalize_image_refs(image.get("RepoDigests"))
         image_id = info.image_id or str(image.get("Id") or "")
-        return dataclasses.replace(info, image_id=image_id, image_refs=refs)
+        config = image.get("Config")
+        image_labels = _labels(config.get("Labels")) if isinstance(config, dict) else {}
+        labels = {**image_labels, **info.labels}
+        return dataclasses.replace(info, image_id=image_id, image_refs=refs, labels=labels)
 
     # -- mount-time identification --------------------------------------------------
 
