@@ -1057,7 +1057,7 @@ def test_e2e_authz_volumes_from_and_rename(authz_docker, authz_volume):
 def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
     # A process in the PID namespace of an allowed container can write into
     # its memory through /proc/PID/mem and read the volume through it.
-    daemon, _, image = authz_docker
+    daemon, plugin, image = authz_docker
     volume = authz_volume("name:az-web*")
     daemon.run("-d", "--name", "az-web1", "--ipc", "shareable", "-v", f"{volume}:/d", image, "sleep", "300")
 
@@ -1067,10 +1067,19 @@ def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
         assert f"Volume '{volume}' does not allow container 'az-peek'" in joined.stderr
         assert "namespace of container 'az-web1'" in joined.stderr
 
-    sidecar = daemon.run("--rm", "--name", "az-web-sidecar", "--pid", "container:az-web1", image, "true",
-                         check=False)
+    sidecar = daemon.run("--name", "az-web-sidecar", "--pid", "container:az-web1", image, "true", check=False)
     assert sidecar.returncode == 0, sidecar.stderr
     assert "az-peek" not in container_names(daemon)
+
+    # The rules change after the create: the next start is checked again.
+    changed = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "allow", "set", volume, "name:az-web1", "--state-dir",
+         str(plugin.state_dir)], capture_output=True, text=True, timeout=60)
+    assert changed.returncode == 0, changed.stderr
+    for command in ("start", "restart"):
+        again = daemon.docker(command, "az-web-sidecar", check=False)
+        assert again.returncode != 0, command
+        assert f"Volume '{volume}' does not allow container 'az-web-sidecar'" in again.stderr
 
 
 @pytest.mark.docker

@@ -39,6 +39,10 @@ Requests checked, and why:
 ``POST /v1.NN/containers/{id}/start`` with NN below 24
     these old API versions still take a HostConfig in the start body, which
     dockerd applies to the container: its mounts are checked as a create's.
+``POST /containers/{id}/start`` and ``/restart``
+    a container that joins another's PID or IPC namespace is checked again
+    against that container's volumes, because the rules may have changed
+    since its create was checked.
 
 Every other request is allowed at once, without an Engine API call or a
 disk read. When the plugin cannot decide (dockerd does not respond, a
@@ -113,6 +117,7 @@ _ROUTES: tuple[tuple[frozenset[str], re.Pattern[str], str], ...] = (
     (frozenset({"POST"}), re.compile(r"/containers/(.*)/copy"), "copy"),
     (frozenset({"POST"}), re.compile(r"/containers/(.*)/exec"), "exec"),
     (frozenset({"POST"}), re.compile(r"/containers/(.*)/start"), "start"),
+    (frozenset({"POST"}), re.compile(r"/containers/(.*)/restart"), "restart"),
     (frozenset({"POST"}), re.compile(r"/volumes/create"), "volume-create"),
 )
 
@@ -475,6 +480,9 @@ class Authorizer:
             self._check_existing(action, reference, new_name=request.query.get("name", ""))
         elif action == "start":
             self._check_start(request, reference)
+            self._check_joined_namespaces(action, reference)
+        elif action == "restart":
+            self._check_joined_namespaces(action, reference)
         else:
             self._check_existing(action, reference)
 
@@ -501,7 +509,7 @@ class Authorizer:
         uses = [
             *self._create_volume_uses(spec),
             *self._volumes_from_uses(spec),
-            *self._shared_namespace_uses(spec),
+            *self._shared_namespace_uses(spec.pid_mode, spec.ipc_mode),
             *self._image_volume_uses(spec),
         ]
         self._check_uses("create", spec.container(), uses)
@@ -566,16 +574,16 @@ class Authorizer:
                     self._check_host_path(str(mount.get("Source") or ""))
             yield from self._mounted_volume_uses(document, f"VolumesFrom {reference}")
 
-    def _shared_namespace_uses(self, spec: CreateSpec) -> Iterator[VolumeUse]:
+    def _shared_namespace_uses(self, pid_mode: str, ipc_mode: str) -> Iterator[VolumeUse]:
         """Yield the volumes of a container whose PID or IPC namespace the new one would join.
 
         A process in another container's PID namespace can write to the memory
-        of that container's processes through /proc/PID/mem when it runs as the
-        same user (unless Yama's ptrace_scope forbids it), and so run code in a
+        of that container's processes through /proc/PID/mem if it runs as the
+        same user and Yama's ptrace_scope allows it. It can then run code in a
         process that the FUSE check allows. A shared IPC namespace shares
         /dev/shm, where programs may keep data read from the volume.
         """
-        for namespace, mode in (("PID", spec.pid_mode), ("IPC", spec.ipc_mode)):
+        for namespace, mode in (("PID", pid_mode), ("IPC", ipc_mode)):
             kind, _, reference = mode.partition(":")
             if kind != "container" or not reference:
                 continue
@@ -632,7 +640,11 @@ class Authorizer:
             return  # dockerd returns 404
         for path in self._create_host_paths(spec):
             self._check_host_path(path)
-        uses = [*self._create_volume_uses(spec), *self._volumes_from_uses(spec), *self._shared_namespace_uses(spec)]
+        uses = [
+            *self._create_volume_uses(spec),
+            *self._volumes_from_uses(spec),
+            *self._shared_namespace_uses(spec.pid_mode, spec.ipc_mode),
+        ]
         self._check_uses("start", info_from_inspect(document), uses)
 
     # -- volume create ---------------------------------------------------------------------
@@ -650,6 +662,28 @@ class Authorizer:
             self._check_host_path(options["device"])
 
     # -- existing containers: rename, docker cp, exec -----------------------------------------
+
+    def _check_joined_namespaces(self, action: str, reference: str) -> None:
+        """Check a container that joins another's PID or IPC namespace against that one's volumes.
+
+        The rules may have changed since the create was checked, and dockerd
+        looks the other container up again at each start.
+        """
+        if self.engine is None:
+            # The create of such a container needed the Engine API, so it was refused.
+            return
+        if not self.catalog.names():
+            return  # no securevol volume exists, so none can be reached
+        document = self._inspect(reference, f"the container {reference!r}")
+        if document is None:
+            return  # dockerd returns 404
+        host_config = document.get("HostConfig") or {}
+        pid_mode = str(host_config.get("PidMode") or "")
+        ipc_mode = str(host_config.get("IpcMode") or "")
+        if not (pid_mode.startswith("container:") or ipc_mode.startswith("container:")):
+            return
+        uses = list(self._shared_namespace_uses(pid_mode, ipc_mode))
+        self._check_uses(action, info_from_inspect(document), uses)
 
     def _check_existing(self, action: str, reference: str, new_name: str = "") -> None:
         if not self.catalog.names():
@@ -686,7 +720,7 @@ class Authorizer:
         """Match *container* against the use's allowlist; look up its image only if a rule needs it.
 
         A create request carries only the labels it sets, while the container
-        will also have its image's labels, which the mount-time check sees.
+        will also have its image's labels, and the mount-time check matches those.
         """
         rule = use.allowlist.match(container)
         if rule is not None or container.image_refs is not None:
@@ -700,7 +734,7 @@ class Authorizer:
             try:
                 container = self.engine.with_image_refs(container)
             except EngineError as exc:
-                # Without the image's labels only the request's count, which refuses at worst.
+                # Without the image's labels, only the request's labels count, so the worst case is a refusal.
                 log.warning("image labels not read image=%s error=%s", container.image, exc)
                 return None, container
         else:
