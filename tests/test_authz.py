@@ -1070,6 +1070,7 @@ def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
     sidecar = daemon.run("--name", "az-web-sidecar", "--pid", "container:az-web1", image, "true", check=False)
     assert sidecar.returncode == 0, sidecar.stderr
     assert "az-peek" not in container_names(daemon)
+    daemon.run("-d", "--name", "az-web-watcher", "--pid", "container:az-web1", image, "sleep", "300")
 
     # The rules change after the create: the next start is checked again.
     changed = subprocess.run(
@@ -1080,6 +1081,9 @@ def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
         again = daemon.docker(command, "az-web-sidecar", check=False)
         assert again.returncode != 0, command
         assert f"Volume '{volume}' does not allow container 'az-web-sidecar'" in again.stderr
+    entered = daemon.docker("exec", "az-web-watcher", "true", check=False)
+    assert entered.returncode != 0
+    assert f"Volume '{volume}' does not allow container 'az-web-watcher'" in entered.stderr
 
 
 @pytest.mark.docker

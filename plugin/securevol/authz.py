@@ -32,7 +32,8 @@ Requests checked, and why:
     ``docker cp`` and ``docker exec`` act on an existing container, which was
     allowed when it was created; the allowlist may have changed since, so the
     container is checked again against the current allowlist of every
-    securevol volume it mounts.
+    securevol volume it mounts or reaches through a shared PID or IPC
+    namespace.
 ``POST /volumes/create``
     a ``local`` volume whose ``device`` reaches the state directory or the
     mount root is refused, since mounting it would bypass the bind check.
@@ -694,7 +695,13 @@ class Authorizer:
         container = info_from_inspect(document)
         if new_name:
             container = dataclasses.replace(container, name=new_name.removeprefix("/"))
-        self._check_uses(action, container, self._mounted_volume_uses(document, "mounted"))
+        host_config = document.get("HostConfig") or {}
+        uses = [
+            *self._mounted_volume_uses(document, "mounted"),
+            # docker exec in a container that shares an allowed one's PID namespace reaches its processes.
+            *self._shared_namespace_uses(str(host_config.get("PidMode") or ""), str(host_config.get("IpcMode") or "")),
+        ]
+        self._check_uses(action, container, uses)
 
     def _mounted_volume_uses(self, document: Mapping[str, Any], via: str) -> Iterator[VolumeUse]:
         for mount in mounts_of(document):
