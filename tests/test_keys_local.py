@@ -156,8 +156,10 @@ def test_master_key_of_wrong_length_rejected(tmp_path, length):
     key_file.write_bytes(os.urandom(length))
     key_file.chmod(0o600)
 
-    with pytest.raises(KeyProviderError, match=f"{length} bytes long"):
+    with pytest.raises(KeyProviderError, match=f"{length} bytes long") as rejected:
         _provider(tmp_path)
+    assert "restore the right file from your backup" in str(rejected.value)
+    assert "move it away and start the daemon again" in str(rejected.value)
 
 
 def test_master_key_directory_rejected(tmp_path):

@@ -305,7 +305,9 @@ def _check_master_key_file(path: Path, st: os.stat_result) -> None:
         )
     if st.st_size != MASTER_KEY_LEN:
         raise KeyProviderError(
-            f"The master key file {path} is {st.st_size} bytes long, not {MASTER_KEY_LEN}; restore the right file."
+            f"The master key file {path} is {st.st_size} bytes long, not {MASTER_KEY_LEN}; restore the right "
+            "file from your backup, or, if no volume was ever created with it, move it away and start the "
+            "daemon again to create a new one."
         )
 
 
