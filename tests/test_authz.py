@@ -1036,6 +1036,29 @@ def test_e2e_authz_refuses_binds_of_securevol_directories(authz_docker, tmp_path
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_e2e_authz_cp_through_swapped_bind(authz_docker, authz_volume, tmp_path):
+    # docker cp is served by dockerd, which the FUSE check lets in, so a bind
+    # whose source became a symlink to the mount root after the create must
+    # be refused by the authorization plugin.
+    daemon, plugin, image = authz_docker
+    volume = authz_volume("name:az-web")
+    daemon.run("-d", "--name", "az-web", "-v", f"{volume}:/d", image, "sh", "-c", "echo secret > /d/f; sleep 300")
+    harmless = tmp_path / "harmless"
+    harmless.mkdir()
+    daemon.docker("create", "--name", "az-cp-evil", "-v", f"{harmless}:/m", image, "true")
+    harmless.rmdir()
+    harmless.symlink_to(plugin.mount_root)
+
+    copied = daemon.docker("cp", f"az-cp-evil:/m/{volume}/f", "-", check=False)
+
+    assert copied.returncode != 0
+    assert "secret" not in copied.stdout
+    assert "bind a path outside it" in copied.stderr
+    assert daemon.docker("cp", "az-web:/d/f", "-").returncode == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_e2e_authz_volumes_from_and_rename(authz_docker, authz_volume):
     daemon, _, image = authz_docker
     volume = authz_volume("name:az-web*")
@@ -1065,7 +1088,7 @@ def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
         joined = daemon.run("--rm", "--name", "az-peek", option, "container:az-web1", image, "true", check=False)
         assert joined.returncode != 0, option
         assert f"Volume '{volume}' does not allow container 'az-peek'" in joined.stderr
-        assert "namespace of container 'az-web1'" in joined.stderr
+        assert "namespace of container 'az-web1' that mounts it: it matches none of the rules" in joined.stderr
 
     sidecar = daemon.run("--name", "az-web-sidecar", "--pid", "container:az-web1", image, "true", check=False)
     assert sidecar.returncode == 0, sidecar.stderr

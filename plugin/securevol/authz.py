@@ -695,6 +695,14 @@ class Authorizer:
         container = info_from_inspect(document)
         if new_name:
             container = dataclasses.replace(container, name=new_name.removeprefix("/"))
+        if action in ("archive", "copy"):
+            # dockerd serves docker cp itself, and the FUSE check lets dockerd in, so a
+            # bind that reaches the mount root (a symlink swapped in after the create,
+            # say) must be refused here.
+            for mount in mounts_of(document):
+                if mount.get("Type") == "bind":
+                    self._check_host_path(str(mount.get("Source") or ""))
+
         host_config = document.get("HostConfig") or {}
         uses = [
             *self._mounted_volume_uses(document, "mounted"),
@@ -804,7 +812,7 @@ def _refusal(use: VolumeUse, container: ContainerInfo) -> str:
         who += f" (image {container.image})"
     if " namespace of " in use.via:
         namespace, _, reference = use.via.partition(" namespace of ")
-        who += f", which would join the {namespace} namespace of container {reference!r} that mounts it,"
+        who += f", which would join the {namespace} namespace of container {reference!r} that mounts it"
     if use.allowlist.rules:
         return (f"Volume {use.volume!r} does not allow {who}: it matches none of the rules "
                 f"{use.allowlist.text!r}; change them with 'securevol allow set {use.volume} RULES'.")
