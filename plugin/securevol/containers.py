@@ -92,7 +92,11 @@ def _cgroup_paths(text: str) -> list[str]:
 
 def _identify_path(path: str) -> ProcessIdentity:
     components = path.split("/")
-    named = [identity for index in range(len(components)) if (identity := _identify_component(components, index))]
+    named = []
+    for index in range(len(components)):
+        identity = _identify_component(components, index)
+        if identity is not None:
+            named.append(identity)
     if not named:
         return HOST_PROCESS
 
