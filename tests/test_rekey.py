@@ -193,13 +193,39 @@ def test_rekey_refuses_a_record_of_another_master_key(state_dir):
     result = run_rekey(state_dir)
 
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert result.stderr.strip().splitlines()[-1].startswith(
         f"securevol: Volume 'beta' has its key wrapped with master key '{foreign.key_id}', which is not in "
-        "the master key file; nothing was changed, so give the --master-key that the daemon uses."
+        "the master key file; nothing was changed. Give the --master-key that the daemon uses"
     )
     assert load_master_key(key_file) == old_key
     assert not previous_key_path(key_file).exists()
     assert record_of(state_dir, "alpha")["key_id"] == local.key_id_of(old_key)
+
+
+def test_volume_restored_from_before_a_rekey(state_dir):
+    # A volume restored from a backup taken before a rotation is wrapped with
+    # the old key; with that key put back as the previous one, rekey rewraps it.
+    key_file = state_dir / "master.key"
+    old_key = load_master_key(key_file)
+    before = deks(state_dir, old_key)
+    backup_record = (state_dir / "volumes" / "beta" / "dek.json").read_bytes()
+    assert run_rekey(state_dir).returncode == 0
+    new_key = load_master_key(key_file)
+    (state_dir / "volumes" / "beta" / "dek.json").write_bytes(backup_record)
+
+    refused = run_rekey(state_dir)
+    assert refused.returncode == 1
+    assert "master.key.previous" in refused.stderr
+
+    previous = previous_key_path(key_file)
+    previous.write_bytes(old_key)
+    previous.chmod(0o600)
+    restored = run_rekey(state_dir)
+
+    assert restored.returncode == 0, restored.stderr
+    assert load_master_key(key_file) == new_key
+    assert deks(state_dir, new_key) == before
+    assert not previous.exists()
 
 
 def test_rekey_refuses_a_damaged_volume_record(state_dir):

@@ -123,8 +123,9 @@ def _unwrap_all(
         if provider is None:
             raise KeyProviderError(
                 f"Volume {volume.name!r} has its key wrapped with master key {volume.record.get('key_id')!r}, "
-                f"which is not in the master key file; nothing was changed, so give the --master-key "
-                "that the daemon uses."
+                f"which is not in the master key file; nothing was changed. Give the --master-key that the "
+                "daemon uses, or, for a volume restored from a backup taken before a rekey, put the master key "
+                "file of that backup at master.key.previous beside the key file (mode 0600) and run rekey again."
             )
         try:
             deks[volume.name] = provider.unwrap(volume.record, volume.volume_id)

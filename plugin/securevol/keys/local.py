@@ -95,7 +95,9 @@ class LocalKeyProvider(KeyProvider):
         if aead is None:
             raise KeyProviderError(
                 f"The volume's key was wrapped with master key {record.get('key_id')!r}, but the daemon "
-                f"has master key {self.key_id!r}; start it with the master key file the volume was created with."
+                f"has master key {self.key_id!r}; start the daemon with the master key file that has that ID, "
+                "or, for a volume restored from a backup taken before a rekey, see 'Restoring a volume' in "
+                "docs/operations.md."
             )
 
         nonce = _decode_field(record, "nonce", _NONCE_LEN)
