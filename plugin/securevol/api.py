@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from securevol.authz import Authorizer, Verdict, build_authorizer
 from securevol.config import Settings
 from securevol.driver import VolumeDriver
-from securevol.errors import SecurevolError
+from securevol.errors import SecurevolError, VolumeNotFound
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ def _endpoint(path: str) -> Callable[[Callable[[], dict[str, Any]]], Callable[[]
             except BadRequest as exc:
                 log.info("request rejected endpoint=%s error=%s", path, exc)
                 return error_response(str(exc), 400)
+            except VolumeNotFound as exc:
+                # dockerd asks Get for every name it is about to create, and every
+                # dockerd on the host asks about its own volumes: routine, not a failure.
+                log.debug("volume not found endpoint=%s error=%s", path, exc)
+                return error_response(str(exc), 500)
             except SecurevolError as exc:
                 log.info("request failed endpoint=%s error=%s", path, exc)
                 return error_response(str(exc), 500)
