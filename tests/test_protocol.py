@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import securevol
-from securevol import config
+from securevol import cli, config
 from securevol.crypto import DataKey
 from securevol.keys.local import LocalKeyProvider, load_master_key
 from securevol.options import allowlist_supported
@@ -637,6 +637,39 @@ def test_non_numeric_setting_rejected(setting, raw, reason):
         config.resolve({setting: raw}, {})
 
     assert str(caught.value) == f"Invalid value {raw!r} for {flag}: {reason}."
+
+
+def test_second_daemon_on_one_state_dir_rejected(server, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "serve",
+         "--socket", str(tmp_path / "second.sock"), "--state-dir", str(server.state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    expected = (f"securevol: Another securevol daemon (PID {server.process.pid}) uses the state directory "
+                f"{server.state_dir}; stop it first, or give this daemon another --state-dir.")
+    assert result.stderr.strip().endswith(expected)
+    assert not (tmp_path / "second.sock").exists()
+    assert server.call("List", {}).status == 200
+
+
+@pytest.mark.parametrize(("path", "found"), [
+    ("/run/docker/plugins/securevol.sock", True),
+    ("/run/docker/plugins/sv/sv.sock", True),
+    ("/run/docker/plugins/securevol", False),
+    ("/run/docker/plugins/sv/other.sock", False),
+    ("/tmp/securevol.sock", False),
+])
+def test_socket_discoverable_by_dockerd(path, found):
+    assert cli._discoverable(Path(path)) is found
+
+
+def test_undiscoverable_socket_warned(server):
+    # The test daemon's socket is in a temporary directory, where dockerd does not look.
+    warnings = [line for line in server.log_text().splitlines() if "socket outside dockerd's plugin directory" in line]
+    assert len(warnings) == 1
+    assert str(server.socket) in warnings[0]
 
 
 def test_serve_as_non_root_rejected(tmp_path):

@@ -8,6 +8,7 @@ variables (see ``config.py`` and ``securevol serve --help``).
 
 import argparse
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # The socket must be reachable by root (dockerd) only. gunicorn binds it under
 # this umask, so it is never world-accessible, not even for a moment.
 SOCKET_MODE = 0o660
+DAEMON_LOCK_FILE = "daemon.lock"
+DOCKER_PLUGIN_DIR = "/run/docker/plugins"
 _SOCKET_UMASK = 0o777 & ~SOCKET_MODE
 
 # A worker that handles one request longer than this is killed by gunicorn.
@@ -65,9 +68,10 @@ GRACEFUL_STOP_SECONDS = 10
 class PluginServer(BaseApplication):
     """gunicorn running the plugin app, configured in code rather than from a gunicorn.conf.py."""
 
-    def __init__(self, app, settings: config.Settings) -> None:
+    def __init__(self, app, settings: config.Settings, state_lock: int | None = None) -> None:
         self._app = app
         self._settings = settings
+        self._state_lock = state_lock
         super().__init__()
 
     def load_config(self) -> None:
@@ -93,12 +97,19 @@ class PluginServer(BaseApplication):
             "accesslog": "-" if settings.log_level == "DEBUG" else None,
             "loglevel": settings.log_level.lower(),
             "when_ready": _check_socket_mode,
+            "post_fork": self._release_state_lock_in_worker,
         }
         for key, value in values.items():
             self.cfg.set(key, value)
 
     def load(self):
         return self._app
+
+    def _release_state_lock_in_worker(self, server, worker) -> None:
+        # Only the master holds the state directory's lock: a worker that
+        # outlives a killed master must not keep the next daemon from starting.
+        if self._state_lock is not None:
+            os.close(self._state_lock)
 
 
 def _check_socket_mode(server) -> None:
@@ -146,6 +157,17 @@ def serve(args: argparse.Namespace) -> int:
         return 1
 
     try:
+        state_lock = _lock_state_dir(settings.state_dir)
+    except SecurevolError as exc:
+        log.error("daemon start failed error=state directory in use state_dir=%s", settings.state_dir)
+        print(f"securevol: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        log.error("daemon start failed error=%s", exc)
+        print(f"securevol: Failed to lock the state directory {settings.state_dir}: {exc.strerror or exc}.", file=sys.stderr)
+        return 1
+
+    try:
         driver = VolumeDriver.from_settings(settings)
         settings.socket.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     except (SecurevolError, OSError) as exc:
@@ -153,12 +175,56 @@ def serve(args: argparse.Namespace) -> int:
         print(f"securevol: {exc}", file=sys.stderr)
         return 1
 
+    if not _discoverable(settings.socket):
+        log.warning(
+            "socket outside dockerd's plugin directory socket=%s: dockerd finds a plugin only as "
+            "%s/NAME.sock or through a spec file in /etc/docker/plugins",
+            settings.socket, DOCKER_PLUGIN_DIR,
+        )
     log.info(
         "daemon starting state_dir=%s mount_root=%s key_provider=%s",
         settings.state_dir, settings.mount_root, settings.key_provider,
     )
-    PluginServer(create_app(settings, driver), settings).run()
+    try:
+        PluginServer(create_app(settings, driver), settings, state_lock).run()
+    finally:
+        os.close(state_lock)
     return 0
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory's daemon lock for the life of this process; return its descriptor.
+
+    Two daemons on one state directory would each count mounts and start
+    FUSE processes for the same volumes. The lock is an flock(2) on
+    STATE/daemon.lock, so it ends with the process, and the descriptor is
+    not inherited by FUSE processes, so a restarted daemon can take it.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / DAEMON_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise SecurevolError(
+            f"Another securevol daemon (PID {holder}) uses the state directory {state_dir}; stop it first, "
+            "or give this daemon another --state-dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _discoverable(socket_path: Path) -> bool:
+    """Tell whether dockerd finds *socket_path* by itself: NAME.sock or NAME/NAME.sock in its plugin directory."""
+    plugin_dir = Path(DOCKER_PLUGIN_DIR)
+    if socket_path.suffix != ".sock":
+        return False
+    if socket_path.parent == plugin_dir:
+        return True
+    return socket_path.parent.parent == plugin_dir and socket_path.parent.name == socket_path.stem
 
 
 def _socket_in_use(path: Path) -> bool:
