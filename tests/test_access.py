@@ -300,6 +300,41 @@ def test_allow_cli_reports_policy_from_access_file(tmp_path):
     assert "the default policy denies every container" in cleared.stdout
 
 
+def test_allow_cli_state_dir_before_or_after_action(tmp_path):
+    state_dir = tmp_path / "state"
+    _registry_with_volumes(state_dir, "db")
+
+    for args in (["--state-dir", str(state_dir), "set", "db", "name:web"],
+                 ["show", "db", "--state-dir", str(state_dir)],
+                 ["--state-dir", str(state_dir), "show", "db"],
+                 ["--state-dir", "/nonexistent", "show", "--state-dir", str(state_dir), "db"]):
+        result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", *args],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (args, result.stderr)
+        if "show" in args:
+            assert result.stdout.strip() == "name:web", args
+
+
+def test_allow_cli_records_changes_in_audit_log(tmp_path):
+    # The volume's access file names the audit log of the daemon that mounted it.
+    state_dir = tmp_path / "state"
+    registry = _registry_with_volumes(state_dir, "db")
+    write_access_file(registry.volume_dir("db") / ACCESS_FILE, policy(tmp_path, None))
+
+    for args in (["set", "db", "name:web"], ["set", "db", "name:web,host"], ["clear", "db"]):
+        result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", *args, "--state-dir", str(state_dir)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+    changes = [record for record in audit_lines(tmp_path) if record["decision"] == "change"]
+    assert [(r["action"], r["rule"]) for r in changes] == [
+        ("allow set", "name:web"), ("allow set", "name:web,host"), ("allow clear", "")]
+    assert {r["point"] for r in changes} == {"cli"}
+    assert changes[0]["reason"].startswith("previous rules: (none); by uid ")
+    assert changes[2]["reason"].startswith("previous rules: name:web,host; by uid ")
+    assert all(r["volume"] == "db" for r in changes)
+
+
 def test_allow_cli_reports_policy_recorded_by_daemon_start(tmp_path):
     # A volume never mounted has no access file; the daemon's start recorded its policy in the state directory.
     state_dir = tmp_path / "state"

@@ -3,7 +3,8 @@
 Every allow or deny decision that involves a securevol volume is recorded
 with the time, the enforcement point (``authz``, ``mount`` or ``access``),
 the action, the volume, the container (ID, name, image) and the rule that
-matched. Records never hold file contents, plaintext file names or keys.
+matched, and so is every change of a volume's rules by ``securevol allow``.
+Records never hold file contents, plaintext file names or keys.
 
 Several processes append to the same file (gunicorn workers and FUSE
 processes): each record is a single ``write(2)`` on a descriptor opened with
@@ -29,8 +30,8 @@ class AuditRecord:
     """One decision; empty strings stand for what is not known at that point (a new container's ID)."""
 
     time: str
-    decision: str  # "allow" or "deny"
-    point: str  # "authz", "mount" or "access"
+    decision: str  # "allow" or "deny", or "change" for a change of the rules
+    point: str  # "authz", "mount" or "access", or "cli" for a change of the rules
     action: str  # what was asked: "create", "rename", "archive", "exec", "mount", "open", ...
     volume: str
     container_id: str
@@ -76,6 +77,31 @@ class AuditLog:
             reason=reason,
         )
         self._log(entry)
+        if self.path is not None:
+            self._append(entry)
+        return entry
+
+    def record_change(self, *, action: str, volume: str, rules: str, previous: str) -> AuditRecord:
+        """Record a change of a volume's rules by ``securevol allow``, with who ran it, in the file only.
+
+        The command logs the change on its own stderr; the file is where the
+        decisions that follow from it are, and where an operator looks.
+        """
+        operator = f"uid {os.getuid()}"
+        if os.environ.get("SUDO_USER"):
+            operator += f" (sudo from {os.environ['SUDO_USER']})"
+        entry = AuditRecord(
+            time=_now(),
+            decision="change",
+            point="cli",
+            action=action,
+            volume=volume,
+            container_id="",
+            container_name="",
+            image="",
+            rule=rules,
+            reason=f"previous rules: {previous or '(none)'}; by {operator}",
+        )
         if self.path is not None:
             self._append(entry)
         return entry

@@ -21,6 +21,7 @@ from gunicorn.app.base import BaseApplication
 from securevol import __version__, config
 from securevol.access import ACCESS_FILE, read_access_file, recorded_default_policy, update_access_file
 from securevol.api import create_app
+from securevol.audit import AuditLog
 from securevol.driver import VolumeDriver
 from securevol.errors import SecurevolError, VolumeNotFound
 from securevol.log import setup_logging
@@ -258,13 +259,16 @@ def allow_show(args: argparse.Namespace) -> int:
 
 def allow_set(args: argparse.Namespace) -> int:
     """Replace the allowlist of a volume; a running FUSE process applies it within a second."""
-    _, registry = _settings_and_registry(args)
+    settings, registry = _settings_and_registry(args)
     parse_allowlist(args.rules)  # raises AllowlistError with the position of the error
     with registry.changing_mounts(args.volume) as record:
         previous = record.options.get("allow")
         registry.update_options(args.volume, {**record.options, "allow": args.rules})
         update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, args.rules)
     log.info("allowlist changed vol=%s rules=%s previous=%s", args.volume, args.rules, previous or "-")
+    _audit_log_of(settings, registry, args.volume).record_change(
+        action="allow set", volume=args.volume, rules=args.rules, previous=previous or ""
+    )
     print(f"Volume {args.volume!r} now allows: {args.rules}")
     return 0
 
@@ -278,11 +282,23 @@ def allow_clear(args: argparse.Namespace) -> int:
         registry.update_options(args.volume, options)
         update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, None)
     log.info("allowlist removed vol=%s previous=%s", args.volume, previous or "-")
+    _audit_log_of(settings, registry, args.volume).record_change(
+        action="allow clear", volume=args.volume, rules="", previous=previous or ""
+    )
     if _denies_by_default(settings, registry, args.volume):
         print(f"Volume {args.volume!r} has no allowlist now; the default policy denies every container.")
     else:
         print(f"Volume {args.volume!r} has no allowlist now; every container may use it.")
     return 0
+
+
+def _audit_log_of(settings: config.Settings, registry: Registry, volume: str) -> AuditLog:
+    """Return the audit log that the daemon uses: the one named in the volume's access file, if it has one."""
+    try:
+        path = read_access_file(registry.volume_dir(volume) / ACCESS_FILE).audit_log
+    except (OSError, ValueError):
+        path = None
+    return AuditLog(path or settings.audit_log_path)
 
 
 def _denies_by_default(settings: config.Settings, registry: Registry, volume: str) -> bool:
@@ -394,10 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         "daemon uses, by flag or by SECUREVOL_STATE_DIR. The daemon's default policy is read from there; "
         "--default-policy counts only for a state directory that no daemon has started on.",
     )
+    # The settings are taken before the action too: 'allow --state-dir DIR show VOLUME'.
+    config.add_arguments(allow_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
     allow_commands = allow_parser.add_subparsers(dest="allow_command", metavar="ACTION", required=True)
     show_parser = allow_commands.add_parser("show", help="print the allowlist of VOLUME")
     show_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
-    config.add_arguments(show_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
+    config.add_arguments(show_parser, _ADMIN_SETTINGS, _ADMIN_HELP, default=argparse.SUPPRESS)
     show_parser.set_defaults(func=_run_admin(allow_show), parser=show_parser)
     set_parser = allow_commands.add_parser(
         "set", help="replace the allowlist of VOLUME with RULES, e.g. 'service:db,name:backup'"
@@ -406,13 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     set_parser.add_argument(
         "rules", metavar="RULES", help="comma-separated rules such as name:NAME, service:SVC or host"
     )
-    config.add_arguments(set_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
+    config.add_arguments(set_parser, _ADMIN_SETTINGS, _ADMIN_HELP, default=argparse.SUPPRESS)
     set_parser.set_defaults(func=_run_admin(allow_set), parser=set_parser)
     clear_parser = allow_commands.add_parser(
         "clear", help="remove the allowlist of VOLUME; the daemon's --default-policy then decides"
     )
     clear_parser.add_argument("volume", metavar="VOLUME", help="name of the volume, as in docker volume ls")
-    config.add_arguments(clear_parser, _ADMIN_SETTINGS, _ADMIN_HELP)
+    config.add_arguments(clear_parser, _ADMIN_SETTINGS, _ADMIN_HELP, default=argparse.SUPPRESS)
     clear_parser.set_defaults(func=_run_admin(allow_clear), parser=clear_parser)
 
     rekey_parser = commands.add_parser(

@@ -145,11 +145,14 @@ def add_arguments(
     parser: argparse.ArgumentParser,
     names: Collection[str] | None = None,
     help_texts: Mapping[str, str] | None = None,
+    default: Any = None,
 ) -> None:
-    """Add one flag per setting, or per setting in *names*, to *parser*; an unset flag stays None.
+    """Add one flag per setting, or per setting in *names*, to *parser*; an unset flag stays *default*.
 
     *help_texts* replaces the daemon's help text of some settings, for commands
-    that use a setting another way.
+    that use a setting another way. A subcommand's flags get the default
+    ``argparse.SUPPRESS`` where its parent command takes the same flags, or
+    the subcommand's unset flag would replace the value given to the parent.
     """
     for spec in SETTINGS:
         if names is not None and spec.name not in names:
@@ -159,7 +162,7 @@ def add_arguments(
         parser.add_argument(
             spec.flag,
             dest=spec.name,
-            default=None,
+            default=default,
             metavar=spec.metavar,
             help=f"{help_text}; environment: {spec.env}{default_text}",
         )
