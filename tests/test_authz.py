@@ -913,7 +913,9 @@ def authz_docker():
     finally:
         try:
             daemon.remove_all_containers()
-            listing = daemon.docker("volume", "ls", "-q", check=False)
+            # Every dockerd on the host lists the volumes of every plugin in
+            # /run/docker/plugins, so remove only this plugin's.
+            listing = daemon.docker("volume", "ls", "-q", "--filter", f"driver={driver}", check=False)
             for name in listing.stdout.split():
                 daemon.docker("volume", "rm", "--force", name, check=False)
         finally:
