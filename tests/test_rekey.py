@@ -204,7 +204,7 @@ def test_rekey_refuses_a_record_of_another_master_key(state_dir):
 
 def test_volume_restored_from_before_a_rekey(state_dir):
     # A volume restored from a backup taken before a rotation is wrapped with
-    # the old key; with that key put back as the previous one, rekey rewraps it.
+    # the old key. Put back as the previous key, it lets rekey rewrap the volume.
     key_file = state_dir / "master.key"
     old_key = load_master_key(key_file)
     before = deks(state_dir, old_key)
