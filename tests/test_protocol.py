@@ -709,6 +709,56 @@ def test_serve_on_socket_in_use_rejected(server, tmp_path):
     assert server.call("/Plugin.Activate").status == 200
 
 
+def test_restart_at_once_after_main_process_killed(tmp_path):
+    # The workers of a killed main process keep the socket until they notice,
+    # which takes a second or two; a restart meanwhile must not fail.
+    first = PluginServer(workers=2)
+    second = None
+    orphans = []
+    try:
+        first.start()
+        orphans = first.wait_for_workers(2)
+        first.process.kill()
+        first.process.wait(60)
+        assert any(os.path.exists(f"/proc/{pid}") for pid in orphans), "the workers left before the restart"
+
+        second = PluginServer(workers=1, socket_path=first.socket)
+        second.state_dir, second.mount_root = first.state_dir, first.mount_root
+        second.start()
+        # The orphans may have answered start()'s first request; wait until they are gone.
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") for pid in orphans) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        assert second.process.poll() is None, second.log_text()
+        assert second.call("/Plugin.Activate").status == 200
+        assert "socket held by workers of a stopped daemon, replacing it" in second.log_text()
+    finally:
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if second is not None:
+            second.cleanup()
+        first.cleanup()
+
+
+def test_stop_logs_no_errors(tmp_path):
+    plugin = PluginServer(workers=2)
+    try:
+        plugin.start()
+        assert plugin.stop() == 0
+
+        log_text = plugin.log_text()
+        assert "Traceback" not in log_text
+        assert "[ERROR]" not in log_text
+        assert " ERROR " not in log_text
+        # Run as 'python -m securevol.cli', the daemon's own lines are logged too.
+        assert "daemon starting state_dir=" in log_text
+        assert "plugin listening socket=" in log_text
+    finally:
+        plugin.cleanup()
+
+
 def test_serve_replaces_stale_socket(tmp_path):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "svstale.sock"))

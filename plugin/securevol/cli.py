@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,9 @@ from securevol.registry import Registry
 from securevol.rekey import rekey as run_rekey
 from securevol.syscalls import forbid_core_dumps
 
-log = logging.getLogger(__name__)
+# Named, not __name__: run as 'python -m securevol.cli', this module is __main__,
+# whose logger is outside the securevol hierarchy that setup_logging configures.
+log = logging.getLogger("securevol.cli")
 
 # The socket must be reachable by root (dockerd) only. gunicorn binds it under
 # this umask, so it is never world-accessible, not even for a moment.
@@ -186,10 +189,9 @@ def serve(args: argparse.Namespace) -> int:
         "daemon starting state_dir=%s mount_root=%s key_provider=%s",
         settings.state_dir, settings.mount_root, settings.key_provider,
     )
-    try:
-        PluginServer(create_app(settings, driver), settings, state_lock).run()
-    finally:
-        os.close(state_lock)
+    # The lock ends with this process. Workers return through here too (gunicorn
+    # exits them with sys.exit), after their post_fork hook closed their copy.
+    PluginServer(create_app(settings, driver), settings, state_lock).run()
     return 0
 
 
@@ -229,18 +231,45 @@ def _discoverable(socket_path: Path) -> bool:
 
 
 def _socket_in_use(path: Path) -> bool:
-    """Return whether a process accepts connections on the Unix socket *path*.
+    """Return whether a live daemon accepts connections on the Unix socket *path*.
 
-    A socket file left by a daemon that died refuses connections and may be replaced.
+    A socket file left by a daemon that died refuses connections and may be
+    replaced. So may one whose listening process has died while its workers
+    still accept: gunicorn workers of a killed main process keep the socket
+    for a second or two until they notice, and a restart in that time (as
+    systemd's RestartSec allows) must not fail.
     """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(os.fspath(path))
+        listener_pid = _peer_pid(probe)
     except OSError:
         return False
     finally:
         probe.close()
+
+    if listener_pid > 0 and not _process_exists(listener_pid):
+        log.info("socket held by workers of a stopped daemon, replacing it socket=%s pid=%d", path, listener_pid)
+        return False
     return True
+
+
+def _peer_pid(connected: socket.socket) -> int:
+    """Return the PID that called listen(2) on the other end of *connected*, 0 if unknown."""
+    credentials = connected.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", credentials)
+    return pid
+
+
+def _process_exists(pid: int) -> bool:
+    """Tell whether *pid* runs; a zombie, which a killed process is until it is reaped, does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # The state follows the command name, which may itself contain ')'.
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
 
 
 def allow_show(args: argparse.Namespace) -> int:
