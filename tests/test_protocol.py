@@ -711,7 +711,7 @@ def test_serve_on_socket_in_use_rejected(server, tmp_path):
 
 def test_restart_at_once_after_main_process_killed(tmp_path):
     # The workers of a killed main process keep the socket until they notice,
-    # which takes a second or two; a restart meanwhile must not fail.
+    # which takes a second or two; a restart meanwhile waits for them.
     first = PluginServer(workers=2)
     second = None
     orphans = []
@@ -732,7 +732,9 @@ def test_restart_at_once_after_main_process_killed(tmp_path):
 
         assert second.process.poll() is None, second.log_text()
         assert second.call("/Plugin.Activate").status == 200
-        assert "socket held by workers of a stopped daemon, replacing it" in second.log_text()
+        log_text = second.log_text()
+        assert "waiting for a stopped daemon's workers to release the socket" in log_text
+        assert "plugin listening socket=" in log_text
     finally:
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):
@@ -757,6 +759,57 @@ def test_stop_logs_no_errors(tmp_path):
         assert "plugin listening socket=" in log_text
     finally:
         plugin.cleanup()
+
+
+def test_socket_kept_by_child_of_exited_listener_rejected(tmp_path):
+    # A service whose listening process forked and exited still serves: after
+    # the wait, the socket counts as in use.
+    path = tmp_path / "svforked.sock"
+    pid_file = tmp_path / "service.pid"
+    service = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(16)\n"
+        "if os.fork(): os._exit(0)\n"
+        "open(sys.argv[2], 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    ), str(path), str(pid_file)])
+    service.wait(10)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "securevol.cli", "serve", "--socket", str(path),
+             "--state-dir", str(tmp_path / "state")],
+            capture_output=True, text=True, timeout=60,
+        )
+
+        assert result.returncode == 1
+        assert "Another process already listens on" in result.stderr
+        assert "waiting for a stopped daemon's workers to release the socket" in result.stderr
+        assert path.exists()
+    finally:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_lock_file_symlink_not_followed(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    (state_dir / cli.DAEMON_LOCK_FILE).symlink_to(target)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "securevol.cli", "serve", "--socket", str(tmp_path / "svlink.sock"),
+         "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "Failed to lock the state directory" in result.stderr
+    assert target.read_text() == "keep me\n"
 
 
 def test_serve_replaces_stale_socket(tmp_path):

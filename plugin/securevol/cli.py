@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from securevol import __version__, config
 from securevol.access import ACCESS_FILE, read_access_file, recorded_default_policy, update_access_file
 from securevol.api import create_app
 from securevol.audit import AuditLog
-from securevol.driver import VolumeDriver
+from securevol.driver import VolumeDriver, prepare_state_dir
 from securevol.errors import SecurevolError, VolumeNotFound
 from securevol.log import setup_logging
 from securevol.policy import parse_allowlist
@@ -39,6 +40,9 @@ log = logging.getLogger("securevol.cli")
 # this umask, so it is never world-accessible, not even for a moment.
 SOCKET_MODE = 0o660
 DAEMON_LOCK_FILE = "daemon.lock"
+# How long a starting daemon waits for the workers of a killed one to release the socket.
+ORPHAN_WAIT_SECONDS = 10.0
+PROBE_TIMEOUT_SECONDS = 2.0
 DOCKER_PLUGIN_DIR = "/run/docker/plugins"
 _SOCKET_UMASK = 0o777 & ~SOCKET_MODE
 
@@ -126,6 +130,10 @@ def _check_socket_mode(server) -> None:
         log.info("plugin listening socket=%s workers=%d", path, server.cfg.workers)
 
 
+class StateDirectoryInUse(SecurevolError):
+    """Another daemon holds the state directory's lock."""
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the plugin daemon until it receives SIGTERM or SIGINT."""
     # The daemon holds the KEK and unwrapped DEKs; its gunicorn workers inherit this.
@@ -161,9 +169,13 @@ def serve(args: argparse.Namespace) -> int:
         return 1
 
     try:
+        prepare_state_dir(settings)  # the owner check comes before the lock file is opened
         state_lock = _lock_state_dir(settings.state_dir)
     except SecurevolError as exc:
-        log.error("daemon start failed error=state directory in use state_dir=%s", settings.state_dir)
+        if isinstance(exc, StateDirectoryInUse):
+            log.error("daemon start failed error=state directory in use state_dir=%s", settings.state_dir)
+        else:
+            log.error("daemon start failed error=%s", exc)
         print(f"securevol: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -203,15 +215,14 @@ def _lock_state_dir(state_dir: Path) -> int:
     STATE/daemon.lock, so it ends with the process, and the descriptor is
     not inherited by FUSE processes, so a restarted daemon can take it.
     """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / DAEMON_LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise SecurevolError(
+        raise StateDirectoryInUse(
             f"Another securevol daemon (PID {holder}) uses the state directory {state_dir}; stop it first, "
             "or give this daemon another --state-dir."
         ) from None
@@ -231,27 +242,47 @@ def _discoverable(socket_path: Path) -> bool:
 
 
 def _socket_in_use(path: Path) -> bool:
-    """Return whether a live daemon accepts connections on the Unix socket *path*.
+    """Return whether a process accepts connections on the Unix socket *path*.
 
     A socket file left by a daemon that died refuses connections and may be
-    replaced. So may one whose listening process has died while its workers
-    still accept: gunicorn workers of a killed main process keep the socket
-    for a second or two until they notice, and a restart in that time (as
-    systemd's RestartSec allows) must not fail.
+    replaced. When the process that listened on it is gone but the socket
+    still accepts, gunicorn workers of a killed daemon may hold it: they leave
+    within a second or two, so wait up to ORPHAN_WAIT_SECONDS for that rather
+    than fail a restart (systemd restarts the unit after 2 s). Whatever still
+    accepts after the wait counts as a live process, since a service whose
+    listening process forked and exited looks the same.
     """
+    deadline = None
+    while True:
+        listener_pid = _listener_pid(path)
+        if listener_pid is None:
+            return False
+        if listener_pid <= 0 or _process_exists(listener_pid):
+            return True
+
+        if deadline is None:
+            deadline = time.monotonic() + ORPHAN_WAIT_SECONDS
+            log.info("waiting for a stopped daemon's workers to release the socket socket=%s pid=%d",
+                     path, listener_pid)
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+
+
+def _listener_pid(path: Path) -> int | None:
+    """Return the PID that listened on *path*, 0 if unknown, or None if nothing accepts connections there."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A listener that is stopped with a full backlog would block connect(2) for good.
+    probe.settimeout(PROBE_TIMEOUT_SECONDS)
     try:
         probe.connect(os.fspath(path))
-        listener_pid = _peer_pid(probe)
+        return _peer_pid(probe)
+    except (TimeoutError, BlockingIOError):
+        return 0  # a listener whose backlog is full (EAGAIN) or that does not accept in time
     except OSError:
-        return False
+        return None  # refused, missing, or not a socket: nothing accepts connections there
     finally:
         probe.close()
-
-    if listener_pid > 0 and not _process_exists(listener_pid):
-        log.info("socket held by workers of a stopped daemon, replacing it socket=%s pid=%d", path, listener_pid)
-        return False
-    return True
 
 
 def _peer_pid(connected: socket.socket) -> int:
