@@ -711,37 +711,52 @@ def test_serve_on_socket_in_use_rejected(server, tmp_path):
 
 def test_restart_at_once_after_main_process_killed(tmp_path):
     # The workers of a killed main process keep the socket until they notice,
-    # which takes a second or two; a restart meanwhile waits for them.
+    # which takes a second or two; a restart meanwhile waits for them. The
+    # workers are stopped (SIGSTOP) while the main process dies, so that they
+    # are still there when the new daemon starts, whatever the timing.
     first = PluginServer(workers=2)
-    second = None
     orphans = []
+    second = None
+    second_log = tmp_path / "second.log"
     try:
         first.start()
         orphans = first.wait_for_workers(2)
+        for pid in orphans:
+            os.kill(pid, signal.SIGSTOP)
         first.process.kill()
         first.process.wait(60)
-        assert any(os.path.exists(f"/proc/{pid}") for pid in orphans), "the workers left before the restart"
 
-        second = PluginServer(workers=1, socket_path=first.socket)
-        second.state_dir, second.mount_root = first.state_dir, first.mount_root
-        second.start()
-        # The orphans may have answered start()'s first request; wait until they are gone.
-        deadline = time.monotonic() + 30
-        while any(os.path.exists(f"/proc/{pid}") for pid in orphans) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        with open(second_log, "wb") as log_file:
+            second = subprocess.Popen(
+                [sys.executable, "-m", "securevol.cli", "serve", "--socket", str(first.socket),
+                 "--state-dir", str(first.state_dir), "--workers", "1"],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        waiting = "waiting for a stopped daemon's workers to release the socket"
+        wait_for(lambda: waiting in second_log.read_text(), "the new daemon waiting for the old workers")
+        for pid in orphans:
+            os.kill(pid, signal.SIGCONT)
 
-        assert second.process.poll() is None, second.log_text()
-        assert second.call("/Plugin.Activate").status == 200
-        log_text = second.log_text()
-        assert "waiting for a stopped daemon's workers to release the socket" in log_text
-        assert "plugin listening socket=" in log_text
+        wait_for(lambda: "plugin listening socket=" in second_log.read_text(), "the new daemon listening")
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in orphans), "the old workers leaving")
+        assert second.poll() is None, second_log.read_text()
+        assert plugin_request(first.socket, "/Plugin.Activate").status == 200
     finally:
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if second is not None:
-            second.cleanup()
+        if second is not None and second.poll() is None:
+            second.terminate()
+            second.wait(60)
         first.cleanup()
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.1)
 
 
 def test_stop_logs_no_errors(tmp_path):
