@@ -1115,7 +1115,7 @@ def test_e2e_authz_shared_pid_and_ipc_namespaces(authz_docker, authz_volume):
 @pytest.mark.slow
 def test_e2e_authz_image_labels_count(authz_docker, authz_volume):
     # dockerd gives a container its image's labels, and the mount-time check
-    # sees them; the create request carries only the labels it sets.
+    # matches them. The create request carries only the labels it sets.
     daemon, _, image = authz_docker
     volume = authz_volume("label:com.example.role=db")
     daemon.docker("create", "--name", "az-labeler", image, "true")

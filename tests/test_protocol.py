@@ -30,6 +30,7 @@ from securevol.crypto import DataKey
 from securevol.keys.local import LocalKeyProvider, load_master_key
 from securevol.options import allowlist_supported
 from tests.plugin_server import PluginResponse, PluginServer, UnixHTTPConnection, mounts_under, plugin_request
+from tests.test_access import wait_until
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.1+json"
 
@@ -424,7 +425,7 @@ def test_unknown_volume(server, endpoint):
     response = server.call(endpoint, {"Name": "never-created", "ID": "abc"})
 
     assert_one_sentence_error(response, "'never-created' does not exist")
-    # dockerd asks Get before every create: routine, so not logged as a failed request.
+    # dockerd calls Get before every create, so a missing volume is routine, not a failed request.
     failures = [line for line in server.log_text().splitlines() if "request failed" in line]
     assert not [line for line in failures if "never-created" in line]
 
@@ -733,12 +734,12 @@ def test_restart_at_once_after_main_process_killed(tmp_path):
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
         waiting = "waiting for a stopped daemon's workers to release the socket"
-        wait_for(lambda: waiting in second_log.read_text(), "the new daemon waiting for the old workers")
+        wait_until(lambda: waiting in second_log.read_text(), "the new daemon waiting for the old workers")
         for pid in orphans:
             os.kill(pid, signal.SIGCONT)
 
-        wait_for(lambda: "plugin listening socket=" in second_log.read_text(), "the new daemon listening")
-        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in orphans), "the old workers leaving")
+        wait_until(lambda: "plugin listening socket=" in second_log.read_text(), "the new daemon listening")
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in orphans), "the old workers leaving")
         assert second.poll() is None, second_log.read_text()
         assert plugin_request(first.socket, "/Plugin.Activate").status == 200
     finally:
@@ -749,14 +750,6 @@ def test_restart_at_once_after_main_process_killed(tmp_path):
             second.terminate()
             second.wait(60)
         first.cleanup()
-
-
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.1)
 
 
 def test_stop_logs_no_errors(tmp_path):

@@ -116,8 +116,8 @@ def _endpoint(path: str) -> Callable[[Callable[[], dict[str, Any]]], Callable[[]
                 log.info("request rejected endpoint=%s error=%s", path, exc)
                 return error_response(str(exc), 400)
             except VolumeNotFound as exc:
-                # dockerd asks Get for every name it is about to create, and every
-                # dockerd on the host asks about its own volumes: routine, not a failure.
+                # dockerd calls Get for every name it is about to create, and every dockerd
+                # on the host queries its own volume names, so this is routine, not a failure.
                 log.debug("volume not found endpoint=%s error=%s", path, exc)
                 return error_response(str(exc), 500)
             except SecurevolError as exc:

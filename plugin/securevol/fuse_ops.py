@@ -629,7 +629,8 @@ class SecurevolOperations(pyfuse3.Operations):
         except OSError as exc:
             self._report_failed_write(handle, offset, len(data), exc)
             raise
-        self._failed_writes.discard(handle.inode.ino)
+        if self._failed_writes:
+            self._failed_writes.discard(handle.inode.ino)
 
         backing_ranges = handle.write_behind_ranges(offset, end, gap)
         if backing_ranges is not None:
