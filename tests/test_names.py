@@ -529,7 +529,7 @@ def test_list_dir_skips_foreign_entries(cipher, backing_dir, caplog):
         entries = cipher.list_dir(dir_fd, dir_iv)
 
     assert [entry.plain_name for entry in entries] == [b"kept"]
-    assert "backing=plain.txt" in caplog.text
+    assert "backing='plain.txt'" in caplog.text
     assert len(caplog.records) == 2
 
 

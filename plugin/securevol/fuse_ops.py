@@ -436,7 +436,7 @@ class SecurevolOperations(pyfuse3.Operations):
         backing = self._backing_name(parent, name)
         self._inodes.name_removed(parent, backing.name)
         os.unlink(backing.name, dir_fd=parent.fd)
-        names.remove_side_record(parent.fd, backing.name)
+        self._remove_side_record_after(parent, backing.name)
 
     @_handler
     def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -444,7 +444,7 @@ class SecurevolOperations(pyfuse3.Operations):
         parent = self._inode(parent_ino)
         backing = self._backing_name(parent, name)
         names.remove_dir(parent.fd, backing.name)
-        names.remove_side_record(parent.fd, backing.name)
+        self._remove_side_record_after(parent, backing.name)
 
     @_handler
     def rename(
@@ -477,7 +477,7 @@ class SecurevolOperations(pyfuse3.Operations):
         self._inodes.name_moved(old_parent, old.name, new_parent, new.name)
         # The kernel handles a rename onto another hard link of the same inode
         # itself, so here *old* is always gone and so is its side record.
-        names.remove_side_record(old_parent.fd, old.name)
+        self._remove_side_record_after(old_parent, old.name)
 
     # --- directories -----------------------------------------------------------------------------
 
@@ -495,9 +495,12 @@ class SecurevolOperations(pyfuse3.Operations):
         directory = handle.inode
         if start_id == 0 or handle.entries is None:
             temporary: list[str] = []
-            handle.entries = self._names.list_dir(directory.fd, self._dir_iv(directory), temporary)
+            damaged: list[tuple[str, IntegrityError]] = []
+            handle.entries = self._names.list_dir(directory.fd, self._dir_iv(directory), temporary, damaged)
             if temporary:
                 self._remove_temporary_entries(directory, temporary)
+            for backing_name, exc in damaged:
+                self._report_damaged_name(directory, backing_name, exc)
 
         for index in range(start_id, len(handle.entries)):
             entry = handle.entries[index]
@@ -714,7 +717,12 @@ class SecurevolOperations(pyfuse3.Operations):
 
     @_handler
     def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self._xattrs.list_names(self._inode(ino).proc_path)
+        inode = self._inode(ino)
+        damaged: list[tuple[str, IntegrityError]] = []
+        names_found = self._xattrs.list_names(inode.proc_path, damaged)
+        for backing_name, exc in damaged:
+            self._report_damaged_name(inode, backing_name, exc, attribute=True)
+        return names_found
 
     @_handler
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -840,7 +848,11 @@ class SecurevolOperations(pyfuse3.Operations):
 
     def _dir_iv(self, directory: Inode) -> bytes:
         if directory.dir_iv is None:
-            directory.dir_iv = names.read_dir_iv(directory.fd)
+            try:
+                directory.dir_iv = names.read_dir_iv(directory.fd)
+            except IntegrityError as exc:
+                self._report_damage(directory, exc)
+                raise FUSEError(errno.EIO) from None
         return directory.dir_iv
 
     def _backing_name(self, parent: Inode, name: bytes) -> names.BackingName:
@@ -866,6 +878,18 @@ class SecurevolOperations(pyfuse3.Operations):
         except BaseException:
             self._remove_unused_side_record(parent, backing.name)
             raise
+
+    def _remove_side_record_after(self, parent: Inode, backing_name: str) -> None:
+        """Remove the side record of an entry that is already gone from *parent*.
+
+        The request has done its work by then, so a record that cannot be removed is logged
+        and left, rather than failing a request whose change stays.
+        """
+        try:
+            names.remove_side_record(parent.fd, backing_name)
+        except OSError as exc:
+            path = _printable(f"{self._backing_path(parent.fd)}/{backing_name}{names.SIDE_RECORD_SUFFIX}")
+            log.warning("removing a side record failed vol=%s path=%s error=%s", self.volume, path, exc.strerror)
 
     def _remove_unused_side_record(self, parent: Inode, backing_name: str) -> None:
         try:
@@ -1154,6 +1178,20 @@ class SecurevolOperations(pyfuse3.Operations):
         reported.add(block)
         log.log(level, "integrity check failed vol=%s path=%s block=%s error=%s", self.volume, path, block, exc)
 
+    def _report_damaged_name(self, inode: Inode, backing_name: str, exc: IntegrityError, attribute: bool = False) -> None:
+        """Log one ERROR line per damaged entry name in directory *inode*, or attribute name of *inode* (DEBUG for repeats)."""
+        if attribute:
+            event = "attribute name unreadable"
+            where = f"path={self._backing_path(inode.fd)} attribute={_printable(backing_name)}"
+        else:
+            event = "name unreadable"
+            where = f"path={_printable(self._backing_path(inode.fd) + '/' + backing_name)}"
+
+        reported = self._reported_damage.setdefault(inode.ino, set())
+        level = logging.DEBUG if (event, backing_name) in reported else logging.ERROR
+        reported.add((event, backing_name))
+        log.log(level, "%s vol=%s %s error=%s", event, self.volume, where, exc)
+
     def _report_failed_write(self, handle: OpenFile, offset: int, size: int, exc: OSError) -> None:
         """Log a write that failed in the backing store: one WARNING line per file until one of its writes succeeds.
 
@@ -1180,7 +1218,18 @@ class SecurevolOperations(pyfuse3.Operations):
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             return "?"
-        return os.path.relpath(target, self._backing_root)
+        return _printable(os.path.relpath(target, self._backing_root))
+
+
+def _printable(path: str) -> str:
+    """Return *path* as it is if it is printable ASCII, else escaped as by ascii().
+
+    Anyone with write access to the backing store can choose its names, and a newline in one
+    must not start a forged log line.
+    """
+    if path.isascii() and path.isprintable():
+        return path
+    return ascii(path)
 
 
 def _rename_new_entry(dir_fd: int, temp_name: str, backing_name: str) -> None:

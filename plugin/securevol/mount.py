@@ -119,7 +119,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
     stream = None
     if args.log_file:
         fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        stream = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+        # backslashreplace, so that a line with a name that is not UTF-8 is written and not dropped.
+        stream = open(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 (lives as long as the process)
     setup_logging(args.log_level, stream)
 
 

@@ -204,12 +204,19 @@ class NameCipher:
             raise IntegrityError(f"side record of {backing_name!r} contains a short name")
         return self.decrypt_name(cipher_name, dir_iv)
 
-    def list_dir(self, dir_fd: int, dir_iv: bytes, temporary: list[str] | None = None) -> list[DirEntry]:
+    def list_dir(
+        self,
+        dir_fd: int,
+        dir_iv: bytes,
+        temporary: list[str] | None = None,
+        damaged: list[tuple[str, IntegrityError]] | None = None,
+    ) -> list[DirEntry]:
         """List the entries of the backing directory *dir_fd* with their plaintext names.
 
         Reserved names are skipped, and temporary ones are added to *temporary* if it is given.
-        An entry that fails authentication is skipped too, with one ERROR log line, so that one
-        damaged name does not hide the rest of the directory.
+        An entry that fails authentication is skipped too, so that one damaged name does not
+        hide the rest of the directory: it is added with its error to *damaged* if that is
+        given, and logged as one ERROR line otherwise.
         """
         entries = []
         for backing_name in _list_backing_names(dir_fd):
@@ -221,7 +228,11 @@ class NameCipher:
             try:
                 plain = self.plain_name_for(dir_fd, backing_name, dir_iv)
             except IntegrityError as exc:
-                log.error("name unreadable vol=%s backing=%s error=%s", self._volume, backing_name, exc)
+                if damaged is not None:
+                    damaged.append((backing_name, exc))
+                else:
+                    # %r, because anyone with write access to the backing store can choose these names.
+                    log.error("name unreadable vol=%s backing=%r error=%s", self._volume, backing_name, exc)
                 continue
             entries.append(DirEntry(plain, backing_name))
         return entries
@@ -561,8 +572,21 @@ def _list_backing_names(dir_fd: int) -> list[str]:
 
 
 def _read_file(dir_fd: int, name: str, max_len: int) -> bytes:
-    """Read at most *max_len* + 1 bytes of the regular file *name*, so callers see oversize."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    """Read at most *max_len* + 1 bytes of the regular file *name*, so callers see oversize.
+
+    Raises IntegrityError when *name* is anything but a regular file. The type is checked on an
+    O_PATH descriptor before the file is opened for reading, because opening a FIFO blocks the
+    FUSE process and opening a device node can have side effects.
+    """
+    path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            raise IntegrityError(f"{name!r} is not a regular file")
+        # The reopen through /proc opens the inode that was checked, even if the name has changed.
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+
     try:
         chunks = []
         remaining = max_len + 1

@@ -104,8 +104,12 @@ class ExtendedAttributes:
                 raise XattrError("attribute not set", errno.ENODATA) from None
             raise
 
-    def list_names(self, path: str) -> list[bytes]:
-        """Return the plaintext names of all attributes; names that fail authentication are logged and skipped."""
+    def list_names(self, path: str, damaged: list[tuple[str, IntegrityError]] | None = None) -> list[bytes]:
+        """Return the plaintext names of all attributes.
+
+        Names that fail authentication are skipped: each is added with its error to *damaged*
+        if that is given, and logged as one ERROR line otherwise.
+        """
         names = []
         for backing_name in os.listxattr(path):
             if not backing_name.startswith(BACKING_PREFIX):
@@ -113,7 +117,11 @@ class ExtendedAttributes:
             try:
                 names.append(self.plain_name(backing_name))
             except IntegrityError as exc:
-                log.error("attribute name unreadable vol=%s backing=%s error=%s", self._volume, backing_name, exc)
+                if damaged is not None:
+                    damaged.append((backing_name, exc))
+                else:
+                    # %r, because anyone with write access to the backing store can choose these names.
+                    log.error("attribute name unreadable vol=%s backing=%r error=%s", self._volume, backing_name, exc)
         return names
 
     # --- encryption ------------------------------------------------------------------------------
