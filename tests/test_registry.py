@@ -140,7 +140,8 @@ def test_destroy_wrapped_dek_then_remove(tmp_path):
 
     assert not (registry.volume_dir("db") / "dek.json").exists()
     assert (registry.data_dir("db") / "cipher").exists()
-    with pytest.raises(SecurevolError, match="no wrapped key"):
+    # A Remove cut short here leaves the record, and the message tells how to finish it.
+    with pytest.raises(SecurevolError, match="no wrapped key.*run 'docker volume rm db' again"):
         registry.read_wrapped_dek("db")
 
     registry.remove("db")
@@ -245,6 +246,53 @@ def test_mount_change_waits_for_create_or_remove(tmp_path):
 
     assert (holder.exitcode, waiter.exitcode) == (0, 0)
     assert journal.read_text().split() == ["remove-start", "remove-end", "mount"]
+
+
+LOOP_DEADLINE_SECONDS = 60
+
+
+def _mount_loop(state_dir, name, running, stop, journal):
+    """Change the mounts of *name* over and over, each time holding the lock a while, until *stop* is set."""
+    registry = Registry(state_dir)
+    deadline = time.monotonic() + LOOP_DEADLINE_SECONDS
+    while not stop.is_set():
+        if time.monotonic() > deadline:
+            _append(journal, "deadline")
+            return
+        with registry.changing_mounts(name):
+            running.set()
+            time.sleep(0.05)
+
+
+def test_create_not_starved_by_overlapping_mounts(tmp_path):
+    registry = _registry(tmp_path)
+    names = ["a", "b", "c"]
+    for name in names:
+        _create(registry, name)
+    journal = tmp_path / "journal"
+    journal.touch()
+    running = [FORK.Event() for _ in names]
+    stop = FORK.Event()
+    loops = [FORK.Process(target=_mount_loop, args=(tmp_path, name, event, stop, journal))
+             for name, event in zip(names, running)]
+    for loop in loops:
+        loop.start()
+    try:
+        for event in running:
+            assert event.wait(30)
+
+        # flock(2) alone would keep granting the loops' shared locks, and this
+        # Create would wait until the loops give up at their deadline.
+        _create(registry, "new")
+        _append(journal, "created")
+    finally:
+        stop.set()
+        for loop in loops:
+            loop.join(LOOP_DEADLINE_SECONDS + 30)
+
+    assert [loop.exitcode for loop in loops] == [0, 0, 0]
+    assert journal.read_text().split() == ["created"]
+    assert registry.read_volume("new").name == "new"
 
 
 def _rewrite_mounts(state_dir, rounds):

@@ -4,6 +4,7 @@ Layout under the state directory (see docs/architecture.md)::
 
     registry.lock             exclusive: a volume is created or removed;
                               shared: one volume's mounts change
+    registry.gate             taken exclusively before registry.lock, see below
     volumes/NAME/volume.json  the volume record; its presence means the volume exists
     volumes/NAME/dek.json     the wrapped DEK
     volumes/NAME/mounts.json  mount IDs with counts, FUSE process PID, mountpoint
@@ -15,6 +16,13 @@ Writers hold the locks through ``creating_or_removing()`` or
 a volume directory is deleted only while nobody else holds a lock. Readers take
 no lock: every JSON file is replaced atomically, so a reader sees either the
 old or the new version.
+
+flock(2) grants a shared lock while an exclusive request waits, so Mounts and
+Unmounts that overlap one another would keep a Create or Remove waiting for as
+long as they go on. Every taker of registry.lock therefore first takes
+registry.gate exclusively. A Mount holds the gate only until it has its shared
+lock. A Create or Remove holds it until it is done, so no new Mount gets ahead
+of it, and it waits only for the Mounts already in progress.
 """
 
 import contextlib
@@ -135,6 +143,7 @@ class Registry:
         self.state_dir = Path(state_dir)
         self.volumes_dir = self.state_dir / "volumes"
         self._lock_path = self.state_dir / "registry.lock"
+        self._gate_path = self.state_dir / "registry.gate"
 
     def ensure_layout(self) -> None:
         """Create the volumes directory (mode 0700) if it is missing."""
@@ -145,16 +154,30 @@ class Registry:
     @contextlib.contextmanager
     def creating_or_removing(self) -> Iterator[None]:
         """Hold the registry lock exclusively, as creating or removing a volume needs."""
-        with _flock(self._lock_path, fcntl.LOCK_EX):
+        with _flock(self._gate_path, fcntl.LOCK_EX), _flock(self._lock_path, fcntl.LOCK_EX):
             yield
 
     @contextlib.contextmanager
     def changing_mounts(self, name: str) -> Iterator[VolumeRecord]:
         """Hold the lock of volume *name* and yield its record; raise VolumeNotFound if it does not exist."""
-        with _flock(self._lock_path, fcntl.LOCK_SH):
+        with self._shared_registry_lock():
             record = self.read_volume(name)
             with _flock(self.volume_dir(name) / VOLUME_LOCK_FILE, fcntl.LOCK_EX):
                 yield record
+
+    @contextlib.contextmanager
+    def _shared_registry_lock(self) -> Iterator[None]:
+        with _flock(self._gate_path, fcntl.LOCK_EX):
+            fd = _open_lock_file(self._lock_path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     # -- reading -------------------------------------------------------------
 
@@ -176,7 +199,11 @@ class Registry:
     def read_wrapped_dek(self, name: str) -> dict[str, Any]:
         data = _read_json(self.volume_dir(name) / DEK_FILE)
         if not isinstance(data, dict):
-            raise SecurevolError(f"Volume {name!r} has no wrapped key, so its data cannot be decrypted.")
+            # Remove destroys the wrapped key first, so this is most often a Remove that was cut short.
+            raise SecurevolError(
+                f"Volume {name!r} has no wrapped key, so its data cannot be decrypted; if it was being "
+                f"removed, run 'docker volume rm {name}' again, else restore its dek.json from a backup."
+            )
         return data
 
     def read_mounts(self, name: str) -> MountState:
@@ -297,12 +324,16 @@ def _flock(path: Path, operation: int) -> Iterator[None]:
     # A fresh open file description per acquisition: flock(2) locks belong to
     # it, so two threads or processes holding their own descriptors exclude
     # each other.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, operation)
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 def _read_json(path: Path) -> Any:
