@@ -164,22 +164,30 @@ class PrivateDockerd:
         anything stays mounted, because deleting through a mount would delete
         its contents.
         """
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("dockerd did not stop on SIGTERM pid=%d; sending SIGKILL", self.pid)
-                self._process.kill()
-                self._process.wait(30)
-            log.info("dockerd stopped pid=%d status=%s", self.pid, self._process.returncode)
-
+        self._terminate(timeout)
         self._unmount_leftovers()
         leftover = mounts_under(self.root)
         if leftover:
             log.warning("dockerd left mounts; keeping root=%s mounts=%s", self.root, leftover)
             return
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def restart(self, timeout: float = 60) -> None:
+        """Stop dockerd with SIGTERM, as a service manager would, and start it again on the same directories."""
+        self._terminate(timeout)
+        self.start(timeout)
+
+    def _terminate(self, timeout: float) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("dockerd did not stop on SIGTERM pid=%d; sending SIGKILL", self.pid)
+            self._process.kill()
+            self._process.wait(30)
+        log.info("dockerd stopped pid=%d status=%s", self.pid, self._process.returncode)
 
     def _unmount_leftovers(self) -> None:
         # A dockerd killed before its clean shutdown leaves its own mounts

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from securevol.access import (
     MountGuard,
     apply_default_policy,
     read_access_file,
+    update_access_file,
     write_access_file,
 )
 from securevol import config
@@ -30,7 +32,7 @@ from securevol.driver import VolumeDriver, _apply_default_policy
 from securevol.engine import EngineClient
 from securevol.errors import AccessDenied
 from securevol.registry import Registry, VolumeRecord
-from tests.dockerd import PLUGIN_DIR, plugin_socket_path, unique_driver_name
+from tests.dockerd import PLUGIN_DIR, PrivateDockerd, build_busybox_image, plugin_socket_path, unique_driver_name
 from tests.plugin_server import PluginServer
 
 KTHREADD_PID = 2  # the parent of all kernel threads on Linux
@@ -257,6 +259,17 @@ def _registry_with_volumes(state_dir: Path, *names: str) -> Registry:
     return registry
 
 
+def test_allowlist_change_keeps_approvals_of_remaining_rules(tmp_path):
+    path = tmp_path / "access.json"
+    write_access_file(path, policy(tmp_path, "name:web,name:db", approved={"a" * 64: "name:web", "b" * 64: "name:db"}))
+
+    assert update_access_file(path, "name:web,host")
+
+    written = read_access_file(path)
+    assert written.allow == "name:web,host"
+    assert written.approved == {"a" * 64: "name:web"}
+
+
 def test_apply_default_policy_rewrites_access_file(tmp_path):
     path = tmp_path / "access.json"
     write_access_file(path, policy(tmp_path, None, approved={"c" * 64: "(default policy)"}))
@@ -335,6 +348,25 @@ def test_allow_cli_records_changes_in_audit_log(tmp_path):
     assert all(r["volume"] == "db" for r in changes)
 
 
+def test_allow_cli_unwritable_audit_log_changes_nothing(tmp_path):
+    # As for a managed plugin's state directory seen from the host: the audit log's path is the plugin's.
+    state_dir = tmp_path / "state"
+    registry = _registry_with_volumes(state_dir, "db")
+    elsewhere = policy(tmp_path, "name:web")
+    write_access_file(registry.volume_dir("db") / ACCESS_FILE,
+                      AccessPolicy(**{**elsewhere.__dict__, "audit_log": str(tmp_path / "absent" / "audit.jsonl")}))
+
+    for args in (["set", "db", "host"], ["clear", "db"]):
+        result = subprocess.run([sys.executable, "-m", "securevol.cli", "allow", *args, "--state-dir", str(state_dir)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert f"The audit log {tmp_path / 'absent' / 'audit.jsonl'} cannot be written" in result.stderr
+        assert "was not changed" in result.stderr
+
+    assert read_access_file(registry.volume_dir("db") / ACCESS_FILE).allow == "name:web"
+    assert "allow" not in registry.read_volume("db").options
+
+
 def test_allow_cli_reports_policy_recorded_by_daemon_start(tmp_path):
     # A volume never mounted has no access file; the daemon's start recorded its policy in the state directory.
     state_dir = tmp_path / "state"
@@ -375,6 +407,49 @@ def test_mount_guard_without_engine_refuses(tmp_path):
 def test_mount_guard_invalid_allowlist_refuses(tmp_path):
     with pytest.raises(AccessDenied, match="invalid allowlist"):
         guard(tmp_path, None).check_mount("db", "nam:web", tmp_path / "access.json")
+
+
+@pytest.fixture
+def silent_engine(tmp_path):
+    """An Engine API socket that accepts connections and never responds, like dockerd while it restores containers."""
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    yield EngineClient(str(path), timeout=0.5)
+    listener.close()
+
+
+def test_mount_guard_engine_timeout_keeps_approvals_simulated(tmp_path, silent_engine):
+    # dockerd's silence during its start is simulated by a socket that never responds;
+    # test_e2e_restored_container_mounts_allowlisted_volume covers a real dockerd.
+    access_file = tmp_path / "access.json"
+    previous = policy(tmp_path, "name:web,name:old", approved={"a" * 64: "name:web", "b" * 64: "name:old"})
+    write_access_file(access_file, previous)
+
+    guard(tmp_path, silent_engine).check_mount("db", "name:web", access_file)
+
+    assert read_access_file(access_file).approved == {"a" * 64: "name:web"}
+    record = audit_lines(tmp_path)[-1]
+    assert record["decision"] == "allow"
+    assert record["reason"].startswith("engine timed out: 1 container(s) approved before keep access")
+
+
+def test_mount_guard_engine_timeout_without_previous_mount_simulated(tmp_path, silent_engine):
+    access_file = tmp_path / "access.json"
+
+    guard(tmp_path, silent_engine).check_mount("db", "name:web", access_file)
+
+    assert read_access_file(access_file).approved == {}
+
+
+def test_mount_guard_unreachable_engine_refuses(tmp_path):
+    engine = EngineClient(str(tmp_path / "missing.sock"), timeout=0.5)
+
+    with pytest.raises(AccessDenied, match="cannot ask dockerd which container is starting"):
+        guard(tmp_path, engine).check_mount("db", "name:web", tmp_path / "access.json")
+
+    assert audit_lines(tmp_path)[-1]["reason"] == "engine unavailable"
 
 
 @pytest.mark.docker
@@ -673,6 +748,58 @@ def test_e2e_allow_set_applies_to_running_volume(dockerd, busybox_image, volume,
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_e2e_restored_container_mounts_allowlisted_volume(tmp_path):
+    """A dockerd restart brings back containers with a restart policy, and only the allowed one reads the volume."""
+    restarting = PrivateDockerd()
+    plugin = None
+    try:
+        restarting.start()
+        image = build_busybox_image(restarting, "securevol-restore-busybox")
+        PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+        plugin = PluginServer(socket_path=plugin_socket_path(unique_driver_name()),
+                              env={"SECUREVOL_DOCKER_HOST": restarting.host})
+        plugin.start()
+        name = f"acc-{secrets.token_hex(4)}"
+        restarting.docker("volume", "create", "-d", plugin.driver, "-o", "allow=name:db,name:other", name)
+
+        restarting.run("-d", "--restart", "always", "--name", "db", "-v", f"{name}:/d", image, "sh", "-c",
+                       "echo started >> /d/starts; sleep 300")
+        restarting.run("-d", "--restart", "always", "--name", "other", "-v", f"{name}:/d", image, "sh", "-c",
+                       "while :; do cat /d/starts > /dev/null 2>&1 && echo READ; sleep 0.2; done")
+        wait_until(lambda: "READ" in restarting.docker("logs", "other").stdout, "the other container reading")
+        assert allow_cli(plugin, "set", name, "name:db").returncode == 0
+        wait_until(lambda: restarting.docker("exec", "other", "cat", "/d/starts", check=False).returncode != 0,
+                   "the other container losing access")
+
+        restarting.restart()
+
+        try:
+            wait_until(lambda: restarting.docker("exec", "db", "cat", "/d/starts", check=False).stdout
+                       == "started\nstarted\n", "the restored container writing to its volume", timeout=60)
+        except AssertionError as exc:
+            seen = restarting.docker("exec", "db", "cat", "/d/starts", check=False)
+            mount_lines = [line for line in plugin.log_text().splitlines() if "mount" in line]
+            raise AssertionError(f"{exc}\nseen: {seen}\nplugin log:\n" + "\n".join(mount_lines[-30:])) from None
+        assert restarting.docker("inspect", "--format", "{{.State.Running}}", "other").stdout.strip() == "true"
+        reads_before = restarting.docker("logs", "other").stdout.count("READ")
+        time.sleep(2)
+        assert restarting.docker("logs", "other").stdout.count("READ") == reads_before
+        assert restarting.docker("exec", "other", "cat", "/d/starts", check=False).returncode != 0
+    finally:
+        try:
+            restarting.remove_all_containers()
+            if plugin is not None:
+                listing = restarting.docker("volume", "ls", "-q", "--filter", f"driver={plugin.driver}", check=False)
+                for volume_name in listing.stdout.split():
+                    restarting.docker("volume", "rm", "--force", volume_name, check=False)
+        finally:
+            if plugin is not None:
+                plugin.cleanup()
+            restarting.stop()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_e2e_revoked_handle_cannot_fallocate(dockerd, busybox_image, volume, guarded_plugin):
     name = volume("name:acc-web,host")
     dockerd.run("-d", "--name", "acc-web", "-v", f"{name}:/d", busybox_image, "sh", "-c",
@@ -715,8 +842,9 @@ def test_allow_cli_errors(tmp_path):
                                   timeout=60)
     assert no_state_dir.returncode == 1
     assert no_state_dir.stderr.strip() == (
-        f"securevol: Volume 'nope' does not exist in {tmp_path / 'absent'}; "
-        "give the --state-dir that the daemon uses."
+        f"securevol: Volume 'nope' does not exist in {tmp_path / 'absent'}; give the --state-dir that the "
+        "daemon uses, or for the managed plugin run this command inside the plugin (docs/install.md, "
+        "\"Admin commands\")."
     )
     assert not (tmp_path / "absent").exists()
 

@@ -1028,8 +1028,12 @@ def test_killed_fuse_process_replaced_on_next_mount(server):
     wait_for_exit(old_pid)
     with pytest.raises(OSError):
         (mountpoint / "kept").read_bytes()
+    status = get(server, name)["Status"]
+    assert status["mounted"] is False
+    assert status["mount_count"] == 1
 
     assert mount(server, name, "second") == str(mountpoint)
+    assert get(server, name)["Status"]["mounted"] is True
 
     new_pid = fuse_pid(server, name)
     assert new_pid != old_pid

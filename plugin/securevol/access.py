@@ -13,7 +13,10 @@ containers that use the volume (``EngineClient.mount_candidates``):
   on it (dockerd 20.10 ``containerStart``, ``containerArchivePath``), so the
   inspect of the container being mounted for gets no response until the
   Mount returns. If every candidate that timed out is allowed, the mount is
-  allowed. If a disallowed one timed out, or none did, it is refused.
+  allowed. If a disallowed one timed out, or none did, it is refused;
+- dockerd accepts the request but does not respond: the mount is allowed,
+  with the approvals of the volume's last mount that the rules still contain
+  (``MountGuard._approve_without_engine`` says why).
 
 The guard writes the volume's access file (``access.json`` next to the
 record, mode 0600) before the FUSE process starts or the mount is counted:
@@ -39,7 +42,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from securevol.audit import AuditLog
 from securevol.containers import (
@@ -132,16 +135,30 @@ def write_access_file(path: str | os.PathLike[str], policy: AccessPolicy) -> Non
 
 
 def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:
-    """Put a new allowlist into an existing access file and drop its approvals; False if there is none.
+    """Put a new allowlist into an existing access file; False if there is none.
 
-    The FUSE process then checks every container again, each against the new rules.
+    Approvals by a rule that the new allowlist still contains are kept, because the container
+    still matches that rule. The FUSE process checks every other container again against the
+    new rules. The kept approvals also count at a mount while dockerd does not respond
+    (``MountGuard._approve_without_engine``).
     """
     try:
         policy = read_access_file(path)
     except FileNotFoundError:
         return False
-    write_access_file(path, dataclasses.replace(policy, allow=allow, approved={}))
+    updated = dataclasses.replace(policy, allow=allow)
+    try:
+        kept = _approvals_kept(policy.approved, updated.allowlist())
+    except AllowlistError:
+        kept = {}
+    write_access_file(path, dataclasses.replace(updated, approved=kept))
     return True
+
+
+def _approvals_kept(approved: dict[str, str], allowlist: Allowlist) -> dict[str, str]:
+    """Return the approvals in *approved* whose rule is still one of *allowlist*'s rules."""
+    rules = {rule.text for rule in allowlist.rules}
+    return {container_id: rule for container_id, rule in approved.items() if rule in rules}
 
 
 def apply_default_policy(path: str | os.PathLike[str], deny_by_default: bool) -> bool:
@@ -183,6 +200,14 @@ def recorded_default_policy(state_dir: str | os.PathLike[str]) -> bool | None:
     return {b"deny": True, b"allow": False}.get(text)
 
 
+def previous_policy(path: str | os.PathLike[str]) -> AccessPolicy | None:
+    """Return the policy in the access file *path*, or None if it is missing or unreadable."""
+    try:
+        return read_access_file(path)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def read_access_file(path: str | os.PathLike[str]) -> AccessPolicy:
     """Read an access file; raise ValueError or OSError if it is missing or damaged."""
     with open(path, "rb") as f:
@@ -205,14 +230,19 @@ class MountGuard:
 
     def check_mount(self, volume: str, allow_option: str | None, access_file: str | os.PathLike[str]) -> None:
         """Raise AccessDenied unless the container being mounted for is allowed; write the access file."""
-        write_access_file(access_file, self.mount_policy(volume, allow_option))
+        write_access_file(access_file, self.mount_policy(volume, allow_option, previous_policy(access_file)))
 
-    def mount_policy(self, volume: str, allow_option: str | None) -> AccessPolicy:
-        """Raise AccessDenied unless the container being mounted for is allowed; return the policy for the access file."""
+    def mount_policy(self, volume: str, allow_option: str | None,
+                     previous: AccessPolicy | None = None) -> AccessPolicy:
+        """Raise AccessDenied unless the container being mounted for is allowed; return the policy for the access file.
+
+        *previous* is the policy of the volume's last mount, whose approvals are kept when
+        dockerd does not respond (see ``_approve_without_engine``).
+        """
         allowlist = self._allowlist(volume, allow_option)
         approved: dict[str, str] = {}
         if not allowlist.open:
-            approved = self._approve(volume, allowlist)
+            approved = self._approve(volume, allowlist, previous)
 
         return AccessPolicy(volume, allow_option, self.deny_by_default, self.docker_socket,
                             self.audit.path, approved)
@@ -226,9 +256,15 @@ class MountGuard:
             raise AccessDenied(f"Volume {volume!r} has an invalid allowlist ({exc}); fix it with "
                                "'securevol allow set'.") from None
 
-    def _approve(self, volume: str, allowlist: Allowlist) -> dict[str, str]:
+    def _approve(self, volume: str, allowlist: Allowlist, previous: AccessPolicy | None) -> dict[str, str]:
         """Return the approved containers {ID: rule} of this mount, or raise AccessDenied."""
-        candidates = self._engine_call(volume, lambda engine: engine.mount_candidates(volume))
+        engine = self._require_engine(volume)
+        try:
+            candidates = engine.mount_candidates(volume)
+        except EngineTimeout as exc:
+            return self._approve_without_engine(volume, allowlist, previous, exc)
+        except EngineError as exc:
+            self._refuse_without_engine(volume, exc)
         if not candidates:
             self.audit.record(allowed=True, point="mount", action="mount", volume=volume,
                               reason="no container registered yet: dockerd copies image files")
@@ -320,15 +356,38 @@ class MountGuard:
             rule = allowlist.match(container)
         return rule
 
+    def _approve_without_engine(self, volume: str, allowlist: Allowlist, previous: AccessPolicy | None,
+                                exc: EngineTimeout) -> dict[str, str]:
+        """Allow a mount while dockerd accepts API requests but does not respond to them.
+
+        dockerd serves no API request until it has started the containers that it restores at
+        its own start (restart policies, dockerd 20.10 ``Daemon.restore``), and their Mount
+        requests come before that. Refusing them would leave those containers stopped for good.
+        The mount is therefore allowed with those approvals of the volume's last mount whose rule
+        the allowlist still contains, so those containers keep their access. The FUSE process
+        checks every other container at each access, and refuses it while dockerd does not respond.
+        """
+        kept = {}
+        if previous is not None and previous.volume == volume:
+            kept = _approvals_kept(previous.approved, allowlist)
+
+        log.warning("mount allowed without the engine vol=%s approved_before=%d error=%s", volume, len(kept), exc)
+        self.audit.record(allowed=True, point="mount", action="mount", volume=volume,
+                          reason=f"engine timed out: {len(kept)} container(s) approved before keep access, "
+                                 "others are checked at each access")
+        return kept
+
+    def _refuse_without_engine(self, volume: str, exc: EngineError) -> NoReturn:
+        self.audit.record(allowed=False, point="mount", action="mount", volume=volume, reason="engine unavailable")
+        raise AccessDenied(f"Volume {volume!r} may be used only by some containers, and securevol cannot ask "
+                           f"dockerd which container is starting: {exc}") from None
+
     def _engine_call(self, volume: str, call: Any) -> Any:
         engine = self._require_engine(volume)
         try:
             return call(engine)
         except EngineError as exc:
-            self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
-                              reason="engine unavailable")
-            raise AccessDenied(f"Volume {volume!r} may be used only by some containers, and securevol cannot ask "
-                               f"dockerd which container is starting: {exc}") from None
+            self._refuse_without_engine(volume, exc)
 
     def _require_engine(self, volume: str) -> EngineClient:
         if self.engine is None:

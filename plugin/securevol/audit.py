@@ -106,6 +106,11 @@ class AuditLog:
             self._append(entry)
         return entry
 
+    def check_writable(self) -> None:
+        """Open the file for appending, creating it if needed; raise OSError if that fails."""
+        if self.path is not None:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
     def _log(self, entry: AuditRecord) -> None:
         log.info(
             "access %s point=%s action=%s vol=%s container=%s id=%s image=%s rule=%s reason=%s",

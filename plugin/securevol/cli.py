@@ -321,12 +321,13 @@ def allow_set(args: argparse.Namespace) -> int:
     """Replace the allowlist of a volume; a running FUSE process applies it within a second."""
     settings, registry = _settings_and_registry(args)
     parse_allowlist(args.rules)  # raises AllowlistError with the position of the error
+    audit = _writable_audit_log(settings, registry, args.volume)
     with registry.changing_mounts(args.volume) as record:
         previous = record.options.get("allow")
         registry.update_options(args.volume, {**record.options, "allow": args.rules})
         update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, args.rules)
     log.info("allowlist changed vol=%s rules=%s previous=%s", args.volume, args.rules, previous or "-")
-    _audit_log_of(settings, registry, args.volume).record_change(
+    audit.record_change(
         action="allow set", volume=args.volume, rules=args.rules, previous=previous or ""
     )
     print(f"Volume {args.volume!r} now allows: {args.rules}")
@@ -336,13 +337,14 @@ def allow_set(args: argparse.Namespace) -> int:
 def allow_clear(args: argparse.Namespace) -> int:
     """Remove the allowlist of a volume, which then follows the daemon's default policy."""
     settings, registry = _settings_and_registry(args)
+    audit = _writable_audit_log(settings, registry, args.volume)
     with registry.changing_mounts(args.volume) as record:
         previous = record.options.get("allow")
         options = {name: value for name, value in record.options.items() if name != "allow"}
         registry.update_options(args.volume, options)
         update_access_file(registry.volume_dir(args.volume) / ACCESS_FILE, None)
     log.info("allowlist removed vol=%s previous=%s", args.volume, previous or "-")
-    _audit_log_of(settings, registry, args.volume).record_change(
+    audit.record_change(
         action="allow clear", volume=args.volume, rules="", previous=previous or ""
     )
     if _denies_by_default(settings, registry, args.volume):
@@ -350,6 +352,28 @@ def allow_clear(args: argparse.Namespace) -> int:
     else:
         print(f"Volume {args.volume!r} has no allowlist now; every container may use it.")
     return 0
+
+
+def _writable_audit_log(settings: config.Settings, registry: Registry, volume: str) -> AuditLog:
+    """Return the daemon's audit log for *volume*, or raise SecurevolError before any change if it cannot be written.
+
+    Run from the host against a managed plugin's state directory, the access file names the
+    audit log by its path inside the plugin, which the host does not have.
+    """
+    registry.read_volume(volume)  # raises VolumeNotFound, which has its own message
+    audit = _audit_log_of(settings, registry, volume)
+    if settings.audit_log is None and audit.path == os.fspath(settings.audit_log_path):
+        # The default log directory, which a daemon that never started on this state directory did not make.
+        settings.log_dir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        audit.check_writable()
+    except OSError as exc:
+        raise SecurevolError(
+            f"The audit log {audit.path} cannot be written ({exc.strerror}), so the allowlist of volume "
+            f"{volume!r} was not changed; run this command where the daemon's paths are valid, for the "
+            "managed plugin inside the plugin (docs/install.md, \"Admin commands\")."
+        ) from None
+    return audit
 
 
 def _audit_log_of(settings: config.Settings, registry: Registry, volume: str) -> AuditLog:
@@ -424,8 +448,9 @@ def _run_admin(command):
             # The usual cause is a daemon that runs with another state directory.
             state_dir = config.resolve(vars(args)).state_dir
             print(
-                f"securevol: Volume {args.volume!r} does not exist in {state_dir}; "
-                "give the --state-dir that the daemon uses.",
+                f"securevol: Volume {args.volume!r} does not exist in {state_dir}; give the --state-dir "
+                "that the daemon uses, or for the managed plugin run this command inside the plugin "
+                "(docs/install.md, \"Admin commands\").",
                 file=sys.stderr,
             )
             return 1

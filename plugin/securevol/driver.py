@@ -18,6 +18,7 @@ from securevol.access import (
     AccessPolicy,
     MountGuard,
     apply_default_policy,
+    previous_policy,
     record_default_policy,
     write_access_file,
 )
@@ -152,7 +153,10 @@ class VolumeDriver:
 
         with self.registry.changing_mounts(name) as record:
             # Raises AccessDenied. The access file is written only once the mount can go ahead.
-            policy = self.guard.mount_policy(name, record.options.get("allow")) if self.guard is not None else None
+            policy = None
+            if self.guard is not None:
+                previous = previous_policy(self._access_file(name))
+                policy = self.guard.mount_policy(name, record.options.get("allow"), previous)
             state = self._current_mounts(name)
             mountpoint = self._mountpoint(name)
             if self.mounter.is_serving(state.pid, mountpoint):
@@ -309,11 +313,14 @@ class VolumeDriver:
         mountpoint = self._mounted_path(state)
         if mountpoint:
             description["Mountpoint"] = mountpoint
+        # Mountpoint follows the mount counts, which dockerd relies on. "mounted" is whether the
+        # FUSE process still serves it, because a killed one leaves counts and containers get ENOTCONN.
+        serving = bool(mountpoint) and self.mounter.is_serving(state.pid, Path(mountpoint))
         description["Status"] = {
             "volume_id": record.volume_id,
             "key_provider": record.key_provider,
             "format_version": record.format_version,
-            "mounted": bool(mountpoint),
+            "mounted": serving,
             "mount_count": state.total,
         }
         return description
