@@ -131,6 +131,29 @@ def test_create_replaces_incomplete_volume(tmp_path):
     assert list(registry.data_dir("db").iterdir()) == []
 
 
+def test_remove_incomplete_keeps_only_readable_data(tmp_path, caplog):
+    registry = _registry(tmp_path)
+    _create(registry, "complete")
+    (registry.data_dir("complete") / "cipher").write_bytes(b"c" * 100)
+    for name in ("create-cut", "remove-cut", "record-lost"):
+        _create(registry, name)
+        (registry.volume_dir(name) / "volume.json").unlink()
+    (registry.data_dir("remove-cut") / "cipher").write_bytes(b"c" * 100)
+    (registry.volume_dir("remove-cut") / "dek.json").unlink()
+    (registry.data_dir("record-lost") / "cipher").write_bytes(b"c" * 100)
+
+    with caplog.at_level("WARNING", logger="securevol.registry"):
+        registry.remove_incomplete()
+
+    assert registry.volume_names() == ["complete", "record-lost"]
+    assert (registry.data_dir("complete") / "cipher").exists()
+    assert (registry.volume_dir("record-lost") / "dek.json").exists()
+    messages = [record.getMessage() for record in caplog.records]
+    assert "incomplete volume removed vol=create-cut" in messages
+    assert "incomplete volume removed vol=remove-cut" in messages
+    assert any(message.startswith("volume record missing, directory kept vol=record-lost") for message in messages)
+
+
 def test_destroy_wrapped_dek_then_remove(tmp_path):
     registry = _registry(tmp_path)
     _create(registry, "db")

@@ -60,6 +60,7 @@ class VolumeDriver:
         registry.ensure_layout()
         # First, so that a daemon refused for its key provider changes nothing.
         key_provider = create_provider(settings)
+        registry.remove_incomplete()
         record_default_policy(settings.state_dir, settings.deny_by_default)
         _apply_default_policy(registry, settings.deny_by_default)
         return cls(settings, registry, key_provider, Mounter(settings.mount_timeout), mount_guard(settings))
@@ -374,6 +375,8 @@ def _apply_default_policy(registry: Registry, deny_by_default: bool) -> None:
     policy = "deny" if deny_by_default else "allow"
     for name in registry.volume_names():
         try:
+            if not registry.exists(name):
+                continue  # a directory whose record is missing, logged by remove_incomplete
             with registry.changing_mounts(name):
                 changed = apply_default_policy(registry.volume_dir(name) / ACCESS_FILE, deny_by_default)
         except (SecurevolError, OSError, ValueError) as exc:

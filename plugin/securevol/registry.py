@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securevol.errors import SecurevolError, VolumeExists, VolumeNotFound
+from securevol.errors import InvalidVolumeName, SecurevolError, VolumeExists, VolumeNotFound
 from securevol.options import validate_name
 from securevol.syscalls import fsync_dir, replace_file
 
@@ -232,6 +232,34 @@ class Registry:
         return records
 
     # -- writing (callers hold the right lock) -------------------------------
+
+    def remove_incomplete(self) -> None:
+        """Remove the volume directories that an interrupted Create or Remove left behind.
+
+        Such a directory has no record, and it has either no wrapped DEK (Remove destroys it
+        first) or no ciphertext (a volume is never mounted before its Create ends), so it holds
+        no readable data. A directory with both has lost only its record. It is kept and logged,
+        because its wrapped DEK is the only key to its data. Takes the registry lock itself.
+        """
+        with self.creating_or_removing():
+            removed = False
+            for name in self.volume_names():
+                try:
+                    volume_dir = self.volume_dir(name)
+                except InvalidVolumeName:
+                    continue  # not made by securevol
+                if (volume_dir / VOLUME_FILE).exists():
+                    continue
+                try:
+                    _check_leftover(volume_dir, name)
+                except VolumeExists as exc:
+                    log.warning("volume record missing, directory kept vol=%s error=%s", name, exc)
+                    continue
+                shutil.rmtree(volume_dir)
+                removed = True
+                log.warning("incomplete volume removed vol=%s", name)
+            if removed:
+                fsync_dir(self.volumes_dir)
 
     def create(self, record: VolumeRecord, wrapped_dek: dict[str, Any], root_attributes: tuple[int, int, int]) -> None:
         """Write a new volume's directories, wrapped DEK and record, the record last.
