@@ -39,10 +39,10 @@ KTHREADD_PID = 2  # the parent of all kernel threads on Linux
 
 
 def policy(tmp_path: Path, allow: str | None, *, approved: dict | None = None, deny_by_default: bool = False,
-           docker_socket: str = "/nonexistent/docker.sock") -> AccessPolicy:
+           docker_socket: str = "/nonexistent/docker.sock", unverified: dict | None = None) -> AccessPolicy:
     return AccessPolicy(volume="db", allow=allow, deny_by_default=deny_by_default,
                         docker_socket=f"unix://{docker_socket}", audit_log=str(tmp_path / "audit.jsonl"),
-                        approved=approved or {})
+                        approved=approved or {}, unverified=unverified or {})
 
 
 def checker_for(tmp_path: Path, access: AccessPolicy) -> AccessChecker:
@@ -224,6 +224,29 @@ def test_approved_container_needs_no_engine(tmp_path, running):
 
     # The Engine API socket in the policy does not exist: only the approval can allow.
     assert checker.allows(web_pid, "open")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_unverified_approval_allows_while_engine_silent(tmp_path, running, silent_engine):
+    container_id, pid = running("access-unverified")
+    checker = checker_for(tmp_path, policy(tmp_path, "name:access-unverified", docker_socket=silent_engine.socket_path,
+                                           unverified={container_id: "name:access-unverified"}))
+
+    assert checker.allows(pid, "open")
+    assert audit_lines(tmp_path)[-1]["reason"] == "approved at the last mount, dockerd does not respond yet"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_unverified_approval_checked_once_engine_responds(tmp_path, dockerd, running):
+    # The container was approved as name:web at the last mount and renamed since.
+    container_id, pid = running("access-renamed")
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(dockerd.socket),
+                                           unverified={container_id: "name:web"}))
+
+    assert not checker.allows(pid, "open")
+    assert audit_lines(tmp_path)[-1]["reason"] == "not on allowlist"
 
 
 @pytest.mark.docker
@@ -429,7 +452,9 @@ def test_mount_guard_engine_timeout_keeps_approvals_simulated(tmp_path, silent_e
 
     guard(tmp_path, silent_engine).check_mount("db", "name:web", access_file)
 
-    assert read_access_file(access_file).approved == {"a" * 64: "name:web"}
+    written = read_access_file(access_file)
+    assert written.approved == {}
+    assert written.unverified == {"a" * 64: "name:web"}
     record = audit_lines(tmp_path)[-1]
     assert record["decision"] == "allow"
     assert record["reason"].startswith("engine timed out: 1 container(s) approved before keep access")
@@ -440,7 +465,9 @@ def test_mount_guard_engine_timeout_without_previous_mount_simulated(tmp_path, s
 
     guard(tmp_path, silent_engine).check_mount("db", "name:web", access_file)
 
-    assert read_access_file(access_file).approved == {}
+    written = read_access_file(access_file)
+    assert written.approved == {}
+    assert written.unverified == {}
 
 
 def test_mount_guard_unreachable_engine_refuses(tmp_path):
@@ -760,14 +787,18 @@ def test_e2e_restored_container_mounts_allowlisted_volume(tmp_path):
                               env={"SECUREVOL_DOCKER_HOST": restarting.host})
         plugin.start()
         name = f"acc-{secrets.token_hex(4)}"
-        restarting.docker("volume", "create", "-d", plugin.driver, "-o", "allow=name:db,name:other", name)
+        restarting.docker("volume", "create", "-d", plugin.driver, "-o", "allow=name:db,name:other,name:spare", name)
 
         restarting.run("-d", "--restart", "always", "--name", "db", "-v", f"{name}:/d", image, "sh", "-c",
                        "echo started >> /d/starts; sleep 300")
-        restarting.run("-d", "--restart", "always", "--name", "other", "-v", f"{name}:/d", image, "sh", "-c",
-                       "while :; do cat /d/starts > /dev/null 2>&1 && echo READ; sleep 0.2; done")
-        wait_until(lambda: "READ" in restarting.docker("logs", "other").stdout, "the other container reading")
-        assert allow_cli(plugin, "set", name, "name:db").returncode == 0
+        reader = "while :; do cat /d/starts > /dev/null 2>&1 && echo READ; sleep 0.2; done"
+        for reader_name in ("other", "spare"):
+            restarting.run("-d", "--restart", "always", "--name", reader_name, "-v", f"{name}:/d", image,
+                           "sh", "-c", reader)
+            wait_until(lambda: "READ" in restarting.docker("logs", reader_name).stdout, f"{reader_name} reading")
+        # Renamed, spare no longer matches its rule, which stays in the allowlist.
+        restarting.docker("rename", "spare", "renamed")
+        assert allow_cli(plugin, "set", name, "name:db,name:spare").returncode == 0
         wait_until(lambda: restarting.docker("exec", "other", "cat", "/d/starts", check=False).returncode != 0,
                    "the other container losing access")
 
@@ -785,6 +816,13 @@ def test_e2e_restored_container_mounts_allowlisted_volume(tmp_path):
         time.sleep(2)
         assert restarting.docker("logs", "other").stdout.count("READ") == reads_before
         assert restarting.docker("exec", "other", "cat", "/d/starts", check=False).returncode != 0
+
+        # The renamed container's approval was carried over unverified, and dockerd now responds.
+        wait_until(lambda: restarting.docker("exec", "renamed", "cat", "/d/starts", check=False).returncode != 0,
+                   "the renamed container losing access once dockerd responds")
+        reads_before = restarting.docker("logs", "renamed").stdout.count("READ")
+        time.sleep(2)
+        assert restarting.docker("logs", "renamed").stdout.count("READ") == reads_before
     finally:
         try:
             restarting.remove_all_containers()

@@ -15,8 +15,8 @@ containers that use the volume (``EngineClient.mount_candidates``):
   Mount returns. If every candidate that timed out is allowed, the mount is
   allowed. If a disallowed one timed out, or none did, it is refused;
 - dockerd accepts the request but does not respond: the mount is allowed,
-  with the approvals of the volume's last mount that the rules still contain
-  (``MountGuard._approve_without_engine`` says why).
+  and the approvals of the volume's last mount that the rules still contain
+  are carried over as unverified (``MountGuard._approve_without_engine``).
 
 The guard writes the volume's access file (``access.json`` next to the
 record, mode 0600) before the FUSE process starts or the mount is counted:
@@ -26,7 +26,8 @@ containers approved at mount time.
 Each access (``AccessChecker``, in the FUSE process). A request carries the
 caller's PID; its cgroup names the container (``securevol.containers``).
 Approved containers pass at once, other containers are looked up through the
-Engine API and matched. Host processes pass if the allowlist has ``host``,
+Engine API and matched. A container with an unverified approval is looked up
+too, and passes for a few seconds at a time while the lookup times out. Host processes pass if the allowlist has ``host``,
 and dockerd always passes, because it copies image files into a new volume
 and serves ``docker cp``. Kernel threads pass: they write back pages of files
 that were opened after a check. Decisions are cached per container (per PID
@@ -73,6 +74,8 @@ FUSE_ENGINE_TIMEOUT = 2.0
 # A refusal is remembered this long, so a failing container does not make a
 # request to dockerd (and an audit record) per file operation.
 DENY_CACHE_SECONDS = 2.0
+# How long an unverified approval lets its container in before dockerd is asked again.
+UNVERIFIED_RECHECK_SECONDS = 5.0
 # How often a cached decision looks at the access file for a changed allowlist.
 RELOAD_SECONDS = 1.0
 _MAX_CACHED_PIDS = 4096
@@ -83,6 +86,8 @@ _HOST = "host"
 _DOCKERD = "dockerd"
 _KERNEL = "kernel"
 _SELF = "self"
+
+_ENGINE_TIMED_OUT = "engine timed out"  # the audit reason of a container lookup that timed out
 
 
 # -- the access file -------------------------------------------------------------------------
@@ -98,6 +103,9 @@ class AccessPolicy:
     docker_socket: str
     audit_log: str | None
     approved: dict[str, str] = field(default_factory=dict)  # container ID -> rule text
+    # Approvals carried over from the last mount while dockerd did not respond: container ID -> rule
+    # text. The FUSE process checks these containers again as soon as dockerd responds.
+    unverified: dict[str, str] = field(default_factory=dict)
 
     def allowlist(self) -> Allowlist:
         return resolve_allowlist(self.allow, deny_by_default=self.deny_by_default)
@@ -111,6 +119,7 @@ class AccessPolicy:
             "docker_socket": self.docker_socket,
             "audit_log": self.audit_log,
             "approved": dict(sorted(self.approved.items())),
+            "unverified": dict(sorted(self.unverified.items())),
         }
 
     @classmethod
@@ -119,6 +128,7 @@ class AccessPolicy:
             raise ValueError(f"not an access file of version {ACCESS_FILE_VERSION}")
         allow = data.get("allow")
         approved = data.get("approved") or {}
+        unverified = data.get("unverified") or {}
         return cls(
             volume=str(data["volume"]),
             allow=None if allow is None else str(allow),
@@ -126,6 +136,7 @@ class AccessPolicy:
             docker_socket=str(data["docker_socket"]),
             audit_log=None if data.get("audit_log") is None else str(data["audit_log"]),
             approved={str(key): str(value) for key, value in dict(approved).items()},
+            unverified={str(key): str(value) for key, value in dict(unverified).items()},
         )
 
 
@@ -148,10 +159,12 @@ def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:
         return False
     updated = dataclasses.replace(policy, allow=allow)
     try:
-        kept = _approvals_kept(policy.approved, updated.allowlist())
+        allowlist = updated.allowlist()
     except AllowlistError:
-        kept = {}
-    write_access_file(path, dataclasses.replace(updated, approved=kept))
+        write_access_file(path, dataclasses.replace(updated, approved={}, unverified={}))
+        return True
+    write_access_file(path, dataclasses.replace(updated, approved=_approvals_kept(policy.approved, allowlist),
+                                                unverified=_approvals_kept(policy.unverified, allowlist)))
     return True
 
 
@@ -173,7 +186,7 @@ def apply_default_policy(path: str | os.PathLike[str], deny_by_default: bool) ->
         return False
     if policy.deny_by_default == deny_by_default:
         return False
-    write_access_file(path, dataclasses.replace(policy, deny_by_default=deny_by_default, approved={}))
+    write_access_file(path, dataclasses.replace(policy, deny_by_default=deny_by_default, approved={}, unverified={}))
     return True
 
 
@@ -241,11 +254,15 @@ class MountGuard:
         """
         allowlist = self._allowlist(volume, allow_option)
         approved: dict[str, str] = {}
+        unverified: dict[str, str] = {}
         if not allowlist.open:
-            approved = self._approve(volume, allowlist, previous)
+            try:
+                approved = self._approve(volume, allowlist)
+            except EngineTimeout as exc:
+                unverified = self._approve_without_engine(volume, allowlist, previous, exc)
 
         return AccessPolicy(volume, allow_option, self.deny_by_default, self.docker_socket,
-                            self.audit.path, approved)
+                            self.audit.path, approved, unverified)
 
     def _allowlist(self, volume: str, allow_option: str | None) -> Allowlist:
         try:
@@ -256,13 +273,16 @@ class MountGuard:
             raise AccessDenied(f"Volume {volume!r} has an invalid allowlist ({exc}); fix it with "
                                "'securevol allow set'.") from None
 
-    def _approve(self, volume: str, allowlist: Allowlist, previous: AccessPolicy | None) -> dict[str, str]:
-        """Return the approved containers {ID: rule} of this mount, or raise AccessDenied."""
+    def _approve(self, volume: str, allowlist: Allowlist) -> dict[str, str]:
+        """Return the approved containers {ID: rule} of this mount.
+
+        Raises AccessDenied, or EngineTimeout when dockerd accepts the request but does not respond.
+        """
         engine = self._require_engine(volume)
         try:
             candidates = engine.mount_candidates(volume)
-        except EngineTimeout as exc:
-            return self._approve_without_engine(volume, allowlist, previous, exc)
+        except EngineTimeout:
+            raise
         except EngineError as exc:
             self._refuse_without_engine(volume, exc)
         if not candidates:
@@ -358,23 +378,25 @@ class MountGuard:
 
     def _approve_without_engine(self, volume: str, allowlist: Allowlist, previous: AccessPolicy | None,
                                 exc: EngineTimeout) -> dict[str, str]:
-        """Allow a mount while dockerd accepts API requests but does not respond to them.
+        """Allow a mount while dockerd accepts API requests but does not respond; return the unverified approvals.
 
         dockerd serves no API request until it has started the containers that it restores at
         its own start (restart policies, dockerd 20.10 ``Daemon.restore``), and their Mount
         requests come before that. Refusing them would leave those containers stopped for good.
-        The mount is therefore allowed with those approvals of the volume's last mount whose rule
-        the allowlist still contains, so those containers keep their access. The FUSE process
-        checks every other container at each access, and refuses it while dockerd does not respond.
+        So the mount is allowed, and the approvals of the volume's last mount whose rule the
+        allowlist still contains are carried over as unverified. The FUSE process lets those
+        containers in while dockerd does not respond and checks them against the rules once it
+        does, because a container may have been renamed since. It checks every other container
+        at each access, and refuses it while dockerd does not respond.
         """
         kept = {}
         if previous is not None and previous.volume == volume:
-            kept = _approvals_kept(previous.approved, allowlist)
+            kept = _approvals_kept({**previous.approved, **previous.unverified}, allowlist)
 
         log.warning("mount allowed without the engine vol=%s approved_before=%d error=%s", volume, len(kept), exc)
         self.audit.record(allowed=True, point="mount", action="mount", volume=volume,
-                          reason=f"engine timed out: {len(kept)} container(s) approved before keep access, "
-                                 "others are checked at each access")
+                          reason=f"engine timed out: {len(kept)} container(s) approved before keep access until "
+                                 "dockerd responds, others are checked at each access")
         return kept
 
     def _refuse_without_engine(self, volume: str, exc: EngineError) -> NoReturn:
@@ -511,6 +533,11 @@ class AccessChecker:
             return _Decision(True, forever)
 
         container, rule, reason = self._match_container(key)
+        if rule is None and reason == _ENGINE_TIMED_OUT and key in self._policy.unverified:
+            self._audit.record(allowed=True, point="access", action=operation, volume=self.volume, container=container,
+                               reason="approved at the last mount, dockerd does not respond yet")
+            return _Decision(True, time.monotonic() + UNVERIFIED_RECHECK_SECONDS)
+
         self._record(rule, operation, container, reason)
         if rule is None:
             return _Decision(False, time.monotonic() + DENY_CACHE_SECONDS)
@@ -525,6 +552,9 @@ class AccessChecker:
         try:
             container = self._engine.container_info(container_id,
                                                     with_image_refs=self._allowlist.has_kind("image"))
+        except EngineTimeout as exc:
+            log.warning("container lookup failed vol=%s id=%s error=%s", self.volume, container_id[:12], exc)
+            return unknown, None, _ENGINE_TIMED_OUT
         except EngineError as exc:
             log.warning("container lookup failed vol=%s id=%s error=%s", self.volume, container_id[:12], exc)
             return unknown, None, "engine unavailable"
@@ -567,8 +597,9 @@ class AccessChecker:
         self._audit = AuditLog(policy.audit_log)
         self._decisions.clear()
         self._failing = False
-        log.info("access policy loaded vol=%s rules=%s approved=%d", policy.volume,
-                 allowlist.text or ("open" if allowlist.open else "none"), len(policy.approved))
+        log.info("access policy loaded vol=%s rules=%s approved=%d unverified=%d", policy.volume,
+                 allowlist.text or ("open" if allowlist.open else "none"), len(policy.approved),
+                 len(policy.unverified))
 
     def _fail(self, why: str) -> None:
         if not self._failing:
