@@ -175,10 +175,32 @@ mounted_volumes() {
     awk -v dir="$STATE_DIR/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo
 }
 
+# Prints the PID of a daemon that holds the state directory's lock, if one does.
+running_daemon() {
+    local lock="$STATE_DIR/daemon.lock"
+    if [ -f "$lock" ] && ! flock -n "$lock" true; then
+        cat "$lock"
+    fi
+}
+
 do_uninstall() {
+    # Checked before anything changes: the FUSE processes of mounted volumes run from $VENV,
+    # and the unit's KillMode=process keeps them running when the service stops.
+    local mounted
+    mounted=$(mounted_volumes)
+    if [ -n "$mounted" ]; then
+        die "volumes are still mounted and their FUSE processes run from $VENV, so nothing was removed; stop the containers that use them: $mounted"
+    fi
+
     if [ "$SYSTEMCTL" = yes ]; then
         step "stop and disable securevol.service"
         run systemctl disable --now securevol.service || true
+    fi
+
+    local daemon_pid
+    daemon_pid=$(running_daemon)
+    if [ -n "$daemon_pid" ] && [ "$DRY_RUN" -eq 0 ]; then
+        die "a securevol daemon (pid $daemon_pid) still runs on $STATE_DIR, so nothing was removed; stop it first"
     fi
 
     step "remove $UNIT, $TMPFILES and $VENV"
@@ -193,11 +215,6 @@ do_uninstall() {
         return
     fi
 
-    local mounted
-    mounted=$(mounted_volumes)
-    if [ -n "$mounted" ]; then
-        die "volumes are still mounted, so $STATE_DIR was kept; stop the containers that use them: $mounted"
-    fi
     step "purge $STATE_DIR and $SETTINGS: every volume and key is deleted"
     run rm -rf "$STATE_DIR"
     run rm -f "$SETTINGS"

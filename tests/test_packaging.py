@@ -468,6 +468,18 @@ def test_reinstall_keeps_edited_settings(installed_root: Path):
 
 
 @pytest.mark.slow
+def test_uninstall_rejected_while_daemon_runs(installed_root: Path):
+    with daemon_from_unit(installed_root):
+        result = run_install("--root", str(installed_root), "--uninstall", "--purge", "--no-systemctl")
+
+    assert result.returncode != 0
+    assert "still runs on" in result.stderr
+    assert "nothing was removed" in result.stderr
+    assert (installed_root / "opt/securevol/bin/securevol").exists()
+    assert (installed_root / "var/lib/securevol").is_dir()
+
+
+@pytest.mark.slow
 def test_uninstall_keeps_state_unless_purged():
     root = private_root()
     try:
@@ -492,17 +504,22 @@ def test_uninstall_keeps_state_unless_purged():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_purge_rejected_while_volume_mounted():
+@pytest.mark.slow
+def test_uninstall_rejected_while_volume_mounted():
     root = private_root()
     mountpoint = root / "var/lib/securevol/mnt/db"
     mountpoint.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "securevol-test", str(mountpoint)], check=True)
     try:
-        result = run_install("--root", str(root), "--uninstall", "--purge", "--no-systemctl")
+        assert run_install("--root", str(root)).returncode == 0
+
+        result = run_install("--root", str(root), "--uninstall", "--no-systemctl")
 
         assert result.returncode != 0
         assert "still mounted" in result.stderr
+        assert "nothing was removed" in result.stderr
         assert mountpoint.is_dir()
+        assert (root / "opt/securevol/bin/securevol").exists()
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
         shutil.rmtree(root)
