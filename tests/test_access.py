@@ -643,7 +643,9 @@ def test_e2e_mount_refused_for_other_container(dockerd, busybox_image, volume, g
     assert refused.returncode != 0
     assert f"Volume '{name}' does not allow container 'acc-evil'" in refused.stderr
     assert "name:acc-web" in refused.stderr
-    assert f"change them with 'securevol allow set {name} RULES'" in refused.stderr
+    # The daemon runs on a state directory of its own, so the command must name it.
+    assert (f"change them with 'securevol allow --state-dir {guarded_plugin.state_dir} set {name} RULES'"
+            in refused.stderr)
 
 
 @pytest.mark.docker
@@ -663,7 +665,7 @@ def test_e2e_deny_policy_refusal_names_policy(dockerd, busybox_image):
         assert refused.returncode != 0
         assert f"Volume '{name}' has no allowlist and this securevol daemon denies such volumes" in refused.stderr
         assert "container 'acc-nolist'" in refused.stderr
-        assert f"'securevol allow set {name} RULES'" in refused.stderr
+        assert f"'securevol allow --state-dir {server.state_dir} set {name} RULES'" in refused.stderr
     finally:
         dockerd.docker("volume", "rm", "--force", name, check=False)
         server.cleanup()
@@ -862,6 +864,12 @@ def test_e2e_revoked_handle_cannot_fallocate(dockerd, busybox_image, volume, gua
 
     assert dockerd.docker("exec", "acc-web", "cat", "/d/f").stdout == "secret\n"
     assert dockerd.docker("exec", "acc-web", "stat", "-c", "%s", "/d/f").stdout.strip() == "7"
+
+
+def test_allow_set_command_names_other_state_dir():
+    assert config.resolve({}, environ={}).allow_set_command == "securevol allow set"
+    other = config.resolve({"state_dir": "/srv/secure vol"}, environ={})
+    assert other.allow_set_command == "securevol allow --state-dir '/srv/secure vol' set"
 
 
 def test_allow_cli_errors(tmp_path):

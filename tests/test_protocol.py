@@ -764,6 +764,7 @@ def test_stop_logs_no_errors(tmp_path):
         assert " ERROR " not in log_text
         # Run as 'python -m securevol.cli', the daemon's own lines are logged too.
         assert "daemon starting state_dir=" in log_text
+        assert "default_policy=allow" in log_text
         assert "plugin listening socket=" in log_text
     finally:
         plugin.cleanup()

@@ -415,8 +415,9 @@ def test_rekey_missing_key_file_message(state_dir, tmp_path):
     result = run_rekey(state_dir, "--master-key", str(tmp_path / "absent.key"))
 
     assert result.returncode == 1
-    assert "does not exist; give the path that the daemon uses with --master-key or SECUREVOL_MASTER_KEY." \
+    assert "does not exist; give the path that the daemon uses with --master-key or SECUREVOL_MASTER_KEY" \
         in result.stderr
+    assert f"create one with '(umask 077; head -c 32 /dev/urandom > {tmp_path / 'absent.key'})'" in result.stderr
 
 
 def test_rekey_with_read_only_key_directory(tmp_path):

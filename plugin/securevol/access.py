@@ -234,12 +234,14 @@ class MountGuard:
     """The mount-time check of the daemon; see the module docstring."""
 
     def __init__(self, engine: EngineClient | None, audit: AuditLog, *, deny_by_default: bool,
-                 docker_socket: str, probe_timeout: float = PROBE_TIMEOUT) -> None:
+                 docker_socket: str, probe_timeout: float = PROBE_TIMEOUT,
+                 allow_set_command: str = "securevol allow set") -> None:
         self.engine = engine
         self.audit = audit
         self.deny_by_default = deny_by_default
         self.docker_socket = docker_socket
         self.probe_timeout = probe_timeout
+        self.allow_set_command = allow_set_command  # quoted in refusals (config.Settings.allow_set_command)
 
     def check_mount(self, volume: str, allow_option: str | None, access_file: str | os.PathLike[str]) -> None:
         """Raise AccessDenied unless the container being mounted for is allowed; write the access file."""
@@ -271,7 +273,7 @@ class MountGuard:
             self.audit.record(allowed=False, point="mount", action="mount", volume=volume,
                               reason="invalid allowlist")
             raise AccessDenied(f"Volume {volume!r} has an invalid allowlist ({exc}); fix it with "
-                               "'securevol allow set'.") from None
+                               f"'{self.allow_set_command} {volume} RULES'.") from None
 
     def _approve(self, volume: str, allowlist: Allowlist) -> dict[str, str]:
         """Return the approved containers {ID: rule} of this mount.
@@ -332,20 +334,20 @@ class MountGuard:
             )
         if busy_refused and allowlist.rules:
             raise AccessDenied(f"Volume {volume!r} does not allow {who}: it matches none of the rules "
-                               f"{allowlist.text!r}; change them with 'securevol allow set {volume} RULES'.")
+                               f"{allowlist.text!r}; change them with '{self.allow_set_command} {volume} RULES'.")
         if busy_refused:
             raise AccessDenied(f"Volume {volume!r} has no allowlist and this securevol daemon denies such volumes "
                                f"to every container, so {who} may not use it; give it one with "
-                               f"'securevol allow set {volume} RULES'.")
+                               f"'{self.allow_set_command} {volume} RULES'.")
         if allowlist.rules:
             raise AccessDenied(
                 f"Volume {volume!r} is used by {who}, which its allowlist does not allow, and securevol "
                 "cannot tell which container this mount is for; remove that container or add it with "
-                f"'securevol allow set {volume} RULES'."
+                f"'{self.allow_set_command} {volume} RULES'."
             )
         raise AccessDenied(
             f"Volume {volume!r} has no allowlist and this securevol daemon denies such volumes to every "
-            f"container, and {who} uses it; give it one with 'securevol allow set {volume} RULES'."
+            f"container, and {who} uses it; give it one with '{self.allow_set_command} {volume} RULES'."
         )
 
     def _busy(self, volume: str, candidates: list[VolumeUser]) -> list[VolumeUser]:

@@ -439,12 +439,14 @@ class Authorizer:
         protected_paths: Iterable[str | os.PathLike[str]],
         engine: EngineClient | None,
         audit: AuditLog,
+        allow_set_command: str = "securevol allow set",
     ) -> None:
         self.catalog = catalog
         self.driver_names = frozenset(_plugin_name(name) for name in driver_names)
         self.protected_paths = _protected_forms(protected_paths)
         self.engine = engine
         self.audit = audit
+        self.allow_set_command = allow_set_command  # quoted in refusals (config.Settings.allow_set_command)
 
     # -- protocol entry points -------------------------------------------------------------
 
@@ -725,7 +727,8 @@ class Authorizer:
         for use in uses:
             rule, container = self._match(use, container)
             if rule is None:
-                raise Denied(_refusal(use, container), "not on allowlist", use.volume, container)
+                raise Denied(_refusal(use, container, self.allow_set_command), "not on allowlist", use.volume,
+                             container)
             allowed.append((use, rule))
         for use, rule in allowed:
             self.audit.record(allowed=True, point="authz", action=action, volume=use.volume,
@@ -803,10 +806,11 @@ def build_authorizer(settings: Any, registry: Any) -> Authorizer:
         protected_paths=protected,
         engine=EngineClient(socket_path_from_host(settings.docker_host)),
         audit=AuditLog(settings.audit_log_path),
+        allow_set_command=settings.allow_set_command,
     )
 
 
-def _refusal(use: VolumeUse, container: ContainerInfo) -> str:
+def _refusal(use: VolumeUse, container: ContainerInfo, allow_set_command: str) -> str:
     who = f"container {container.name!r}" if container.name else "a container without a name"
     if container.image:
         who += f" (image {container.image})"
@@ -815,9 +819,9 @@ def _refusal(use: VolumeUse, container: ContainerInfo) -> str:
         who += f", which would join the {namespace} namespace of container {reference!r} that mounts it"
     if use.allowlist.rules:
         return (f"Volume {use.volume!r} does not allow {who}: it matches none of the rules "
-                f"{use.allowlist.text!r}; change them with 'securevol allow set {use.volume} RULES'.")
+                f"{use.allowlist.text!r}; change them with '{allow_set_command} {use.volume} RULES'.")
     return (f"Volume {use.volume!r} has no allowlist and this securevol daemon denies such volumes to every "
-            f"container, so {who} may not use it; give it one with 'securevol allow set {use.volume} RULES', "
+            f"container, so {who} may not use it; give it one with '{allow_set_command} {use.volume} RULES', "
             "or an 'allow' option when it is created.")
 
 

@@ -198,8 +198,8 @@ def serve(args: argparse.Namespace) -> int:
             settings.socket, DOCKER_PLUGIN_DIR,
         )
     log.info(
-        "daemon starting state_dir=%s mount_root=%s key_provider=%s",
-        settings.state_dir, settings.mount_root, settings.key_provider,
+        "daemon starting state_dir=%s mount_root=%s key_provider=%s default_policy=%s",
+        settings.state_dir, settings.mount_root, settings.key_provider, settings.default_policy,
     )
     # The lock ends with this process. Workers return through here too (gunicorn
     # exits them with sys.exit), after their post_fork hook closed their copy.

@@ -7,6 +7,7 @@ flags and their help text from it.
 
 import argparse
 import os
+import shlex
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,17 @@ class Settings:
     @property
     def deny_by_default(self) -> bool:
         return self.default_policy == "deny"
+
+    @property
+    def allow_set_command(self) -> str:
+        """The command that changes a volume's rules, without its arguments, as refusals quote it.
+
+        It names --state-dir unless the state directory is the default, so that the command
+        changes this daemon's volume and not one of another daemon on the host.
+        """
+        if self.state_dir == Path(DEFAULT_STATE_DIR):
+            return "securevol allow set"
+        return f"securevol allow --state-dir {shlex.quote(str(self.state_dir))} set"
 
 
 @dataclass(frozen=True)

@@ -346,7 +346,7 @@ def mount_guard(settings: Settings) -> MountGuard:
     """Build the mount-time allowlist check from the daemon's settings."""
     engine = EngineClient(socket_path_from_host(settings.docker_host))
     return MountGuard(engine, AuditLog(settings.audit_log_path), deny_by_default=settings.deny_by_default,
-                      docker_socket=settings.docker_host)
+                      docker_socket=settings.docker_host, allow_set_command=settings.allow_set_command)
 
 
 def prepare_state_dir(settings: Settings) -> None:

@@ -277,7 +277,8 @@ def load_master_key(path: Path) -> bytes:
     except FileNotFoundError:
         raise KeyProviderError(
             f"The master key file {path} does not exist; give the path that the daemon uses with "
-            "--master-key or SECUREVOL_MASTER_KEY."
+            "--master-key or SECUREVOL_MASTER_KEY, or for a state directory without volumes create "
+            f"one with '(umask 077; head -c 32 /dev/urandom > {path})'."
         ) from None
     except OSError as exc:
         raise KeyProviderError(f"Cannot open the master key file {path}: {exc.strerror}.") from None
