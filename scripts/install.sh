@@ -164,7 +164,7 @@ do_install() {
         step "enable and start securevol.service"
         run systemctl daemon-reload
         run systemctl enable --now securevol.service
-        echo "Restart Docker ('systemctl restart docker') if it was running, so that it finds the plugin."
+        echo "The volume driver is securevol; a running dockerd finds it without a restart."
     else
         echo "systemd is not managing it here; start it with: set -a; . $SETTINGS; set +a; $VENV/bin/securevol serve"
     fi

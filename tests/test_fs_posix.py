@@ -756,3 +756,30 @@ def test_disk_full_fails_cleanly(small_volume):
     assert data[: len(kept)] == kept
     assert len(data) == path.stat().st_size
     assert fmt.cipher_size(len(data)) <= 4 * 2**20
+
+
+def _listing_with_inodes(directory: Path) -> dict[str, int]:
+    """Return every name that readdir(3) gives for *directory*, dot entries included, with its d_ino."""
+    output = subprocess.run(["ls", "-a1i", "--", str(directory)], capture_output=True, text=True, check=True).stdout
+    return {name: int(ino) for ino, name in (line.split(maxsplit=1) for line in output.splitlines())}
+
+
+def test_listing_has_dot_entries_like_plain_directory(volume, plain_dir):
+    for root in (volume.mountpoint, plain_dir):
+        (root / "d" / "sub").mkdir(parents=True)
+        (root / "d" / "f").write_text("x")
+
+    for relative in ("d", "d/sub"):
+        assert sorted(_listing_with_inodes(volume.mountpoint / relative)) == sorted(
+            _listing_with_inodes(plain_dir / relative))
+
+    listing = _listing_with_inodes(volume.mountpoint / "d")
+    assert listing["."] == (volume.mountpoint / "d").stat().st_ino
+    assert listing[".."] == volume.mountpoint.stat().st_ino
+    assert _listing_with_inodes(volume.mountpoint / "d" / "sub")[".."] == (volume.mountpoint / "d").stat().st_ino
+
+    # Repeated listings and a remount leave the inode table consistent: the dot entries count no lookup.
+    for _ in range(20):
+        assert sorted(os.listdir(volume.mountpoint / "d")) == ["f", "sub"]
+    volume.remount()
+    assert sorted(_listing_with_inodes(volume.mountpoint / "d")) == [".", "..", "f", "sub"]

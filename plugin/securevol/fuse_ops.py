@@ -67,6 +67,8 @@ _CAPABILITY = b"security.capability"
 
 # Ciphertext that sequential reads ask the backing filesystem to fetch ahead of them.
 _READ_AHEAD_BYTES = 8 << 20
+# "." and "..", the first two entries of every listing.
+_DOT_ENTRIES = 2
 
 # Ciphertext of sequential writes that is handed to the disk at a time, and the
 # ciphertext behind the latest write that is left alone (OpenFile.write_behind_ranges).
@@ -502,8 +504,13 @@ class SecurevolOperations(pyfuse3.Operations):
             for backing_name, exc in damaged:
                 self._report_damaged_name(directory, backing_name, exc)
 
-        for index in range(start_id, len(handle.entries)):
-            entry = handle.entries[index]
+        for index in range(start_id, _DOT_ENTRIES + len(handle.entries)):
+            if index < _DOT_ENTRIES:
+                if not self._reply_dot_entry(token, directory, index):
+                    return
+                continue
+
+            entry = handle.entries[index - _DOT_ENTRIES]
             try:
                 fd = os.open(entry.backing_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
             except FileNotFoundError:
@@ -515,6 +522,24 @@ class SecurevolOperations(pyfuse3.Operations):
                 os.close(fd)
                 return
             self._inodes.remember(fd, st, directory, entry.backing_name)
+
+    def _reply_dot_entry(self, token: pyfuse3.ReaddirToken, directory: Inode, index: int) -> bool:
+        """Add "." (index 0) or ".." (index 1) to a listing, as ext4 lists them; False if the reply is full.
+
+        The kernel never links these two names from a READDIRPLUS reply (fs/fuse/readdir.c,
+        fuse_direntplus_link), so they count no lookup and are never forgotten. Their inode
+        numbers must not be 0, because glibc's readdir skips such entries.
+        """
+        if index == 0:
+            name, st, ino = b".", os.fstat(directory.fd), directory.ino
+        else:
+            name = b".."
+            if directory.ino == pyfuse3.ROOT_INODE:
+                st, ino = os.fstat(directory.fd), directory.ino
+            else:
+                st = os.stat("..", dir_fd=directory.fd, follow_symlinks=False)
+                ino = self._inodes.fuse_ino(st.st_ino)
+        return pyfuse3.readdir_reply(token, name, self._attributes(ino, st), index + 1)
 
     @_handler
     def releasedir(self, fh: int) -> None:
