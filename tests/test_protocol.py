@@ -1032,9 +1032,13 @@ def test_killed_fuse_process_replaced_on_next_mount(server):
     status = get(server, name)["Status"]
     assert status["mounted"] is False
     assert status["mount_count"] == 1
+    listed = {volume["Name"]: volume for volume in server.call("List").json["Volumes"]}
+    assert listed[name]["Status"]["mounted"] is False
 
     assert mount(server, name, "second") == str(mountpoint)
     assert get(server, name)["Status"]["mounted"] is True
+    listed = {volume["Name"]: volume for volume in server.call("List").json["Volumes"]}
+    assert listed[name]["Status"]["mounted"] is True
 
     new_pid = fuse_pid(server, name)
     assert new_pid != old_pid

@@ -28,7 +28,7 @@ from securevol.crypto import VOLUME_ID_LEN, DataKey
 from securevol.engine import EngineClient, socket_path_from_host
 from securevol.errors import KeyProviderError, MountFailed, SecurevolError, VolumeExists, VolumeInUse
 from securevol.keys import KeyProvider, check_record_provider, create_provider
-from securevol.mounter import FuseLaunch, Mounter, is_mounted
+from securevol.mounter import FuseLaunch, Mounter, fuse_mountpoints, is_fuse_process, is_mounted
 from securevol.options import parse_options, root_attributes, validate_name
 from securevol.registry import FORMAT_VERSION, MountState, Registry, VolumeRecord, now_rfc3339
 
@@ -300,7 +300,8 @@ class VolumeDriver:
 
     def list(self) -> list[dict[str, Any]]:
         """Return the protocol's description of every volume."""
-        return [self._describe(record) for record in self.registry.list_volumes()]
+        mounted = fuse_mountpoints()  # read once, not once per volume
+        return [self._describe(record, mounted) for record in self.registry.list_volumes()]
 
     @staticmethod
     def capabilities() -> dict[str, str]:
@@ -308,7 +309,8 @@ class VolumeDriver:
         # node of a swarm to have them.
         return {"Scope": "local"}
 
-    def _describe(self, record: VolumeRecord) -> dict[str, Any]:
+    def _describe(self, record: VolumeRecord, mounted: set[bytes] | None = None) -> dict[str, Any]:
+        """Return the protocol's description of *record*; *mounted* is ``fuse_mountpoints()`` if already read."""
         state = self._current_mounts(record.name)
         description: dict[str, Any] = {"Name": record.name, "CreatedAt": record.created_at}
         mountpoint = self._mounted_path(state)
@@ -316,7 +318,9 @@ class VolumeDriver:
             description["Mountpoint"] = mountpoint
         # Mountpoint follows the mount counts, which dockerd relies on. "mounted" is whether the
         # FUSE process still serves it, because a killed one leaves counts and containers get ENOTCONN.
-        serving = bool(mountpoint) and self.mounter.is_serving(state.pid, Path(mountpoint))
+        serving = False
+        if mountpoint and state.pid is not None and is_fuse_process(state.pid, Path(mountpoint)):
+            serving = os.fsencode(mountpoint) in (mounted if mounted is not None else fuse_mountpoints())
         description["Status"] = {
             "volume_id": record.volume_id,
             "key_provider": record.key_provider,

@@ -290,15 +290,20 @@ def _signal_fuse_process(pid: int, mountpoint: Path, sig: signal.Signals) -> boo
 
 def is_mounted(mountpoint: Path) -> bool:
     """Tell whether a FUSE filesystem is mounted at *mountpoint* in this mount namespace."""
-    target = os.fsencode(str(mountpoint))
+    return os.fsencode(str(mountpoint)) in fuse_mountpoints()
+
+
+def fuse_mountpoints() -> set[bytes]:
+    """Return the mountpoints of every FUSE filesystem in this mount namespace, as bytes."""
+    mountpoints = set()
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
             separator = fields.index(b"-")
             fs_type = fields[separator + 1]
-            if _unescape_mountinfo(fields[4]) == target and fs_type.split(b".")[0] in (b"fuse", b"fuseblk"):
-                return True
-    return False
+            if fs_type.split(b".")[0] in (b"fuse", b"fuseblk"):
+                mountpoints.add(_unescape_mountinfo(fields[4]))
+    return mountpoints
 
 
 def _unescape_mountinfo(field: bytes) -> bytes:
