@@ -170,20 +170,43 @@ do_install() {
     fi
 }
 
-# Mountpoints under the state directory mean containers still use volumes.
-mounted_volumes() {
-    awk -v dir="$STATE_DIR/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo
+# Prints the value of NAME in the settings file, without quotes; empty if it is not set.
+settings_value() {
+    [ -f "$SETTINGS" ] || return 0
+    sed -n "s/^$1=//p" "$SETTINGS" | tail -n 1 | sed 's/^"\(.*\)"$/\1/'
 }
 
-# Prints the PID of a daemon that holds the state directory's lock, if one does.
+# The settings file may move the state directory and the mount root away from the defaults.
+set_configured_paths() {
+    CONFIGURED_STATE_DIR=$(settings_value SECUREVOL_STATE_DIR)
+    CONFIGURED_STATE_DIR=${CONFIGURED_STATE_DIR:-$STATE_DIR}
+    CONFIGURED_MOUNT_ROOT=$(settings_value SECUREVOL_MOUNT_ROOT)
+    CONFIGURED_MOUNT_ROOT=${CONFIGURED_MOUNT_ROOT:-$CONFIGURED_STATE_DIR/mnt}
+}
+
+# Mountpoints under the state directories or the mount root mean containers still use volumes.
+mounted_volumes() {
+    local dir
+    for dir in "$STATE_DIR" "$CONFIGURED_STATE_DIR" "$CONFIGURED_MOUNT_ROOT"; do
+        awk -v dir="$dir/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo
+    done | sort -u
+}
+
+# Prints the PID of a daemon that holds a state directory's lock, if one does.
 running_daemon() {
-    local lock="$STATE_DIR/daemon.lock"
-    if [ -f "$lock" ] && ! flock -n "$lock" true; then
-        cat "$lock"
-    fi
+    local dir lock
+    for dir in "$STATE_DIR" "$CONFIGURED_STATE_DIR"; do
+        lock="$dir/daemon.lock"
+        if [ -f "$lock" ] && ! flock -n "$lock" true; then
+            cat "$lock"
+            return
+        fi
+    done
 }
 
 do_uninstall() {
+    set_configured_paths
+
     # Checked before anything changes: the FUSE processes of mounted volumes run from $VENV,
     # and the unit's KillMode=process keeps them running when the service stops.
     local mounted
@@ -200,7 +223,7 @@ do_uninstall() {
     local daemon_pid
     daemon_pid=$(running_daemon)
     if [ -n "$daemon_pid" ] && [ "$DRY_RUN" -eq 0 ]; then
-        die "a securevol daemon (pid $daemon_pid) still runs on $STATE_DIR, so nothing was removed; stop it first"
+        die "a securevol daemon (pid $daemon_pid) still runs on $CONFIGURED_STATE_DIR, so nothing was removed; stop it first"
     fi
 
     step "remove $UNIT, $TMPFILES and $VENV"
@@ -211,7 +234,7 @@ do_uninstall() {
     fi
 
     if [ "$PURGE" -eq 0 ]; then
-        echo "Kept $STATE_DIR (volumes and keys) and $SETTINGS; --purge deletes them."
+        echo "Kept $CONFIGURED_STATE_DIR (volumes and keys) and $SETTINGS; --purge deletes them."
         return
     fi
 

@@ -29,7 +29,7 @@ from securevol.access import (
 from securevol import config
 from securevol.audit import AuditLog
 from securevol.driver import VolumeDriver, _apply_default_policy
-from securevol.engine import EngineClient
+from securevol.engine import EngineClient, EngineTimeout
 from securevol.errors import AccessDenied
 from securevol.registry import Registry, VolumeRecord
 from tests.dockerd import PLUGIN_DIR, PrivateDockerd, build_busybox_image, plugin_socket_path, unique_driver_name
@@ -235,6 +235,27 @@ def test_unverified_approval_allows_while_engine_silent(tmp_path, running, silen
 
     assert checker.allows(pid, "open")
     assert audit_lines(tmp_path)[-1]["reason"] == "approved at the last mount, dockerd does not respond yet"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_unverified_approval_not_granted_while_container_locked(tmp_path, dockerd, running):
+    # dockerd holds a container's lock while it streams a docker cp of it, so only that
+    # container's inspect times out; dockerd itself still responds.
+    container_id, pid = running("access-locked")
+    dockerd.docker("exec", "access-locked", "dd", "if=/dev/zero", "of=/big", "bs=1M", "count=16")
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(dockerd.socket),
+                                           unverified={container_id: "name:web"}))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
+        stream.connect(str(dockerd.socket))
+        stream.sendall(f"GET /containers/{container_id}/archive?path=/big HTTP/1.1\r\nHost: docker\r\n\r\n".encode())
+        time.sleep(1)  # dockerd fills the socket buffer and then waits, holding the lock
+        with pytest.raises(EngineTimeout):
+            EngineClient(str(dockerd.socket), timeout=1).inspect_container(container_id)
+
+        assert not checker.allows(pid, "open")
+
+    assert audit_lines(tmp_path)[-1]["reason"] == "engine timed out"
 
 
 @pytest.mark.docker

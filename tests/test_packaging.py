@@ -479,6 +479,51 @@ def test_uninstall_rejected_while_daemon_runs(installed_root: Path):
     assert (installed_root / "var/lib/securevol").is_dir()
 
 
+def _set_setting(root: Path, name: str, value: str) -> None:
+    settings = root / "etc/default/securevol"
+    lines = [line for line in settings.read_text().splitlines() if not line.startswith(f"{name}=")]
+    settings.write_text("\n".join([*lines, f"{name}={value}"]) + "\n")
+
+
+@pytest.mark.slow
+def test_uninstall_finds_daemon_on_configured_state_dir():
+    root = private_root()
+    try:
+        assert run_install("--root", str(root)).returncode == 0
+        _set_setting(root, "SECUREVOL_STATE_DIR", str(root / "srv/state"))
+
+        with daemon_from_unit(root):
+            result = run_install("--root", str(root), "--uninstall", "--no-systemctl")
+
+        assert result.returncode != 0
+        assert f"still runs on {root / 'srv/state'}" in result.stderr
+        assert (root / "opt/securevol/bin/securevol").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_uninstall_finds_mounts_under_configured_mount_root():
+    root = private_root()
+    mountpoint = root / "srv/mnt/db"
+    mountpoint.mkdir(parents=True)
+    try:
+        assert run_install("--root", str(root)).returncode == 0
+        _set_setting(root, "SECUREVOL_MOUNT_ROOT", f'"{root / "srv/mnt"}"')
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "securevol-test", str(mountpoint)], check=True)
+        try:
+            result = run_install("--root", str(root), "--uninstall", "--purge", "--no-systemctl")
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+
+        assert result.returncode != 0
+        assert "still mounted" in result.stderr
+        assert (root / "var/lib/securevol").is_dir()
+        assert (root / "opt/securevol/bin/securevol").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_uninstall_keeps_state_unless_purged():
     root = private_root()

@@ -26,8 +26,9 @@ containers approved at mount time.
 Each access (``AccessChecker``, in the FUSE process). A request carries the
 caller's PID; its cgroup names the container (``securevol.containers``).
 Approved containers pass at once, other containers are looked up through the
-Engine API and matched. A container with an unverified approval is looked up
-too, and passes for a few seconds at a time while the lookup times out. Host processes pass if the allowlist has ``host``,
+Engine API and matched. A container with an unverified approval passes for a
+few seconds at a time while dockerd does not respond at all (GET /version
+times out), and is looked up and matched like any other once it does. Host processes pass if the allowlist has ``host``,
 and dockerd always passes, because it copies image files into a new volume
 and serves ``docker cp``. Kernel threads pass: they write back pages of files
 that were opened after a check. Decisions are cached per container (per PID
@@ -74,8 +75,10 @@ FUSE_ENGINE_TIMEOUT = 2.0
 # A refusal is remembered this long, so a failing container does not make a
 # request to dockerd (and an audit record) per file operation.
 DENY_CACHE_SECONDS = 2.0
-# How long an unverified approval lets its container in before dockerd is asked again.
+# How long an unverified approval lets its container in before dockerd is asked again,
+# and how long the FUSE process waits for dockerd's answer to GET /version to tell.
 UNVERIFIED_RECHECK_SECONDS = 5.0
+SILENCE_PROBE_TIMEOUT = 0.5
 # How often a cached decision looks at the access file for a changed allowlist.
 RELOAD_SECONDS = 1.0
 _MAX_CACHED_PIDS = 4096
@@ -86,8 +89,6 @@ _HOST = "host"
 _DOCKERD = "dockerd"
 _KERNEL = "kernel"
 _SELF = "self"
-
-_ENGINE_TIMED_OUT = "engine timed out"  # the audit reason of a container lookup that timed out
 
 
 # -- the access file -------------------------------------------------------------------------
@@ -534,16 +535,24 @@ class AccessChecker:
             # Approved at mount time; nothing to audit again.
             return _Decision(True, forever)
 
-        container, rule, reason = self._match_container(key)
-        if rule is None and reason == _ENGINE_TIMED_OUT and key in self._policy.unverified:
-            self._audit.record(allowed=True, point="access", action=operation, volume=self.volume, container=container,
+        if key in self._policy.unverified and self._dockerd_silent():
+            # A timeout of this container's inspect alone is not enough: dockerd holds one
+            # container's lock while it serves a docker cp of it, and answers everything else.
+            self._audit.record(allowed=True, point="access", action=operation, volume=self.volume,
+                               container=ContainerInfo(id=key, name=""),
                                reason="approved at the last mount, dockerd does not respond yet")
             return _Decision(True, time.monotonic() + UNVERIFIED_RECHECK_SECONDS)
 
+        container, rule, reason = self._match_container(key)
         self._record(rule, operation, container, reason)
         if rule is None:
             return _Decision(False, time.monotonic() + DENY_CACHE_SECONDS)
         return _Decision(True, forever)
+
+    def _dockerd_silent(self) -> bool:
+        if self._engine is None:
+            return False
+        return EngineClient(self._engine.socket_path, timeout=SILENCE_PROBE_TIMEOUT).is_silent()
 
     def _match_container(self, container_id: str) -> tuple[ContainerInfo, Rule | None, str]:
         unknown = ContainerInfo(id=container_id, name="")
@@ -556,7 +565,7 @@ class AccessChecker:
                                                     with_image_refs=self._allowlist.has_kind("image"))
         except EngineTimeout as exc:
             log.warning("container lookup failed vol=%s id=%s error=%s", self.volume, container_id[:12], exc)
-            return unknown, None, _ENGINE_TIMED_OUT
+            return unknown, None, "engine timed out"
         except EngineError as exc:
             log.warning("container lookup failed vol=%s id=%s error=%s", self.volume, container_id[:12], exc)
             return unknown, None, "engine unavailable"

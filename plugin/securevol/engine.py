@@ -140,6 +140,20 @@ class EngineClient:
                 f"The Docker Engine API returned a body that is not JSON for GET {path}."
             ) from None
 
+    def is_silent(self) -> bool:
+        """Tell whether dockerd accepts a request that waits for no container lock but does not respond to it.
+
+        GET /version takes no container lock, so unlike an inspect it is not held up by a start
+        or a ``docker cp`` of one container: silence here means dockerd serves no request at all.
+        """
+        try:
+            self.get_json("/version")
+        except EngineTimeout:
+            return True
+        except EngineError:
+            return False
+        return False
+
     # -- containers and images ------------------------------------------------------
 
     def inspect_container(self, reference: str) -> dict[str, Any] | None:
