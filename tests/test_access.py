@@ -22,6 +22,7 @@ from securevol.access import (
     AccessPolicy,
     MountGuard,
     apply_default_policy,
+    previous_policy,
     read_access_file,
     update_access_file,
     write_access_file,
@@ -269,6 +270,10 @@ def test_unverified_approval_checked_once_engine_responds(tmp_path, dockerd, run
     assert not checker.allows(pid, "open")
     assert audit_lines(tmp_path)[-1]["reason"] == "not on allowlist"
 
+    # The daemon no longer carries that approval over at a mount while dockerd is silent.
+    assert json.loads((tmp_path / "revoked.json").read_text()) == [container_id]
+    assert previous_policy(tmp_path / "access.json").unverified == {}
+
 
 @pytest.mark.docker
 @pytest.mark.slow
@@ -479,6 +484,22 @@ def test_mount_guard_engine_timeout_keeps_approvals_simulated(tmp_path, silent_e
     record = audit_lines(tmp_path)[-1]
     assert record["decision"] == "allow"
     assert record["reason"].startswith("engine timed out: 1 container(s) approved before keep access")
+
+
+def test_revoked_file_filters_and_is_cleared(tmp_path):
+    access_file = tmp_path / "access.json"
+    write_access_file(access_file, policy(tmp_path, "name:web", unverified={"a" * 64: "name:web", "b" * 64: "name:web"}))
+    (tmp_path / "revoked.json").write_text(json.dumps(["a" * 64]))
+
+    assert previous_policy(access_file).unverified == {"b" * 64: "name:web"}
+
+    (tmp_path / "revoked.json").write_text("not json")
+    assert previous_policy(access_file).unverified == {}
+
+    # A policy without unverified approvals, as a mount while dockerd responds writes, clears it.
+    write_access_file(access_file, policy(tmp_path, "name:web", approved={"a" * 64: "name:web"}))
+    assert not (tmp_path / "revoked.json").exists()
+    assert previous_policy(access_file).approved == {"a" * 64: "name:web"}
 
 
 def test_mount_guard_engine_timeout_without_previous_mount_simulated(tmp_path, silent_engine):
@@ -846,6 +867,9 @@ def test_e2e_restored_container_mounts_allowlisted_volume(tmp_path):
         reads_before = restarting.docker("logs", "renamed").stdout.count("READ")
         time.sleep(2)
         assert restarting.docker("logs", "renamed").stdout.count("READ") == reads_before
+        renamed_id = restarting.docker("inspect", "--format", "{{.Id}}", "renamed").stdout.strip()
+        revoked = json.loads((plugin.state_dir / "volumes" / name / "revoked.json").read_text())
+        assert renamed_id in revoked
     finally:
         try:
             restarting.remove_all_containers()

@@ -37,6 +37,7 @@ so a long read or write pays nothing per block.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,6 +62,10 @@ from securevol.syscalls import replace_file
 log = logging.getLogger(__name__)
 
 ACCESS_FILE = "access.json"
+# Next to it, written by the FUSE process: the IDs of containers whose unverified approval it
+# checked against the rules once dockerd responded, and refused. The daemon carries no
+# approval of these over again (previous_policy).
+REVOKED_FILE = "revoked.json"
 
 # In the state directory: the --default-policy of the daemon that last started
 # on it, for the allow commands, which run without the daemon's settings.
@@ -142,8 +147,15 @@ class AccessPolicy:
 
 
 def write_access_file(path: str | os.PathLike[str], policy: AccessPolicy) -> None:
-    """Replace the access file atomically and durably, mode 0600."""
+    """Replace the access file atomically and durably, mode 0600.
+
+    A policy without unverified approvals also removes the revoked file, which only
+    filters unverified approvals; its IDs could otherwise refuse a later, verified approval.
+    """
     replace_file(path, json.dumps(policy.to_json(), indent=2).encode() + b"\n")
+    if not policy.unverified:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path(path).parent / REVOKED_FILE)
 
 
 def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:
@@ -215,11 +227,39 @@ def recorded_default_policy(state_dir: str | os.PathLike[str]) -> bool | None:
 
 
 def previous_policy(path: str | os.PathLike[str]) -> AccessPolicy | None:
-    """Return the policy in the access file *path*, or None if it is missing or unreadable."""
+    """Return the policy in the access file *path* without the approvals its FUSE process revoked.
+
+    Returns None if the access file is missing or unreadable.
+    """
     try:
-        return read_access_file(path)
+        policy = read_access_file(path)
     except (OSError, ValueError, KeyError):
         return None
+
+    revoked = read_revoked(Path(path).parent / REVOKED_FILE)
+    if revoked is None:
+        # Any approval may be revoked then. Dropping them all only means that a mount while
+        # dockerd is silent carries none over.
+        return dataclasses.replace(policy, approved={}, unverified={})
+    return dataclasses.replace(
+        policy,
+        approved={key: rule for key, rule in policy.approved.items() if key not in revoked},
+        unverified={key: rule for key, rule in policy.unverified.items() if key not in revoked},
+    )
+
+
+def read_revoked(path: str | os.PathLike[str]) -> set[str] | None:
+    """Return the container IDs in the revoked file *path*: empty if it is missing, None if it is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, list):
+        return None
+    return {str(key) for key in data}
 
 
 def read_access_file(path: str | os.PathLike[str]) -> AccessPolicy:
@@ -544,10 +584,26 @@ class AccessChecker:
             return _Decision(True, time.monotonic() + UNVERIFIED_RECHECK_SECONDS)
 
         container, rule, reason = self._match_container(key)
+        if rule is None and key in self._policy.unverified and reason in ("not on allowlist",
+                                                                          "container unknown to dockerd"):
+            self._revoke(key)
         self._record(rule, operation, container, reason)
         if rule is None:
             return _Decision(False, time.monotonic() + DENY_CACHE_SECONDS)
         return _Decision(True, forever)
+
+    def _revoke(self, container_id: str) -> None:
+        """Add *container_id* to the revoked file, so that the daemon stops carrying its approval over."""
+        path = self.access_file.parent / REVOKED_FILE
+        revoked = read_revoked(path) or set()
+        if container_id in revoked:
+            return
+        try:
+            replace_file(path, json.dumps(sorted(revoked | {container_id})).encode() + b"\n")
+        except OSError as exc:
+            log.warning("revoked file not written vol=%s path=%s error=%s", self.volume, path, exc.strerror)
+            return
+        log.info("unverified approval revoked vol=%s id=%s", self.volume, container_id[:12])
 
     def _dockerd_silent(self) -> bool:
         if self._engine is None:
