@@ -11,6 +11,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -257,6 +258,90 @@ def test_unverified_approval_not_granted_while_container_locked(tmp_path, docker
         assert not checker.allows(pid, "open")
 
     assert audit_lines(tmp_path)[-1]["reason"] == "engine timed out"
+
+
+class EngineProxy:
+    """A Unix socket in front of a real dockerd that can hold back GET /version, or every request.
+
+    It simulates a loaded dockerd (a slow /version) and a silent one, which a real dockerd
+    shows only now and then.
+    """
+
+    def __init__(self, path: Path, target: Path) -> None:
+        self.path = path
+        self.target = target
+        self.hold_version = False
+        self.hold_all = False
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(16)
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self._held:
+            connection.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(65536)
+            if not chunk:
+                client.close()
+                return
+            head += chunk
+        if self.hold_all or (self.hold_version and head.split(b" ", 2)[1].startswith(b"/version")):
+            self._held.append(client)  # accepted, never answered
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as upstream:
+            upstream.connect(str(self.target))
+            upstream.sendall(head)
+            upstream.shutdown(socket.SHUT_WR)
+            while chunk := upstream.recv(65536):
+                client.sendall(chunk)
+        client.close()
+
+
+@pytest.fixture
+def engine_proxy(tmp_path, dockerd):
+    proxy = EngineProxy(tmp_path / "proxy.sock", dockerd.socket)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_unverified_approval_denied_when_only_version_is_slow_simulated(tmp_path, running, engine_proxy):
+    container_id, pid = running("access-slow-version")
+    engine_proxy.hold_version = True
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(engine_proxy.path),
+                                           unverified={container_id: "name:web"}))
+
+    assert not checker.allows(pid, "open")
+    assert audit_lines(tmp_path)[-1]["reason"] == "not on allowlist"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_revoked_approval_stays_refused_when_dockerd_falls_silent_simulated(tmp_path, running, engine_proxy):
+    container_id, pid = running("access-revoked")
+    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(engine_proxy.path),
+                                           unverified={container_id: "name:web"}))
+    assert not checker.allows(pid, "open")
+
+    engine_proxy.hold_all = True
+    time.sleep(2.1)  # past the cached refusal (DENY_CACHE_SECONDS)
+
+    assert not checker.allows(pid, "open")
 
 
 @pytest.mark.docker

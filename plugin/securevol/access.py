@@ -27,8 +27,9 @@ Each access (``AccessChecker``, in the FUSE process). A request carries the
 caller's PID; its cgroup names the container (``securevol.containers``).
 Approved containers pass at once, other containers are looked up through the
 Engine API and matched. A container with an unverified approval passes for a
-few seconds at a time while dockerd does not respond at all (GET /version
-times out), and is looked up and matched like any other once it does. Host processes pass if the allowlist has ``host``,
+few seconds at a time while dockerd does not respond at all (its inspect and
+GET /version both time out), and is looked up and matched like any other once
+it does. Host processes pass if the allowlist has ``host``,
 and dockerd always passes, because it copies image files into a new volume
 and serves ``docker cp``. Kernel threads pass: they write back pages of files
 that were opened after a check. Decisions are cached per container (per PID
@@ -80,10 +81,8 @@ FUSE_ENGINE_TIMEOUT = 2.0
 # A refusal is remembered this long, so a failing container does not make a
 # request to dockerd (and an audit record) per file operation.
 DENY_CACHE_SECONDS = 2.0
-# How long an unverified approval lets its container in before dockerd is asked again,
-# and how long the FUSE process waits for dockerd's answer to GET /version to tell.
+# How long an unverified approval lets its container in before dockerd is asked again.
 UNVERIFIED_RECHECK_SECONDS = 5.0
-SILENCE_PROBE_TIMEOUT = 0.5
 # How often a cached decision looks at the access file for a changed allowlist.
 RELOAD_SECONDS = 1.0
 _MAX_CACHED_PIDS = 4096
@@ -171,13 +170,18 @@ def update_access_file(path: str | os.PathLike[str], allow: str | None) -> bool:
     except FileNotFoundError:
         return False
     updated = dataclasses.replace(policy, allow=allow)
+    revoked = read_revoked(Path(path).parent / REVOKED_FILE)
     try:
         allowlist = updated.allowlist()
     except AllowlistError:
+        allowlist = None
+    if allowlist is None or revoked is None:
         write_access_file(path, dataclasses.replace(updated, approved={}, unverified={}))
         return True
+
+    unverified = {key: rule for key, rule in policy.unverified.items() if key not in revoked}
     write_access_file(path, dataclasses.replace(updated, approved=_approvals_kept(policy.approved, allowlist),
-                                                unverified=_approvals_kept(policy.unverified, allowlist)))
+                                                unverified=_approvals_kept(unverified, allowlist)))
     return True
 
 
@@ -487,6 +491,9 @@ class AccessChecker:
         self._audit = AuditLog(None)
         self._pids: dict[int, tuple[int, str]] = {}
         self._decisions: dict[str, _Decision] = {}
+        # Containers whose unverified approval this process refused; kept across reloads of the
+        # access file, which may still list them (update_access_file keeps approvals by rule).
+        self._revoked: set[str] = set()
         self._failing = False
         self._reload(force=True)
 
@@ -575,17 +582,18 @@ class AccessChecker:
             # Approved at mount time; nothing to audit again.
             return _Decision(True, forever)
 
-        if key in self._policy.unverified and self._dockerd_silent():
-            # A timeout of this container's inspect alone is not enough: dockerd holds one
-            # container's lock while it serves a docker cp of it, and answers everything else.
-            self._audit.record(allowed=True, point="access", action=operation, volume=self.volume,
-                               container=ContainerInfo(id=key, name=""),
-                               reason="approved at the last mount, dockerd does not respond yet")
-            return _Decision(True, time.monotonic() + UNVERIFIED_RECHECK_SECONDS)
+        unverified = key in self._policy.unverified and key not in self._revoked
+        if unverified:
+            container, rule, reason, silent = self._match_with_silence_probe(key)
+        else:
+            container, rule, reason = self._match_container(key)
+            silent = False
 
-        container, rule, reason = self._match_container(key)
-        if rule is None and key in self._policy.unverified and reason in ("not on allowlist",
-                                                                          "container unknown to dockerd"):
+        if unverified and reason == "engine timed out" and silent:
+            self._audit.record(allowed=True, point="access", action=operation, volume=self.volume,
+                               container=container, reason="approved at the last mount, dockerd does not respond yet")
+            return _Decision(True, time.monotonic() + UNVERIFIED_RECHECK_SECONDS)
+        if unverified and rule is None and reason in ("not on allowlist", "container unknown to dockerd"):
             self._revoke(key)
         self._record(rule, operation, container, reason)
         if rule is None:
@@ -593,7 +601,8 @@ class AccessChecker:
         return _Decision(True, forever)
 
     def _revoke(self, container_id: str) -> None:
-        """Add *container_id* to the revoked file, so that the daemon stops carrying its approval over."""
+        """Refuse *container_id*'s unverified approval from now on, and add it to the revoked file for the daemon."""
+        self._revoked.add(container_id)
         path = self.access_file.parent / REVOKED_FILE
         revoked = read_revoked(path) or set()
         if container_id in revoked:
@@ -605,10 +614,21 @@ class AccessChecker:
             return
         log.info("unverified approval revoked vol=%s id=%s", self.volume, container_id[:12])
 
-    def _dockerd_silent(self) -> bool:
+    def _match_with_silence_probe(self, key: str) -> tuple[ContainerInfo, Rule | None, str, bool]:
+        """Match container *key* like ``_match_container``, and tell whether dockerd is silent meanwhile.
+
+        Both must time out for an unverified approval to count. The inspect alone times out
+        while dockerd holds the container's lock for a docker cp of it and answers everything
+        else, and GET /version alone is slow on a loaded dockerd that still answers inspects.
+        The two run at once, so that the FUSE request loop waits for one timeout, not two.
+        """
         if self._engine is None:
-            return False
-        return EngineClient(self._engine.socket_path, timeout=SILENCE_PROBE_TIMEOUT).is_silent()
+            return (*self._match_container(key), False)
+        prober = EngineClient(self._engine.socket_path, timeout=FUSE_ENGINE_TIMEOUT)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            silence = pool.submit(prober.is_silent)
+            container, rule, reason = self._match_container(key)
+            return container, rule, reason, silence.result()
 
     def _match_container(self, container_id: str) -> tuple[ContainerInfo, Rule | None, str]:
         unknown = ContainerInfo(id=container_id, name="")
