@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -271,49 +272,61 @@ def test_mount_change_waits_for_create_or_remove(tmp_path):
     assert journal.read_text().split() == ["remove-start", "remove-end", "mount"]
 
 
-LOOP_DEADLINE_SECONDS = 60
+RELAY_ROUNDS = 200
+RELAY_WAIT_SECONDS = 2.0
 
 
-def _mount_loop(state_dir, name, running, stop, journal):
-    """Change the mounts of *name* over and over, each time holding the lock a while, until *stop* is set."""
+def _mount_relay(state_dir, name, first, barrier, relaying, journal):
+    """Change the mounts of *name* in turns with another relay, so that one of them always holds the lock.
+
+    In each round one relay lets go of the registry lock and takes it again while the other
+    holds it (the barrier orders the turns). A relay that cannot take the lock again breaks
+    the barrier after RELAY_WAIT_SECONDS, and both stop early; "relay-end" marks a relay that
+    ran every round.
+    """
     registry = Registry(state_dir)
-    deadline = time.monotonic() + LOOP_DEADLINE_SECONDS
-    while not stop.is_set():
-        if time.monotonic() > deadline:
-            _append(journal, "deadline")
-            return
-        with registry.changing_mounts(name):
-            running.set()
-            time.sleep(0.05)
+    lock = registry.changing_mounts(name)
+    lock.__enter__()
+    try:
+        barrier.wait(RELAY_WAIT_SECONDS)
+        relaying.set()
+        for turn in range(2 * RELAY_ROUNDS):
+            if (turn % 2 == 0) == first:
+                lock.__exit__(None, None, None)
+                lock = registry.changing_mounts(name)
+                lock.__enter__()
+            barrier.wait(RELAY_WAIT_SECONDS)
+    except threading.BrokenBarrierError:
+        return
+    finally:
+        lock.__exit__(None, None, None)
+    _append(journal, "relay-end")
 
 
 def test_create_not_starved_by_overlapping_mounts(tmp_path):
     registry = _registry(tmp_path)
-    names = ["a", "b", "c"]
-    for name in names:
+    for name in ("a", "b"):
         _create(registry, name)
     journal = tmp_path / "journal"
     journal.touch()
-    running = [FORK.Event() for _ in names]
-    stop = FORK.Event()
-    loops = [FORK.Process(target=_mount_loop, args=(tmp_path, name, event, stop, journal))
-             for name, event in zip(names, running)]
-    for loop in loops:
-        loop.start()
+    barrier = FORK.Barrier(2)
+    relaying = FORK.Event()
+    relays = [FORK.Process(target=_mount_relay, args=(tmp_path, name, name == "a", barrier, relaying, journal))
+              for name in ("a", "b")]
+    for relay in relays:
+        relay.start()
     try:
-        for event in running:
-            assert event.wait(30)
+        assert relaying.wait(30)
 
-        # flock(2) alone would keep granting the loops' shared locks, and this
-        # Create would wait until the loops give up at their deadline.
+        # flock(2) alone keeps granting the relays' shared locks while this Create waits for an
+        # exclusive one, so it would get in only after both relays had run every round.
         _create(registry, "new")
         _append(journal, "created")
     finally:
-        stop.set()
-        for loop in loops:
-            loop.join(LOOP_DEADLINE_SECONDS + 30)
+        for relay in relays:
+            relay.join(120)
 
-    assert [loop.exitcode for loop in loops] == [0, 0, 0]
+    assert [relay.exitcode for relay in relays] == [0, 0]
     assert journal.read_text().split() == ["created"]
     assert registry.read_volume("new").name == "new"
 
