@@ -47,6 +47,12 @@ def policy(tmp_path: Path, allow: str | None, *, approved: dict | None = None, d
                         approved=approved or {}, unverified=unverified or {})
 
 
+def unverified_checker(tmp_path: Path, container_id: str, docker_socket: Path) -> AccessChecker:
+    """Return a checker whose only rule is name:web, with an unverified approval of *container_id* by that rule."""
+    return checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(docker_socket),
+                                        unverified={container_id: "name:web"}))
+
+
 def checker_for(tmp_path: Path, access: AccessPolicy) -> AccessChecker:
     path = tmp_path / "access.json"
     write_access_file(path, access)
@@ -246,8 +252,7 @@ def test_unverified_approval_not_granted_while_container_locked(tmp_path, docker
     # container's inspect times out; dockerd itself still responds.
     container_id, pid = running("access-locked")
     dockerd.docker("exec", "access-locked", "dd", "if=/dev/zero", "of=/big", "bs=1M", "count=16")
-    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(dockerd.socket),
-                                           unverified={container_id: "name:web"}))
+    checker = unverified_checker(tmp_path, container_id, dockerd.socket)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
         stream.connect(str(dockerd.socket))
         stream.sendall(f"GET /containers/{container_id}/archive?path=/big HTTP/1.1\r\nHost: docker\r\n\r\n".encode())
@@ -300,7 +305,7 @@ class EngineProxy:
                 return
             head += chunk
         if self.hold_all or (self.hold_version and head.split(b" ", 2)[1].startswith(b"/version")):
-            self._held.append(client)  # accepted, never answered
+            self._held.append(client)  # accepted, with no response
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as upstream:
             upstream.connect(str(self.target))
@@ -320,11 +325,10 @@ def engine_proxy(tmp_path, dockerd):
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_unverified_approval_denied_when_only_version_is_slow_simulated(tmp_path, running, engine_proxy):
+def test_unverified_slow_version_denied_simulated(tmp_path, running, engine_proxy):
     container_id, pid = running("access-slow-version")
     engine_proxy.hold_version = True
-    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(engine_proxy.path),
-                                           unverified={container_id: "name:web"}))
+    checker = unverified_checker(tmp_path, container_id, engine_proxy.path)
 
     assert not checker.allows(pid, "open")
     assert audit_lines(tmp_path)[-1]["reason"] == "not on allowlist"
@@ -332,10 +336,9 @@ def test_unverified_approval_denied_when_only_version_is_slow_simulated(tmp_path
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_revoked_approval_stays_refused_when_dockerd_falls_silent_simulated(tmp_path, running, engine_proxy):
+def test_revoked_approval_stays_refused_simulated(tmp_path, running, engine_proxy):
     container_id, pid = running("access-revoked")
-    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(engine_proxy.path),
-                                           unverified={container_id: "name:web"}))
+    checker = unverified_checker(tmp_path, container_id, engine_proxy.path)
     assert not checker.allows(pid, "open")
 
     engine_proxy.hold_all = True
@@ -349,8 +352,7 @@ def test_revoked_approval_stays_refused_when_dockerd_falls_silent_simulated(tmp_
 def test_unverified_approval_checked_once_engine_responds(tmp_path, dockerd, running):
     # The container was approved as name:web at the last mount and renamed since.
     container_id, pid = running("access-renamed")
-    checker = checker_for(tmp_path, policy(tmp_path, "name:web", docker_socket=str(dockerd.socket),
-                                           unverified={container_id: "name:web"}))
+    checker = unverified_checker(tmp_path, container_id, dockerd.socket)
 
     assert not checker.allows(pid, "open")
     assert audit_lines(tmp_path)[-1]["reason"] == "not on allowlist"

@@ -1,6 +1,6 @@
 """Damaged names, directory IVs and side records in the backing store, seen through a real mount.
 
-Whoever can write the backing store can put anything under a reserved name or an entry's
+Anyone with write access to the backing store can put anything under a reserved name or an entry's
 name. The mount must answer EIO or skip the one damaged entry, with one ERROR log line that
 names ciphertext paths only, never hang, and never let a backing name forge a log line.
 """

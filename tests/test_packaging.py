@@ -502,19 +502,25 @@ def test_uninstall_finds_daemon_on_configured_state_dir():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def tmpfs_at(mountpoint: Path) -> Iterator[None]:
+    """Mount a small tmpfs at *mountpoint* for the block: a mount that stands for a volume in use."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "securevol-test", str(mountpoint)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
 @pytest.mark.slow
 def test_uninstall_finds_mounts_under_configured_mount_root():
     root = private_root()
-    mountpoint = root / "srv/mnt/db"
-    mountpoint.mkdir(parents=True)
     try:
         assert run_install("--root", str(root)).returncode == 0
         _set_setting(root, "SECUREVOL_MOUNT_ROOT", f'"{root / "srv/mnt"}"')
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "securevol-test", str(mountpoint)], check=True)
-        try:
+        with tmpfs_at(root / "srv/mnt/db"):
             result = run_install("--root", str(root), "--uninstall", "--purge", "--no-systemctl")
-        finally:
-            subprocess.run(["umount", str(mountpoint)], check=True)
 
         assert result.returncode != 0
         assert "still mounted" in result.stderr
@@ -553,20 +559,18 @@ def test_uninstall_keeps_state_unless_purged():
 def test_uninstall_rejected_while_volume_mounted():
     root = private_root()
     mountpoint = root / "var/lib/securevol/mnt/db"
-    mountpoint.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "securevol-test", str(mountpoint)], check=True)
     try:
-        assert run_install("--root", str(root)).returncode == 0
+        with tmpfs_at(mountpoint):
+            assert run_install("--root", str(root)).returncode == 0
 
-        result = run_install("--root", str(root), "--uninstall", "--no-systemctl")
+            result = run_install("--root", str(root), "--uninstall", "--no-systemctl")
 
-        assert result.returncode != 0
-        assert "still mounted" in result.stderr
-        assert "nothing was removed" in result.stderr
-        assert mountpoint.is_dir()
-        assert (root / "opt/securevol/bin/securevol").exists()
+            assert result.returncode != 0
+            assert "still mounted" in result.stderr
+            assert "nothing was removed" in result.stderr
+            assert mountpoint.is_dir()
+            assert (root / "opt/securevol/bin/securevol").exists()
     finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
         shutil.rmtree(root)
 
 

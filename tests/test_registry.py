@@ -164,7 +164,7 @@ def test_destroy_wrapped_dek_then_remove(tmp_path):
 
     assert not (registry.volume_dir("db") / "dek.json").exists()
     assert (registry.data_dir("db") / "cipher").exists()
-    # A Remove cut short here leaves the record, and the message tells how to finish it.
+    # A Remove cut short here leaves the record, and the message names the command that finishes it.
     with pytest.raises(SecurevolError, match="no wrapped key.*run 'docker volume rm db' again"):
         registry.read_wrapped_dek("db")
 

@@ -618,8 +618,9 @@ class AccessChecker:
         """Match container *key* like ``_match_container``, and tell whether dockerd is silent meanwhile.
 
         Both must time out for an unverified approval to count. The inspect alone times out
-        while dockerd holds the container's lock for a docker cp of it and answers everything
-        else, and GET /version alone is slow on a loaded dockerd that still answers inspects.
+        while dockerd holds the container's lock for a docker cp of it and responds to
+        everything else, and GET /version alone is slow on a loaded dockerd that still responds
+        to inspects.
         The two run at once, so that the FUSE request loop waits for one timeout, not two.
         """
         if self._engine is None:

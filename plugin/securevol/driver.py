@@ -28,7 +28,7 @@ from securevol.crypto import VOLUME_ID_LEN, DataKey
 from securevol.engine import EngineClient, socket_path_from_host
 from securevol.errors import KeyProviderError, MountFailed, SecurevolError, VolumeExists, VolumeInUse
 from securevol.keys import KeyProvider, check_record_provider, create_provider
-from securevol.mounter import FuseLaunch, Mounter, fuse_mountpoints, is_fuse_process, is_mounted
+from securevol.mounter import FuseLaunch, Mounter, fuse_mountpoints, is_mounted
 from securevol.options import parse_options, root_attributes, validate_name
 from securevol.registry import FORMAT_VERSION, MountState, Registry, VolumeRecord, now_rfc3339
 
@@ -318,9 +318,7 @@ class VolumeDriver:
             description["Mountpoint"] = mountpoint
         # Mountpoint follows the mount counts, which dockerd relies on. "mounted" is whether the
         # FUSE process still serves it, because a killed one leaves counts and containers get ENOTCONN.
-        serving = False
-        if mountpoint and state.pid is not None and is_fuse_process(state.pid, Path(mountpoint)):
-            serving = os.fsencode(mountpoint) in (mounted if mounted is not None else fuse_mountpoints())
+        serving = bool(mountpoint) and self.mounter.is_serving(state.pid, Path(mountpoint), mounted)
         description["Status"] = {
             "volume_id": record.volume_id,
             "key_provider": record.key_provider,

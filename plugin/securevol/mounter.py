@@ -150,9 +150,16 @@ class Mounter:
 
     # -- checking ------------------------------------------------------------
 
-    def is_serving(self, pid: int | None, mountpoint: Path) -> bool:
-        """Tell whether *pid* is the live FUSE process of *mountpoint* and the mount is in place."""
-        return pid is not None and is_fuse_process(pid, mountpoint) and is_mounted(mountpoint)
+    def is_serving(self, pid: int | None, mountpoint: Path, mounted: set[bytes] | None = None) -> bool:
+        """Tell whether *pid* is the live FUSE process of *mountpoint* and the mount is in place.
+
+        *mounted* is the result of ``fuse_mountpoints()`` when the caller has read it already.
+        """
+        if pid is None or not is_fuse_process(pid, mountpoint):
+            return False
+        if mounted is None:
+            return is_mounted(mountpoint)
+        return os.fsencode(str(mountpoint)) in mounted
 
     # -- stopping ------------------------------------------------------------
 

@@ -237,8 +237,8 @@ class Registry:
         """Remove the volume directories that an interrupted Create or Remove left behind.
 
         Such a directory has no record, and it has either no wrapped DEK (Remove destroys it
-        first) or no ciphertext (a volume is never mounted before its Create ends), so it holds
-        no readable data. A directory with both has lost only its record. It is kept and logged,
+        first) or no ciphertext (a volume is never mounted before its Create ends), so none of
+        its data can be read. A directory with both has lost only its record. It is kept and logged,
         because its wrapped DEK is the only key to its data. Takes the registry lock itself.
         """
         with self.creating_or_removing():
@@ -255,9 +255,8 @@ class Registry:
                 except VolumeExists as exc:
                     log.warning("volume record missing, directory kept vol=%s error=%s", name, exc)
                     continue
-                shutil.rmtree(volume_dir)
+                _remove_leftover(volume_dir, name)
                 removed = True
-                log.warning("incomplete volume removed vol=%s", name)
             if removed:
                 fsync_dir(self.volumes_dir)
 
@@ -270,8 +269,7 @@ class Registry:
         volume_dir = self.volume_dir(record.name)
         if volume_dir.exists():
             _check_leftover(volume_dir, record.name)
-            log.warning("incomplete volume removed vol=%s", record.name)
-            shutil.rmtree(volume_dir)
+            _remove_leftover(volume_dir, record.name)
 
         volume_dir.mkdir(mode=0o700)
         data_dir = volume_dir / DATA_DIR
@@ -341,6 +339,12 @@ def _check_leftover(volume_dir: Path, name: str) -> None:
             f"Volume {name!r} has ciphertext and a wrapped key but no {VOLUME_FILE}; restore that file "
             f"from a backup, or move {volume_dir} away to reuse the name."
         )
+
+
+def _remove_leftover(volume_dir: Path, name: str) -> None:
+    """Delete what a failed Create or an interrupted Remove left, once _check_leftover passed it."""
+    log.warning("incomplete volume removed vol=%s", name)
+    shutil.rmtree(volume_dir)
 
 
 def now_rfc3339() -> str:
